@@ -1,0 +1,76 @@
+"""`hiad-export CHECKPOINT_DIR --out BUNDLE_DIR [--index ...] [--formats onnx[,trt]] [--images ...]`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn a training checkpoint into a deployment bundle.")
+
+
+def _parity_images(paths: list[Path], data: str | None, size) -> list:
+    """Images given on the command line, else one good and one anomalous test image of the training data."""
+    from hiad_runtime.image import load_image, resize_image
+    from hiad_train.data.mvtec import IMAGE_SUFFIXES
+
+    files: list[Path] = []
+    for p in paths:
+        files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+    if not files and data:
+        test = Path(data) / "test"
+        if test.is_dir():
+            for kind in sorted(d for d in test.iterdir() if d.is_dir()):
+                files += sorted(f for f in kind.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)[:1]
+    if not files:
+        raise typer.BadParameter("no held-back images for the parity check: pass --images DIR_OR_FILES", param_hint="--images")
+    return [resize_image(load_image(f), size) for f in files[:4]]
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="checkpoint folder written by hiad-train"),
+    out: Path = typer.Option(..., "--out", help="bundle folder (replaced atomically)"),
+    index: str = typer.Option("Flat", "--index", help="faiss index_factory string: Flat (exact), IVF64,Flat, HNSW32, SQ8, ..."),
+    search: str = typer.Option("", "--search", help="faiss search parameters, e.g. nprobe=8 or efSearch=64"),
+    formats: str = typer.Option("onnx", "--formats", help="onnx, or onnx,trt to also build TensorRT engines"),
+    images: Optional[List[Path]] = typer.Option(None, "--images", help="held-back images for the parity check"),
+    tolerance: float = typer.Option(1e-4, "--tolerance", help="max map difference relative to the map's range"),
+    archive: bool = typer.Option(False, "--archive", help="also write BUNDLE.tar"),
+) -> None:
+    """Export graphs, indexes and manifest; prove parity with PyTorch; publish atomically."""
+    from hiad_export.parity import ParityError
+    from hiad_export.writer import ExportOptions, write_bundle
+    from hiad_train.checkpoint import CheckpointError, load_checkpoint
+
+    fmts = [f.strip() for f in formats.split(",") if f.strip()]
+    unknown = set(fmts) - {"onnx", "trt"}
+    if unknown or "onnx" not in fmts:
+        raise typer.BadParameter(f"formats must be onnx or onnx,trt (got {formats})", param_hint="--formats")
+    try:
+        model = load_checkpoint(checkpoint)
+        meta = json.loads((checkpoint / "checkpoint.json").read_text())
+        parity_images = _parity_images(list(images or []), meta.get("data"), model.tiling.image_size)
+        opts = ExportOptions(index=index, search_params=search, formats=fmts, tolerance=tolerance, archive=archive)
+        manifest = write_bundle(model, out, parity_images, opts)
+    except (CheckpointError, ParityError, ValueError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    for note in opts.notes:
+        typer.secho(note, fg=typer.colors.YELLOW)
+    for path, r in manifest.parity.items():
+        if isinstance(r, dict):
+            status = "ok" if r["passed"] else ("not enforced (approximate index)" if not r["enforced"] else "FAILED")
+            typer.echo(f"parity [{path}] on {r['images']} image(s): max map diff {r['max_abs_map_diff']:.3g} "
+                       f"({r['max_rel_map_diff']:.2e} of range), score diff {r['max_rel_score_diff']:.2e}: {status}")
+    typer.echo(f"bundle: {out} ({len(manifest.tasks)} task(s), {sum(f['bytes'] for f in manifest.files.values()) / 1e6:.1f} MB)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

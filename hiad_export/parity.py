@@ -1,0 +1,60 @@
+"""Parity: the runtime must reproduce PyTorch inference of the same checkpoint on the same images.
+
+Compared on the final anomaly map (after gather and blur) and the image score. The error is
+measured relative to the PyTorch map's range (max - min) so the tolerance means the same thing for
+any detector's score scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+from hiad_runtime.inspector import Inspector
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    path: str  # which runtime scoring path: "faiss" or "onnx"
+    images: int
+    max_abs_map_diff: float
+    map_range: float
+    max_rel_map_diff: float
+    max_rel_score_diff: float
+    tolerance: float
+    enforced: bool  # False for approximate faiss indexes: their deviation is the accuracy cost
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel_map_diff <= self.tolerance and self.max_rel_score_diff <= self.tolerance
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def measure(
+    reference: Sequence[tuple[np.ndarray, float]],
+    inspector: Inspector,
+    images: Sequence[np.ndarray],
+    path: str,
+    tolerance: float,
+    enforced: bool,
+) -> ParityReport:
+    abs_diff, rel_diff, rel_score, ranges = [], [], [], []
+    for (ref_map, ref_score), image in zip(reference, images, strict=True):
+        result = inspector.predict(image)
+        span = float(ref_map.max() - ref_map.min()) or 1.0
+        d = float(np.abs(result.anomaly_map - ref_map).max())
+        abs_diff.append(d)
+        ranges.append(span)
+        rel_diff.append(d / span)
+        rel_score.append(abs(result.score - ref_score) / span)
+    return ParityReport(path, len(images), max(abs_diff), min(ranges), max(rel_diff), max(rel_score), tolerance, enforced)

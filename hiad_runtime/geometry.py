@@ -1,0 +1,215 @@
+"""Tiling of a high-resolution image into patches, their context windows, and gathering back.
+
+This is HiAD's `MultiResolutionHRImageSpliter` semantics, owned here (torch-free) so that training,
+export and the runtime cut and merge images in exactly the same way. Sizes are (width, height).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+Size = tuple[int, int]
+
+
+def as_size(value: int | Sequence[int], name: str = "size") -> Size:
+    """An int or a (width, height) pair, as a (width, height) tuple of positive ints."""
+    if isinstance(value, (int, np.integer)):
+        pair = (int(value), int(value))
+    elif isinstance(value, Sequence) and len(value) == 2:
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise ValueError(f"{name} must be an int or a (width, height) pair, got {value!r}")
+    if min(pair) <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return pair
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned window in image pixels."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+    def to_dict(self) -> dict:
+        return {"x": self.x, "y": self.y, "width": self.width, "height": self.height}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Box":
+        return cls(int(d["x"]), int(d["y"]), int(d["width"]), int(d["height"]))
+
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.y, self.y + self.height), slice(self.x, self.x + self.width)
+
+    def relative_to(self, outer: "Box") -> "Box":
+        return Box(self.x - outer.x, self.y - outer.y, self.width, self.height)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One main patch of the image and, per extra downsampling factor, its context window."""
+
+    index: int
+    row: int
+    col: int
+    main: Box
+    context: tuple[Box, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "row": self.row,
+            "col": self.col,
+            "main_index": self.main.to_dict(),
+            "low_resolution_indexes": [b.to_dict() for b in self.context],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tile":
+        return cls(
+            int(d["index"]),
+            int(d["row"]),
+            int(d["col"]),
+            Box.from_dict(d["main_index"]),
+            tuple(Box.from_dict(b) for b in d["low_resolution_indexes"]),
+        )
+
+
+def _starts(length: int, patch: int, stride: int) -> list[int]:
+    """Window starts along one axis; the last window is shifted back to end at the border."""
+    if patch > length:
+        raise ValueError(f"patch size {patch} is larger than the image ({length})")
+    starts = list(range(0, length - patch + 1, stride))
+    if starts[-1] + patch < length:
+        starts.append(length - patch)
+    return starts
+
+
+def _context_start(start: int, patch: int, window: int, length: int) -> int:
+    """Start of the window-sized context that contains [start, start + patch) on the window grid."""
+    begin = (start // window) * window
+    if begin + window < start + patch:
+        begin = start + patch - window
+    return min(max(begin, 0), length - window)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """The tiles of one image geometry; serializes to JSON for checkpoints and bundles."""
+
+    image_size: Size
+    patch_size: Size
+    stride: Size
+    ds_factors: tuple[int, ...]
+    tiles: tuple[Tile, ...]
+
+    @classmethod
+    def create(
+        cls,
+        image_size: int | Sequence[int],
+        patch_size: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        ds_factors: Sequence[int] = (0,),
+    ) -> "Tiling":
+        image_size = as_size(image_size, "image_size")
+        patch_size = as_size(patch_size, "patch_size")
+        stride = patch_size if stride is None else as_size(stride, "stride")
+        if stride[0] > patch_size[0] or stride[1] > patch_size[1]:
+            raise ValueError(f"stride {stride} must not exceed patch_size {patch_size} (tiles would leave gaps)")
+        ds_factors = tuple(int(f) for f in ds_factors)
+        if not ds_factors or ds_factors[0] != 0 or any(f < 0 for f in ds_factors) or len(set(ds_factors)) != len(ds_factors):
+            raise ValueError(f"ds_factors must start with 0 and hold distinct non-negative ints, got {list(ds_factors)}")
+        xs = _starts(image_size[0], patch_size[0], stride[0])
+        ys = _starts(image_size[1], patch_size[1], stride[1])
+        tiles = []
+        for row, y in enumerate(ys):
+            for col, x in enumerate(xs):
+                context = []
+                for f in ds_factors[1:]:
+                    cw = min(patch_size[0] * 2**f, image_size[0])
+                    ch = min(patch_size[1] * 2**f, image_size[1])
+                    context.append(
+                        Box(
+                            _context_start(x, patch_size[0], cw, image_size[0]),
+                            _context_start(y, patch_size[1], ch, image_size[1]),
+                            cw,
+                            ch,
+                        )
+                    )
+                tiles.append(Tile(len(tiles), row, col, Box(x, y, *patch_size), tuple(context)))
+        return cls(image_size, patch_size, stride, ds_factors, tuple(tiles))
+
+    @property
+    def rows(self) -> int:
+        return max(t.row for t in self.tiles) + 1
+
+    @property
+    def cols(self) -> int:
+        return max(t.col for t in self.tiles) + 1
+
+    def context_windows(self, level: int) -> list[Box]:
+        """Distinct context windows of one ds_factor level (1-based), in first-use order."""
+        return list(dict.fromkeys(t.context[level - 1] for t in self.tiles))
+
+    def to_dict(self) -> dict:
+        return {
+            "image_size": list(self.image_size),
+            "patch_size": list(self.patch_size),
+            "stride": list(self.stride),
+            "ds_factors": list(self.ds_factors),
+            "tiles": [t.to_dict() for t in self.tiles],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tiling":
+        tiling = cls.create(d["image_size"], d["patch_size"], d["stride"], d["ds_factors"])
+        stored = tuple(Tile.from_dict(t) for t in d["tiles"])
+        if stored != tiling.tiles:
+            raise ValueError("stored tiles disagree with the tiling recomputed from image_size/patch_size/stride")
+        return tiling
+
+
+def crop(image: np.ndarray, box: Box) -> np.ndarray:
+    return image[box.slices()]
+
+
+def split(image: np.ndarray, tiles: Sequence[Tile]) -> np.ndarray:
+    """Stack the main patches of `tiles` (N, patch_h, patch_w, ...)."""
+    return np.stack([crop(image, t.main) for t in tiles])
+
+
+def gather(
+    maps: Sequence[np.ndarray],
+    tiles: Sequence[Tile],
+    image_size: Size,
+    weight: np.ndarray | None = None,
+) -> np.ndarray:
+    """Merge per-tile maps into one image map, averaging (optionally weighted) where tiles overlap."""
+    width, height = image_size
+    total = np.zeros((height, width), np.float32)
+    norm = np.zeros((height, width), np.float32)
+    for m, t in zip(maps, tiles, strict=True):
+        if m.shape != (t.main.height, t.main.width):
+            raise ValueError(f"map of tile {t.index} has shape {m.shape}, expected {(t.main.height, t.main.width)}")
+        w = 1.0 if weight is None else weight
+        total[t.main.slices()] += m * w
+        norm[t.main.slices()] += w
+    if np.any(norm == 0):
+        raise ValueError("tiles do not cover the whole image")
+    total /= norm
+    return total
+
+
+def context_crop(window: Box, tile: Box, grid: tuple[int, int]) -> tuple[int, int, int, int]:
+    """How a tile's part of its context window's embedding is found, on a (w, h) feature grid:
+    upsample the window's grid to (up_w, up_h), the tile's own scale, then cut the grid-sized block at
+    (ox, oy) (offsets rounded to whole feature cells). Returns (up_w, up_h, ox, oy)."""
+    gw, gh = grid
+    up_w, up_h = round(gw * window.width / tile.width), round(gh * window.height / tile.height)
+    ox, oy = round((tile.x - window.x) * gw / tile.width), round((tile.y - window.y) * gh / tile.height)
+    return up_w, up_h, min(ox, up_w - gw), min(oy, up_h - gh)

@@ -1,0 +1,190 @@
+"""Inspector: bundle -> predict(image) -> Result. The edge box's whole pipeline, torch-free.
+
+decode -> resize (recorded policy) -> tile (shared geometry) -> embed all tiles in batched ONNX
+Runtime calls (context windows once each, fused) -> route (retrieval) -> score per task (faiss or
+ONNX head) -> gather -> thumbnail max -> blur -> image score -> normalize -> thresholds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from hiad_runtime.bundle import Bundle, BundleError, EmbedderSpec
+from hiad_runtime.geometry import Box, Tile, context_crop, crop, split
+from hiad_runtime.image import ImageError, decode, load_image, resize_image, resize_map
+from hiad_runtime.postprocess import fuse_thumbnail, gaussian_blur, image_score, tile_maps_to_image
+from hiad_runtime.scoring import Scorer, make_scorer
+from hiad_runtime.sessions import SessionFactory
+from hiad_runtime.tasks import route
+
+STAGES = ("decode", "tile", "backbone", "scoring", "post")
+
+
+@dataclass
+class Result:
+    score: float  # normalized to [0, 1] when the bundle has normalization stats, raw otherwise
+    raw_score: float
+    anomaly_map: np.ndarray  # float32 (H, W) at the bundle's image_size, same scale as `score`
+    input_size: tuple[int, int]  # (width, height) of the image as given
+    decision: bool | None = None  # score >= image threshold, when there is one
+    mask: np.ndarray | None = None  # anomaly_map >= pixel threshold, when there is one
+    timings: dict = field(default_factory=dict)  # seconds per stage
+
+    def map_at_input_size(self) -> np.ndarray:
+        return resize_map(self.anomaly_map, self.input_size)
+
+
+class Embedder:
+    """One embedder graph: uint8 NHWC tiles -> float32 (N, D, h, w), run in batches."""
+
+    def __init__(self, root: Path, spec: EmbedderSpec, sessions: SessionFactory, batch_size: int):
+        self.spec = spec
+        self.session = sessions.create(root / spec.graph.file)
+        self.batch_size = batch_size
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        name = self.spec.graph.input_name
+        out = [
+            self.session.run(None, {name: np.ascontiguousarray(tiles[i : i + self.batch_size])})[0]
+            for i in range(0, len(tiles), self.batch_size)
+        ]
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+def upsample_grid(embedding: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(D, h, w) -> (D, size_h, size_w), bilinear with half-pixel centres (torch align_corners=False)."""
+    hwc = np.ascontiguousarray(embedding.transpose(1, 2, 0))
+    chunks = [cv2.resize(hwc[:, :, i : i + 256], size, interpolation=cv2.INTER_LINEAR) for i in range(0, hwc.shape[2], 256)]
+    out = np.concatenate([c.reshape(size[1], size[0], -1) for c in chunks], axis=2)
+    return out.transpose(2, 0, 1)
+
+
+class Inspector:
+    def __init__(
+        self,
+        bundle: Bundle,
+        providers: Sequence[str] | None = None,
+        threads: int = 0,
+        batch_size: int = 8,
+        knn: str = "faiss",
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+    ):
+        m = bundle.manifest
+        self.bundle = bundle
+        self.manifest = m
+        self.tiling = m.geometry
+        self.sessions = SessionFactory(providers, threads)
+        self.embedders = {name: Embedder(bundle.root, spec, self.sessions, batch_size) for name, spec in m.embedders.items()}
+        self.tasks = m.tasks
+        self.scorers: dict[str, Scorer] = {t.name: make_scorer(bundle.root, t.head, self.sessions, knn) for t in m.tasks}
+        self.centres = None
+        if m.routing is not None:
+            self.centres = np.load(bundle.path(m.routing["centres"]), allow_pickle=False)
+        self.thumbnail_scorer = None
+        if m.thumbnail is not None:
+            self.thumbnail_scorer = make_scorer(bundle.root, m.thumbnail["head"], self.sessions, knn)
+        self.normalization = m.score_normalization
+        thresholds = m.thresholds or {}
+        self.image_threshold = image_threshold if image_threshold is not None else thresholds.get("image")
+        self.pixel_threshold = pixel_threshold if pixel_threshold is not None else thresholds.get("pixel")
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs) -> "Inspector":
+        return cls(Bundle.load(path), **kwargs)
+
+    @property
+    def providers_in_use(self) -> list[str]:
+        return sorted(self.sessions.in_use)
+
+    # -- stages ---------------------------------------------------------------------------------
+    def tile_embeddings(self, image: np.ndarray, timings: dict) -> np.ndarray:
+        """Fused embeddings (N_tiles, D, h, w) of every tile; each context window embedded once."""
+        t0 = time.perf_counter()
+        tiles = self.tiling.tiles
+        patches = split(image, tiles)
+        levels = []
+        for level in range(1, len(self.tiling.ds_factors)):
+            windows = self.tiling.context_windows(level)
+            levels.append((windows, np.stack([resize_image(crop(image, w), self.tiling.patch_size) for w in windows])))
+        timings["tile"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        embed = self.embedders["patch"]
+        weights = self.manifest.fusion_weights
+        fused = embed(patches) * np.float32(weights[0])
+        for level, (windows, crops) in enumerate(levels, start=1):
+            window_emb = dict(zip(windows, embed(crops)))
+            for i, t in enumerate(tiles):
+                fused[i] += np.float32(weights[level]) * self._context_part(window_emb, t, level, fused.shape[-1], fused.shape[-2])
+        timings["backbone"] = time.perf_counter() - t0
+        return fused
+
+    @staticmethod
+    def _context_part(window_emb: dict, tile: Tile, level: int, gw: int, gh: int) -> np.ndarray:
+        window: Box = tile.context[level - 1]
+        up_w, up_h, ox, oy = context_crop(window, tile.main, (gw, gh))
+        return upsample_grid(window_emb[window], (up_w, up_h))[:, oy : oy + gh, ox : ox + gw]
+
+    def assignments(self, embeddings: np.ndarray) -> dict[str, list[int]]:
+        if self.centres is None:
+            return {t.name: list(t.tiles) for t in self.tasks}
+        keys = embeddings.mean(axis=(2, 3))
+        keys /= np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
+        labels = route(keys, self.centres)
+        return {t.name: [int(i) for i in np.flatnonzero(labels == k)] for k, t in enumerate(self.tasks)}
+
+    def thumbnail_map(self, image: np.ndarray) -> np.ndarray | None:
+        if self.thumbnail_scorer is None:
+            return None
+        size = tuple(self.manifest.thumbnail["size"])
+        small = resize_image(image, size)[None]
+        scores = self.thumbnail_scorer(self.embedders["thumbnail"](small))[0]
+        return tile_maps_to_image([scores], [Tile(0, 0, 0, Box(0, 0, *size))], size)
+
+    # -- the pipeline ---------------------------------------------------------------------------
+    def predict(self, image: np.ndarray | str | Path | bytes) -> Result:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if isinstance(image, (str, Path)):
+            image = load_image(image)
+        elif isinstance(image, bytes):
+            image = decode(image)
+        elif not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+            raise ImageError("predict expects a path, encoded bytes, or an RGB uint8 array (H, W, 3)")
+        input_size = (image.shape[1], image.shape[0])
+        image = resize_image(image, self.tiling.image_size)
+        timings["decode"] = time.perf_counter() - t0
+
+        embeddings = self.tile_embeddings(image, timings)
+
+        t0 = time.perf_counter()
+        maps: list[np.ndarray | None] = [None] * len(self.tiling.tiles)
+        for name, ids in self.assignments(embeddings).items():
+            if ids:
+                for i, s in zip(ids, self.scorers[name](embeddings[ids])):
+                    maps[i] = s
+        thumb = self.thumbnail_map(image)
+        timings["scoring"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        spec = self.manifest.postprocess
+        anomaly_map = gaussian_blur(fuse_thumbnail(tile_maps_to_image(maps, self.tiling.tiles, self.tiling.image_size), thumb), spec)
+        raw = image_score(anomaly_map, spec)
+        score = raw
+        if self.normalization is not None:
+            anomaly_map = self.normalization(anomaly_map)
+            score = float(self.normalization(raw))
+        decision = None if self.image_threshold is None else bool(score >= self.image_threshold)
+        mask = None if self.pixel_threshold is None else anomaly_map >= self.pixel_threshold
+        timings["post"] = time.perf_counter() - t0
+        return Result(score, raw, anomaly_map, input_size, decision, mask, timings)
+
+
+__all__ = ["BundleError", "ImageError", "Inspector", "Result", "STAGES"]

@@ -1,0 +1,117 @@
+"""Task checkpoints in safe formats only: JSON for structure, safetensors for tensors. No pickle.
+
+Layout of a checkpoint directory (written atomically):
+  checkpoint.json            format/version, config, tiling, tasks, detector heads, file sha256s
+  embedder_patch.safetensors the patch embedder (backbone + folded projection), shared by all tasks
+  tasks/<task>.safetensors   each task detector's state (PatchCore: the memory bank)
+  thumbnail/                 embedder + detector of the low-resolution branch, when configured
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hiad_runtime.files import atomic_directory, sha256_file
+from hiad_runtime.geometry import Tiling
+from hiad_runtime.postprocess import Normalization, PostprocessSpec
+from hiad_runtime.tasks import Task
+from hiad_train import __version__
+from hiad_train.config import TrainConfig
+from hiad_train.detectors import DETECTORS
+from hiad_train.model import HRModel, Thumbnail, build_embedder
+
+FORMAT = "hiad-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(model: HRModel, out: str | Path, data: str | Path | None = None) -> Path:
+    """Write atomically; `data` (the training data folder) lets export find held-back images."""
+    out = Path(out)
+    with atomic_directory(out) as tmp:
+        (tmp / "tasks").mkdir()
+        save_file(model.embedder.state_dict(), tmp / "embedder_patch.safetensors")
+        heads = {}
+        for task in model.tasks:
+            det = model.detectors[task.name]
+            save_file(det.state(), tmp / "tasks" / f"{task.name}.safetensors")
+            heads[task.name] = det.head_spec()
+        thumbnail = None
+        if model.thumbnail is not None:
+            (tmp / "thumbnail").mkdir()
+            save_file(model.thumbnail.embedder.state_dict(), tmp / "thumbnail" / "embedder.safetensors")
+            save_file(model.thumbnail.detector.state(), tmp / "thumbnail" / "detector.safetensors")
+            thumbnail = {"size": list(model.thumbnail.size), "head": model.thumbnail.detector.head_spec()}
+        if model.routing is not None:
+            save_file({"centres": torch.from_numpy(model.routing)}, tmp / "routing.safetensors")
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*.safetensors"))}
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "producer": f"hiad-train {__version__}",
+            "detector": model.config.detector,
+            "config": model.config.model_dump(mode="json"),
+            "tiling": model.tiling.to_dict(),
+            "tasks": [t.to_dict() for t in model.tasks],
+            "heads": heads,
+            "thumbnail": thumbnail,
+            "postprocess": model.postprocess.to_dict(),
+            "normalization": None if model.normalization is None else asdict(model.normalization),
+            "thresholds": model.thresholds,
+            "files": files,
+            "data": None if data is None else str(Path(data).absolute()),
+        }
+        (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def load_checkpoint(path: str | Path) -> HRModel:
+    path = Path(path)
+    meta_file = path / "checkpoint.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint (no checkpoint.json)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{meta_file}: unsupported format {meta.get('format')} v{meta.get('version')}")
+    for name, digest in meta["files"].items():
+        f = path / name
+        if not f.is_file() or sha256_file(f) != digest:
+            raise CheckpointError(f"{f}: missing or altered (sha256 mismatch)")
+    config = TrainConfig.model_validate(meta["config"])
+    detector_cls = DETECTORS[meta["detector"]]
+    embedder = build_embedder(config.patch, pretrained=False)
+    embedder.load_state_dict(load_file(path / "embedder_patch.safetensors"))
+    tasks = [Task.from_dict(t) for t in meta["tasks"]]
+    detectors = {
+        t.name: detector_cls.from_state(config.patch, load_file(path / "tasks" / f"{t.name}.safetensors")) for t in tasks
+    }
+    thumbnail = None
+    if meta["thumbnail"] is not None:
+        emb = build_embedder(config.thumbnail, pretrained=False)
+        emb.load_state_dict(load_file(path / "thumbnail" / "embedder.safetensors"))
+        det = detector_cls.from_state(config.thumbnail, load_file(path / "thumbnail" / "detector.safetensors"))
+        thumbnail = Thumbnail(tuple(meta["thumbnail"]["size"]), emb, det)
+    routing = None
+    if (path / "routing.safetensors").is_file():
+        routing = load_file(path / "routing.safetensors")["centres"].numpy()
+    norm = meta.get("normalization")
+    return HRModel(
+        routing=routing,
+        normalization=None if norm is None else Normalization(**norm),
+        thresholds=meta.get("thresholds"),
+        config=config,
+        tiling=Tiling.from_dict(meta["tiling"]),
+        tasks=tasks,
+        embedder=embedder,
+        detectors=detectors,
+        postprocess=PostprocessSpec.from_dict(meta["postprocess"]),
+        thumbnail=thumbnail,
+    )

@@ -1,0 +1,179 @@
+"""Training configuration: YAML data with HiAD's key names, validated on load.
+
+Every section forbids unknown keys, and the error names the bad key with its path and the closest
+valid spelling, e.g. `patch.percentge: unknown key (did you mean 'percentage'?)`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hiad_train.backbones import DEFAULT_BACKBONE
+
+SizeSpec = Union[int, tuple[int, int]]
+
+
+class ConfigError(ValueError):
+    """A configuration that does not validate; the message names every bad key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PatchCoreConfig(Strict):
+    """HiAD's PatchCore keys, plus the k-NN and coreset knobs."""
+
+    backbone_name: str = DEFAULT_BACKBONE
+    backbone_weights: str | None = None  # local weights file; None = packaged or timm pretrained
+    layers_to_extract_from: list[Union[int, str]] = [2, 3]
+    merge_size: int = Field(3, ge=1)
+    percentage: float = Field(0.1, gt=0, le=1)
+    pretrain_embed_dimension: int = Field(1024, ge=1)
+    target_embed_dimension: int = Field(128, ge=1)
+    anomaly_scorer_num_nn: int = Field(1, ge=1)
+    coreset_projection_dim: int = Field(64, ge=1)
+    patch_size: SizeSpec | None = None  # HiAD repeats it here; must equal the top-level one if given
+
+    @field_validator("merge_size")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 != 1:
+            raise ValueError("merge_size must be odd (a centred neighbourhood)")
+        return v
+
+
+class ThumbnailConfig(PatchCoreConfig):
+    thumbnail_size: SizeSpec
+
+
+class A2O(Strict):
+    generator: Literal["a2o"]
+
+
+class O2O(Strict):
+    generator: Literal["o2o"]
+
+
+class Neighborhood(Strict):
+    generator: Literal["neighborhood"]
+    num_groups_width: int = Field(ge=1)
+    num_groups_height: int | None = Field(None, ge=1)
+
+
+class SpatialClustering(Strict):
+    generator: Literal["spatial_clustering"]
+    cluster_number: int = Field(ge=1)
+    feature_resolution: int = Field(1, ge=1)
+
+
+class ThresholdClustering(Strict):
+    generator: Literal["threshold_clustering"]
+    cluster_threshold: float = Field(gt=0)
+    feature_resolution: int = Field(1, ge=1)
+
+
+class Retrieve(Strict):
+    generator: Literal["retrieve"]
+    cluster_number: int = Field(ge=1)
+
+
+TaskConfig = Annotated[
+    Union[A2O, O2O, Neighborhood, SpatialClustering, ThresholdClustering, Retrieve], Field(discriminator="generator")
+]
+
+
+class EvaluationConfig(Strict):
+    resize: int | None = 512  # pixel metrics at this resolution (None = full)
+    overlays: bool = True
+
+
+class TrainConfig(Strict):
+    seed: int = 0
+    image_size: SizeSpec
+    patch_size: SizeSpec
+    stride: SizeSpec | None = None
+    ds_factors: list[int] = [0]
+    fusion_weights: list[float] | None = None
+    batch_size: int = Field(8, ge=1)
+    detector: Literal["patchcore"] = "patchcore"
+    tasks: TaskConfig = A2O(generator="a2o")
+    patch: PatchCoreConfig = PatchCoreConfig()
+    thumbnail: ThumbnailConfig | None = None
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.fusion_weights is not None and len(self.fusion_weights) != len(self.ds_factors):
+            raise ValueError(
+                f"fusion_weights has {len(self.fusion_weights)} entries but ds_factors has {len(self.ds_factors)}"
+            )
+        if self.patch.patch_size is not None and self.patch.patch_size != self.patch_size:
+            raise ValueError(f"patch.patch_size {self.patch.patch_size} differs from patch_size {self.patch_size}")
+        return self
+
+    @property
+    def normalized_fusion_weights(self) -> list[float]:
+        """Fusion weights summing to 1 (equal weights when not given)."""
+        w = self.fusion_weights or [1.0] * len(self.ds_factors)
+        if min(w) < 0 or sum(w) <= 0:
+            raise ConfigError(f"fusion_weights must be non-negative with a positive sum, got {w}")
+        return [x / sum(w) for x in w]
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in typing.get_args(annotation) for m in _models_in(a)]
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    """Field names of the section that `loc` (ending in a bad key) points into."""
+    candidates: list[type[BaseModel]] = [TrainConfig]
+    for part in loc[:-1]:
+        inner = [m for c in candidates if str(part) in c.model_fields for m in _models_in(c.model_fields[str(part)].annotation)]
+        if not inner:  # a discriminated union's tag, e.g. tasks.neighborhood.<key>
+            inner = [c for c in candidates if "generator" in c.model_fields and part in typing.get_args(c.model_fields["generator"].annotation)]
+        candidates = inner
+    return list(candidates[0].model_fields) if candidates else []
+
+
+def _describe(error: dict) -> str:
+    path = ".".join(str(p) for p in error["loc"]) or "<root>"
+    if error["type"] != "extra_forbidden":
+        return f"{path}: {error['msg']}"
+    names = _valid_keys(error["loc"])
+    close = difflib.get_close_matches(str(error["loc"][-1]), names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(names)})" if names else ""
+    return f"{path}: unknown key{hint}"
+
+
+def parse_config(data: dict, source: str = "config") -> TrainConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors()]
+        raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Read and validate a training YAML; `overrides` are merged on top (one level deep per section)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read configuration ({e})") from e
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_config(data, str(path))

@@ -1,0 +1,47 @@
+"""PatchCore's approximate greedy coreset: pick the point farthest from those already picked.
+
+Distances are computed on a random projection of the features (Johnson-Lindenstrauss), starting
+from the mean distance to a few random anchors, exactly as PatchCore's ApproximateGreedyCoresetSampler;
+each step is one matrix-vector product over all points, so the loop is vectorized and cache-friendly.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+
+def greedy_coreset(
+    features: torch.Tensor,
+    percentage: float,
+    projection_dim: int = 64,
+    start_points: int = 10,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Indices (sorted by pick order) of a `percentage` coreset of `features` (N, D)."""
+    n = features.shape[0]
+    if not 0 < percentage <= 1:
+        raise ValueError(f"percentage must be in (0, 1], got {percentage}")
+    count = max(1, int(n * percentage))
+    if count >= n:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(seed)
+    x = features.float()
+    if x.shape[1] > projection_dim:
+        proj = torch.randn(x.shape[1], projection_dim, generator=gen) / projection_dim**0.5
+        x = x @ proj
+    x = x.contiguous()
+    norms = (x * x).sum(1)
+    anchors = torch.randint(n, (min(start_points, n),), generator=gen)
+    anchor_d2 = (norms[:, None] - 2 * x @ x[anchors].T + norms[anchors][None]).clamp_min_(0)
+    min_d2 = anchor_d2.sqrt_().mean(1).square_()
+    picked = torch.empty(count, dtype=torch.long)
+    d2 = torch.empty(n)
+    for i in tqdm(range(count), desc="coreset", leave=False, disable=not progress):
+        idx = int(torch.argmax(min_d2))
+        picked[i] = idx
+        torch.mv(x, x[idx], out=d2)
+        d2.mul_(-2).add_(norms).add_(norms[idx])
+        torch.minimum(min_d2, d2, out=min_d2)
+    return picked

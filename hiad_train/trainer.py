@@ -1,0 +1,120 @@
+"""HRTrainer: decode each training image once, embed all its tiles in batches, form tasks, fit one
+detector per task (and the optional thumbnail detector), and evaluate."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hiad_runtime.geometry import Tiling, as_size
+from hiad_train import tasks as generators
+from hiad_train.config import TrainConfig
+from hiad_train.data.samples import HRSample
+from hiad_train.detectors import DETECTORS
+from hiad_train.evaluation import Evaluator, default_evaluators, evaluate
+from hiad_train.model import HRModel, Thumbnail, build_embedder, embed
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Predictions:
+    scores: np.ndarray
+    labels: np.ndarray
+    maps: list[np.ndarray]
+    masks: list[np.ndarray]
+
+
+class HRTrainer:
+    def __init__(self, config: TrainConfig, progress: bool = True):
+        self.config = config
+        self.progress = progress
+
+    def _plan_tasks(self, tiling: Tiling, embeddings: np.ndarray):
+        """Tasks, optional retrieval centres, and per task the (image, tile) pairs it trains on."""
+        spec, n_img = self.config.tasks, embeddings.shape[0]
+        if spec.generator == "retrieve":
+            tasks, centres, labels = generators.retrieve(embeddings, spec.cluster_number, self.config.seed)
+            pairs = {t.name: [tuple(p) for p in np.argwhere(labels == k)] for k, t in enumerate(tasks)}
+            return tasks, centres, pairs
+        if spec.generator == "a2o":
+            tasks = generators.all_to_one(tiling)
+        elif spec.generator == "o2o":
+            tasks = generators.one_to_one(tiling)
+        elif spec.generator == "neighborhood":
+            tasks = generators.neighborhood(tiling, spec.num_groups_width, spec.num_groups_height)
+        elif spec.generator == "spatial_clustering":
+            tasks = generators.spatial_clustering(embeddings, spec.cluster_number, spec.feature_resolution, self.config.seed)
+        else:
+            tasks = generators.threshold_clustering(embeddings, spec.cluster_threshold, spec.feature_resolution)
+        pairs = {t.name: [(i, j) for i in range(n_img) for j in t.tiles] for t in tasks}
+        return tasks, None, pairs
+
+    def fit(self, samples: Sequence[HRSample]) -> HRModel:
+        cfg = self.config
+        if not samples:
+            raise ValueError("no training samples")
+        seed_everything(cfg.seed)
+        tiling = Tiling.create(cfg.image_size, cfg.patch_size, cfg.stride, cfg.ds_factors)
+        model = HRModel(cfg, tiling, [], build_embedder(cfg.patch), {})
+        images_for_thumbnail = []
+        embeddings = None
+        for n, sample in enumerate(tqdm(samples, desc="features", disable=not self.progress)):
+            image = sample.image(tiling.image_size)  # decoded once, shared by every task
+            e = model.tile_embeddings(image)
+            if embeddings is None:
+                embeddings = torch.empty((len(samples), *e.shape))
+            embeddings[n] = e
+            if cfg.thumbnail is not None:
+                images_for_thumbnail.append(image)
+        tasks, centres, pairs = self._plan_tasks(tiling, embeddings.numpy())
+        detector_cls = DETECTORS[cfg.detector]
+        for task in tqdm(tasks, desc="tasks", disable=not self.progress):
+            idx = pairs[task.name]
+            if not idx:
+                raise ValueError(f"{task.name} has no training tiles")
+            rows = torch.as_tensor(np.asarray(idx))
+            det = detector_cls(cfg.patch, seed=cfg.seed)
+            det.fit(embeddings[rows[:, 0], rows[:, 1]], progress=self.progress)
+            model.detectors[task.name] = det
+        model.tasks = tasks
+        model.routing = centres
+        if cfg.thumbnail is not None:
+            model.thumbnail = self._fit_thumbnail(images_for_thumbnail)
+        return model
+
+    def _fit_thumbnail(self, images: list[np.ndarray]) -> Thumbnail:
+        from hiad_runtime.image import resize_image
+
+        cfg = self.config.thumbnail
+        size = as_size(cfg.thumbnail_size, "thumbnail_size")
+        embedder = build_embedder(cfg)
+        small = np.stack([resize_image(im, size) for im in images])
+        det = DETECTORS[self.config.detector](cfg, seed=self.config.seed)
+        det.fit(embed(embedder, small, self.config.batch_size), progress=self.progress)
+        return Thumbnail(size, embedder, det)
+
+    def predict(self, model: HRModel, samples: Sequence[HRSample]) -> Predictions:
+        scores, labels, maps, masks = [], [], [], []
+        for sample in tqdm(samples, desc="inference", disable=not self.progress):
+            amap, score = model.predict(sample.image(model.tiling.image_size))
+            scores.append(score)
+            labels.append(sample.label)
+            maps.append(amap)
+            masks.append(sample.mask(model.tiling.image_size))
+        return Predictions(np.asarray(scores), np.asarray(labels), maps, masks)
+
+    def evaluate(self, model: HRModel, samples: Sequence[HRSample], evaluators: Sequence[Evaluator] | None = None):
+        preds = self.predict(model, samples)
+        evaluators = evaluators or default_evaluators(self.config.evaluation.resize)
+        return evaluate(preds.scores, preds.labels, preds.maps, preds.masks, evaluators), preds
+

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pytest
+
+from hiad_train.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"patch\.percentge: unknown key \(did you mean 'percentage'\?\)"):
+        parse_config({"image_size": 512, "patch_size": 256, "patch": {"percentge": 0.1}})
+    with pytest.raises(ConfigError, match=r"tasks\.neighborhood\.num_groups_widht: unknown key"):
+        parse_config({"image_size": 512, "patch_size": 256, "tasks": {"generator": "neighborhood", "num_groups_widht": 2}})
+    with pytest.raises(ConfigError, match=r"strid: unknown key \(did you mean 'stride'\?\)"):
+        parse_config({"image_size": 512, "patch_size": 256, "strid": 128})
+
+
+def test_fusion_weights_must_match_ds_factors_and_are_normalized():
+    with pytest.raises(ConfigError, match="fusion_weights has 1 entries but ds_factors has 2"):
+        parse_config({"image_size": 512, "patch_size": 256, "ds_factors": [0, 1], "fusion_weights": [1.0]})
+    cfg = parse_config({"image_size": 512, "patch_size": 256, "ds_factors": [0, 1], "fusion_weights": [3, 1]})
+    assert cfg.normalized_fusion_weights == [0.75, 0.25]
+
+
+def test_even_merge_size_rejected():
+    with pytest.raises(ConfigError, match="merge_size"):
+        parse_config({"image_size": 512, "patch_size": 256, "patch": {"merge_size": 2}})
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    if path.name == "patchcore.yaml":  # a detector section, used as `patch:`
+        import yaml
+
+        parse_config({"image_size": 512, "patch_size": 256, "patch": yaml.safe_load(path.read_text())})
+    else:
+        load_config(path)

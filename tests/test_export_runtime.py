@@ -1,0 +1,205 @@
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import cv2
+import numpy as np
+import pytest
+
+from hiad_export.parity import ParityError
+from hiad_export.writer import ExportOptions, write_bundle
+from hiad_runtime.bundle import Bundle, BundleError
+from hiad_runtime.inspector import Inspector
+
+TOLERANCE = 1e-4  # max |runtime map - PyTorch map| relative to the PyTorch map's range
+
+
+def test_manifest_describes_everything_a_c_caller_needs(bundle_dir):
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    assert m["schema"] == "hiad-bundle" and m["schema_version"] == 1
+    emb = m["embedders"]["patch"]
+    assert emb["graph"]["input_name"] == "image" and emb["graph"]["input_dtype"] == "uint8"
+    assert emb["graph"]["input_shape"] == ["batch", 128, 128, 3] and emb["graph"]["output_shape"] == ["batch", 64, 16, 16]
+    assert m["preprocessing"]["color_order"] == "RGB" and m["preprocessing"]["normalization_in_graph"]
+    assert len(m["tasks"]) == 4 and m["tasks"][2]["tiles"] == [2]
+    head = m["tasks"][0]["head"]
+    assert head["kind"] == "knn" and head["graph"]["output_name"] == "scores" and head["index_factory"] == "Flat"
+    assert m["postprocess"] == {"gaussian_sigma": 4.0, "gaussian_truncate": 4.0, "score_pool": 16}
+    for name, info in m["files"].items():
+        assert len(info["sha256"]) == 64 and (bundle_dir / name).stat().st_size == info["bytes"]
+    assert m["parity"]["onnx"]["passed"] and m["parity"]["faiss"]["passed"]
+
+
+@pytest.mark.parametrize("knn", ["faiss", "onnx"])
+def test_runtime_matches_pytorch_on_real_demo_images(trained, bundle_dir, test_samples, knn):
+    inspector = Inspector.load(bundle_dir, knn=knn)
+    for sample in test_samples:  # held-back EL modules, good and defective
+        image = sample.image((256, 256))
+        ref_map, ref_score = trained.predict(image)
+        result = inspector.predict(image)
+        span = ref_map.max() - ref_map.min()
+        assert np.abs(result.anomaly_map - ref_map).max() <= TOLERANCE * span
+        assert abs(result.score - ref_score) <= TOLERANCE * span
+    assert inspector.providers_in_use == ["CPUExecutionProvider"]
+
+
+def test_onnx_head_agrees_with_faiss(bundle_dir, test_samples):
+    from hiad_runtime.scoring import make_scorer
+
+    onnx_inspector = Inspector.load(bundle_dir, knn="onnx")
+    faiss_inspector = Inspector.load(bundle_dir, knn="faiss")
+    embeddings = onnx_inspector.tile_embeddings(test_samples[0].image((256, 256)), {})
+    for task in onnx_inspector.tasks:
+        a = onnx_inspector.scorers[task.name](embeddings[list(task.tiles)])
+        b = faiss_inspector.scorers[task.name](embeddings[list(task.tiles)])
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert make_scorer  # both paths come from the same factory
+
+
+def _copy(bundle_dir, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, dst)
+    return dst
+
+
+def test_tampered_truncated_and_missing_files_are_named(bundle_dir, tmp_path):
+    b = _copy(bundle_dir, tmp_path)
+    onnx_file = b / "embedder_patch.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx_file.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"embedder_patch\.onnx: altered"):
+        Bundle.load(b)
+
+    b = _copy(bundle_dir, tmp_path / "t")
+    index = b / "tasks" / "task_3.faiss"
+    index.write_bytes(index.read_bytes()[:100])
+    with pytest.raises(BundleError, match=r"task_3\.faiss: truncated"):
+        Bundle.load(b)
+
+    b = _copy(bundle_dir, tmp_path / "m")
+    (b / "tasks" / "task_0_bank.npy").unlink()
+    with pytest.raises(BundleError, match=r"task_0_bank\.npy: missing"):
+        Inspector.load(b)
+
+
+def test_wrong_schema_version_and_corrupt_manifest(bundle_dir, tmp_path):
+    b = _copy(bundle_dir, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="schema_version 99 is not supported"):
+        Bundle.load(b)
+    (b / "manifest.json").write_text("{ not json")
+    with pytest.raises(BundleError, match="unreadable manifest"):
+        Bundle.load(b)
+
+
+def test_failed_export_leaves_previous_bundle_intact(trained, bundle_dir, parity_images, tmp_path):
+    b = _copy(bundle_dir, tmp_path)
+    before = {p.name: p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    with pytest.raises(ParityError, match="beyond tolerance"):
+        write_bundle(trained, b, parity_images, ExportOptions(tolerance=0.0))  # nothing can pass a zero tolerance
+    after = {p.name: p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    assert before == after
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # the temporary directory is gone
+    Inspector.load(b)
+
+
+def test_approximate_index_reports_its_cost(trained, parity_images, tmp_path):
+    manifest = write_bundle(trained, tmp_path / "ivf", parity_images, ExportOptions(index="IVF4,Flat", search_params="nprobe=1"))
+    head = manifest.tasks[0].head
+    assert head.index_factory == "IVF4,Flat" and head.search_params == "nprobe=1"
+    assert manifest.parity["onnx"]["enforced"] and manifest.parity["onnx"]["passed"]
+    assert not manifest.parity["faiss"]["enforced"]  # recorded as the accuracy cost, not a failure
+    Inspector.load(tmp_path / "ivf").predict(parity_images[0])
+
+
+def test_runtime_is_torch_free(bundle_dir, test_samples):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] in ('torch', 'timm', 'torchvision', 'hiad_train', 'hiad_export', 'sklearn'):
+                    raise ImportError('blocked: ' + name)
+        sys.meta_path.insert(0, Block())
+        from hiad_runtime.inspector import Inspector
+        r = Inspector.load({str(bundle_dir)!r}).predict({str(test_samples[0].image_path)!r})
+        assert r.anomaly_map.shape == (256, 256)
+        assert not any(m.split('.')[0] in ('torch', 'timm') for m in sys.modules)
+        print('SCORE', r.score)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "SCORE" in out.stdout
+
+
+def test_odd_inputs_are_converted_and_resized(bundle_dir, tmp_path, test_samples):
+    inspector = Inspector.load(bundle_dir)
+    gray = cv2.imread(str(test_samples[0].image_path), cv2.IMREAD_GRAYSCALE)
+    ref = inspector.predict(str(test_samples[0].image_path))
+    deep = tmp_path / "deep.png"
+    cv2.imwrite(str(deep), gray.astype(np.uint16) * 257)
+    rgba = tmp_path / "rgba.png"
+    cv2.imwrite(str(rgba), np.dstack([gray, gray, gray, np.full_like(gray, 255)]))
+    for path in (deep, rgba):
+        r = inspector.predict(str(path))
+        np.testing.assert_allclose(r.anomaly_map, ref.anomaly_map, rtol=1e-5, atol=1e-5)
+    big = tmp_path / "big.png"
+    cv2.imwrite(str(big), cv2.resize(gray, (512, 384)))
+    r = inspector.predict(str(big))
+    assert r.anomaly_map.shape == (256, 256) and r.input_size == (512, 384)
+    assert r.map_at_input_size().shape == (384, 512)
+
+
+def test_predict_cli_writes_results_maps_and_overlays(bundle_dir, elpv_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from hiad_runtime.cli import app
+
+    broken = tmp_path / "in" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\x89PNG garbage")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["predict", str(bundle_dir), str(elpv_root / "test"), str(broken), "--out", str(out), "--overlays"])
+    assert result.exit_code == 1  # one bad input: reported, the others still scored
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    ok = [line for line in lines if "error" not in line]
+    assert len(ok) == 4 and any("broken.png" in line["error"] for line in lines if "error" in line)
+    for line in ok:
+        amap = np.load(out / line["map"])
+        assert amap.shape == (256, 256) and amap.dtype == np.float32
+        assert line["latency_ms"] > 0
+    assert (out / "maps" / "defect").is_dir() and (out / "maps" / "good").is_dir()
+    assert len(list((out / "overlays").rglob("*.png"))) == 4
+
+
+def test_bench_prints_stage_figures(bundle_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from hiad_runtime.cli import app
+
+    result = CliRunner().invoke(app, ["bench", str(bundle_dir), "--repeat", "2", "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    figures = json.loads((tmp_path / "b.json").read_text())
+    assert set(figures["stages_ms"]) == {"decode", "tile", "backbone", "scoring", "post", "total"}
+    assert figures["peak_rss_mb"] > 0 and figures["images_per_s"] > 0
+
+
+def test_export_cli_and_archive(bundle_dir, tmp_path, elpv_root, trained):
+    from typer.testing import CliRunner
+
+    from hiad_export.cli import app
+    from hiad_train.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(trained, tmp_path / "ckpt", data=elpv_root)
+    result = CliRunner().invoke(app, [str(ckpt), "--out", str(tmp_path / "b"), "--formats", "onnx,trt", "--archive"])
+    assert result.exit_code == 0, result.output
+    assert "TensorRT engines skipped" in result.output or "engine" in json.dumps(json.loads((tmp_path / "b" / "manifest.json").read_text()))
+    assert "parity [onnx]" in result.output
+    r = Inspector.load(tmp_path / "b.tar").predict(str(next((elpv_root / "test" / "good").iterdir())))
+    assert r.anomaly_map.shape == (256, 256)

@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+import pytest
+
+from hiad_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hiad_train.trainer import HRTrainer
+
+from conftest import tiny_config
+
+
+def test_one_detector_per_tile_with_a_coreset_bank(trained, train_samples):
+    assert [t.tiles for t in trained.tasks] == [(0,), (1,), (2,), (3,)]
+    for det in trained.detectors.values():
+        # 4 images x one 16x16 feature grid per tile, 10% kept
+        assert det.memory_bank.shape == (int(4 * 16 * 16 * 0.1), 64)
+
+
+def test_defective_cells_score_higher_than_good_ones(trained, test_samples):
+    metrics, preds = HRTrainer(trained.config, progress=False).evaluate(trained, test_samples)
+    assert set(metrics) >= {"image_auroc", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro"}
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("pixel_auroc", "pixel_ap", "aupro"))
+    assert preds.maps[0].shape == (256, 256) and preds.maps[0].dtype == np.float32
+    # Real EL defects (cracks, dark areas) are far from every good cell in the bank.
+    assert preds.scores[preds.labels == 1].mean() > preds.scores[preds.labels == 0].mean()
+
+
+def test_checkpoint_roundtrip_is_exact_and_safe(trained, test_samples, tmp_path):
+    out = save_checkpoint(trained, tmp_path / "ckpt")
+    assert not list(out.rglob("*.pt*")) and not list(out.rglob("*.pkl"))  # safetensors + JSON only
+    meta = json.loads((out / "checkpoint.json").read_text())
+    assert meta["tiling"]["patch_size"] == [128, 128] and len(meta["tasks"]) == 4
+    loaded = load_checkpoint(out)
+    image = test_samples[0].image((256, 256))
+    a, sa = trained.predict(image)
+    b, sb = loaded.predict(image)
+    np.testing.assert_array_equal(a, b)
+    assert sa == sb
+
+
+def test_checkpoint_write_is_atomic(trained, tmp_path, monkeypatch):
+    out = save_checkpoint(trained, tmp_path / "ckpt")
+    before = (out / "checkpoint.json").read_text()
+    import hiad_train.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError("disk full mid-write")
+
+    with monkeypatch.context() as m:
+        m.setattr(ck, "sha256_file", boom)
+        with pytest.raises(OSError, match="disk full"):
+            save_checkpoint(trained, tmp_path / "ckpt")
+    assert (out / "checkpoint.json").read_text() == before
+    assert load_checkpoint(out).tiling == trained.tiling
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no half-written sibling left behind
+
+
+def test_tampered_checkpoint_is_rejected(trained, tmp_path):
+    out = save_checkpoint(trained, tmp_path / "ckpt")
+    with open(out / "tasks" / "task_1.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\1")
+    with pytest.raises(CheckpointError, match="task_1.safetensors"):
+        load_checkpoint(out)
+
+
+def test_cli_trains_evaluates_and_draws(elpv_root, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from hiad_train.cli import app
+    from conftest import TINY
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "tasks": {"generator": "neighborhood", "num_groups_width": 2, "num_groups_height": 1}, "evaluation": {"resize": 128, "overlays": True}}))
+    result = CliRunner().invoke(app, ["train", str(cfg), "--data", str(elpv_root), "--out", str(tmp_path / "run"), "--eval"])
+    assert result.exit_code == 0, result.output
+    assert "| task_0 | task_1 |" in result.output.replace("  ", " ").replace("  ", " ")
+    assert "image_auroc" in result.output and "aupro" in result.output
+    metrics = json.loads((tmp_path / "run" / "eval_torch" / "metrics.json").read_text())
+    assert 0 <= metrics["aupro"] <= 1
+    assert len(list((tmp_path / "run" / "eval_torch" / "overlays").glob("*.png"))) == 4
+    assert (tmp_path / "run" / "task_map.png").stat().st_size > 0
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "patch": {"percentge": 0.1}}))
+    result = CliRunner().invoke(app, ["train", str(bad), "--data", str(elpv_root), "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "patch.percentge" in result.output
