@@ -71,7 +71,7 @@ class Inspector:
         bundle: Bundle,
         providers: Sequence[str] | None = None,
         threads: int = 0,
-        batch_size: int = 8,
+        batch_size: int = 4,
         knn: str = "faiss",
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,

@@ -91,6 +91,36 @@ def eval_cmd(
     _evaluate(load_checkpoint(checkpoint), data, out)
 
 
+@app.command("eval-runtime")
+def eval_runtime(
+    results: Path = typer.Argument(..., help="output folder of `hiad-runtime predict` (results.jsonl, maps/)"),
+    data: Path = typer.Option(..., "--data", help="the dataset whose test split was predicted"),
+    resize: int = typer.Option(512, help="pixel metrics at this resolution"),
+) -> None:
+    """Evaluate the runtime's maps and scores against ground truth; print metrics and latency."""
+    import numpy as np
+
+    from hiad_train.evaluation import default_evaluators, evaluate, format_table
+
+    lines = [json.loads(x) for x in (results / "results.jsonl").read_text().splitlines() if x.strip()]
+    by_path = {Path(x["input"]).resolve(): x for x in lines if "error" not in x}
+    scores, labels, maps, masks, latency = [], [], [], [], []
+    for s in _samples(data, "test"):
+        rec = by_path.get(s.image_path.resolve())
+        if rec is None:
+            _fail(f"{s.image_path} has no result in {results / 'results.jsonl'}")
+        amap = np.load(results / rec["map"], allow_pickle=False)
+        scores.append(rec["score"])
+        labels.append(s.label)
+        maps.append(amap)
+        masks.append(s.mask((amap.shape[1], amap.shape[0])))
+        latency.append(rec["latency_ms"])
+    metrics = evaluate(np.asarray(scores), np.asarray(labels), maps, masks, default_evaluators(resize))
+    metrics["runtime_latency_ms_median"] = float(np.median(latency))
+    typer.echo(format_table(metrics))
+    (results / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+
 @app.command("demo-data")
 def demo_data(
     out: Path = typer.Argument(Path("data"), help="parent folder; the dataset goes to OUT/elpv"),
@@ -111,7 +141,7 @@ def demo_data(
 
 def main() -> None:
     """`hiad-train CONFIG ...` is shorthand for `hiad-train train CONFIG ...`."""
-    if len(sys.argv) > 1 and sys.argv[1] not in {"train", "eval", "demo-data", "--help", "-h"}:
+    if len(sys.argv) > 1 and sys.argv[1] not in {"train", "eval", "eval-runtime", "demo-data", "--help", "-h"}:
         sys.argv.insert(1, "train")
     app()
 

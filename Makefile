@@ -1,0 +1,33 @@
+# Two commands for a new machine (see README): `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := models/demo
+
+.PHONY: demo test bench clean
+
+$(BIN)/hiad-train: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[train,test]'
+	touch $@
+
+# Build the ELPV demo, train PatchCore (O2O), export a bundle (parity-checked), run the
+# torch-free runtime on the test modules, and evaluate what the runtime produced.
+demo: $(BIN)/hiad-train
+	$(BIN)/hiad-train demo-data data
+	$(BIN)/hiad-train configs/demo.yaml --data data/elpv --out $(DEMO) --eval
+	$(BIN)/hiad-export $(DEMO)/checkpoint --out $(DEMO)/bundle
+	$(BIN)/hiad-runtime predict $(DEMO)/bundle data/elpv/test --out $(DEMO)/runtime --overlays
+	$(BIN)/hiad-train eval-runtime $(DEMO)/runtime --data data/elpv
+
+test: $(BIN)/hiad-train
+	$(BIN)/python -m pytest
+
+# Benchmarks print figures (docs/benchmarks.md records them); they are not tests.
+bench: $(BIN)/hiad-train
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_runtime.py
+
+clean:
+	rm -rf $(VENV) data models/demo
