@@ -88,7 +88,8 @@ def _write_graphs(model: HRModel, tmp: Path, opts: ExportOptions) -> dict:
     tasks = []
     for task in tqdm(model.tasks, desc="export tasks", leave=False):
         head = _knn_head(model.detectors[task.name], task.name, tmp / "tasks", "patch", (dim, gh, gw), opts, seed)
-        tasks.append(TaskSpec(task.name, list(task.tiles), _prefixed(head, "tasks/")))
+        norm = None if model.task_normalization is None else model.task_normalization[task.name].to_dict()
+        tasks.append(TaskSpec(task.name, list(task.tiles), _prefixed(head, "tasks/"), norm))
     thumbnail = None
     if model.thumbnail is not None:
         t = model.thumbnail
@@ -98,7 +99,11 @@ def _write_graphs(model: HRModel, tmp: Path, opts: ExportOptions) -> dict:
         tdim, tgh, tgw = tspec.output_shape[1:]
         embedders["thumbnail"] = EmbedderSpec(tspec, list(t.size), [tgw, tgh], tdim)
         head = _knn_head(t.detector, "detector", tmp / "thumbnail", "thumbnail", (tdim, tgh, tgw), opts, seed)
-        thumbnail = {"size": list(t.size), "head": _prefixed(head, "thumbnail/")}
+        thumbnail = {
+            "size": list(t.size),
+            "head": _prefixed(head, "thumbnail/"),
+            "normalization": None if t.normalization is None else t.normalization.to_dict(),
+        }
     routing = None
     if model.routing is not None:
         np.save(tmp / "routing_centres.npy", model.routing.astype(np.float32), allow_pickle=False)
@@ -139,8 +144,8 @@ def _manifest(model: HRModel, tmp: Path, fields: dict, parity: dict | None) -> M
         fusion_weights=model.fusion_weights,
         preprocessing=_preprocessing(model),
         postprocess=model.postprocess,
-        normalization=None if model.normalization is None else {"minimum": model.normalization.minimum, "maximum": model.normalization.maximum},
         thresholds=model.thresholds,
+        validation=model.validation,
         parity=parity,
         files=files,
         **fields,

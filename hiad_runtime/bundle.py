@@ -18,7 +18,7 @@ from typing import Any
 
 from hiad_runtime.files import sha256_file
 from hiad_runtime.geometry import Tiling
-from hiad_runtime.postprocess import Normalization, PostprocessSpec
+from hiad_runtime.postprocess import PostprocessSpec
 from hiad_runtime.tasks import Task
 
 SCHEMA = "hiad-bundle"
@@ -74,6 +74,7 @@ class TaskSpec:
     name: str
     tiles: list  # tile indices; empty for retrieval tasks (routed at inference)
     head: HeadSpec
+    normalization: dict | None = None  # {"minimum", "maximum"}: raw scores -> (x - min) / (max - min)
 
     @property
     def task(self) -> Task:
@@ -93,9 +94,9 @@ class Manifest:
     tasks: list  # TaskSpec
     postprocess: PostprocessSpec
     routing: dict | None = None  # {"centres": file, "key": how a tile's key is computed}
-    thumbnail: dict | None = None  # {"size": [w, h], "head": HeadSpec} (embedder "thumbnail")
-    normalization: dict | None = None  # {"minimum": float, "maximum": float}
-    thresholds: dict | None = None  # {"image": float|None, "pixel": float|None} on normalized scores
+    thumbnail: dict | None = None  # {"size": [w, h], "head": HeadSpec, "normalization"} (embedder "thumbnail")
+    thresholds: dict | None = None  # {"image": float|None, "pixel": float|None} on the output scale
+    validation: dict | None = None  # metrics on the synthetic-anomaly validation set
     parity: dict | None = None
     files: dict = field(default_factory=dict)  # relative path -> {"sha256": hex, "bytes": int}
 
@@ -114,7 +115,7 @@ class Manifest:
             **{
                 **d,
                 "embedders": {k: EmbedderSpec(**{**e, "graph": GraphSpec(**e["graph"])}) for k, e in d["embedders"].items()},
-                "tasks": [TaskSpec(t["name"], t["tiles"], head(t["head"])) for t in d["tasks"]],
+                "tasks": [TaskSpec(t["name"], t["tiles"], head(t["head"]), t.get("normalization")) for t in d["tasks"]],
                 "postprocess": PostprocessSpec.from_dict(d["postprocess"]),
                 "thumbnail": thumbnail,
             }
@@ -124,9 +125,6 @@ class Manifest:
     def geometry(self) -> Tiling:
         return Tiling.from_dict(self.tiling)
 
-    @property
-    def score_normalization(self) -> Normalization | None:
-        return None if self.normalization is None else Normalization(**self.normalization)
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ def predict(
             if overlays:
                 shown = resize_image(image, inspector.tiling.image_size)
                 save_rgb(out / "overlays" / f"{key}.png", overlay(shown, r.anomaly_map, r.mask))
-            line = {"input": str(path), "score": r.score, "raw_score": r.raw_score, "decision": r.decision, "latency_ms": round(latency, 2), "map": str(map_file.relative_to(out))}
+            line = {"input": str(path), "score": r.score, "decision": r.decision, "latency_ms": round(latency, 2), "map": str(map_file.relative_to(out))}
             results.write(json.dumps(line) + "\n")
             typer.echo(f"{path}: score {r.score:.4f}" + ("" if r.decision is None else f" -> {'ANOMALOUS' if r.decision else 'ok'}") + f" ({latency:.0f} ms)")
     typer.echo(f"providers: {', '.join(inspector.providers_in_use)}; results: {out / 'results.jsonl'}")

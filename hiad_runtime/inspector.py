@@ -18,7 +18,7 @@ import numpy as np
 from hiad_runtime.bundle import Bundle, BundleError, EmbedderSpec
 from hiad_runtime.geometry import Box, Tile, context_crop, crop, split
 from hiad_runtime.image import ImageError, decode, load_image, resize_image, resize_map
-from hiad_runtime.postprocess import fuse_thumbnail, gaussian_blur, image_score, tile_maps_to_image
+from hiad_runtime.postprocess import Normalization, finish, fuse_thumbnail, tile_maps_to_image
 from hiad_runtime.scoring import Scorer, make_scorer
 from hiad_runtime.sessions import SessionFactory
 from hiad_runtime.tasks import route
@@ -28,8 +28,7 @@ STAGES = ("decode", "tile", "backbone", "scoring", "post")
 
 @dataclass
 class Result:
-    score: float  # normalized to [0, 1] when the bundle has normalization stats, raw otherwise
-    raw_score: float
+    score: float  # in [0, 1] when the bundle's tasks carry validation normalization, raw otherwise
     anomaly_map: np.ndarray  # float32 (H, W) at the bundle's image_size, same scale as `score`
     input_size: tuple[int, int]  # (width, height) of the image as given
     decision: bool | None = None  # score >= image threshold, when there is one
@@ -90,7 +89,9 @@ class Inspector:
         self.thumbnail_scorer = None
         if m.thumbnail is not None:
             self.thumbnail_scorer = make_scorer(bundle.root, m.thumbnail["head"], self.sessions, knn)
-        self.normalization = m.score_normalization
+        self.normalization = {t.name: Normalization(**t.normalization) for t in m.tasks if t.normalization is not None}
+        tn = (m.thumbnail or {}).get("normalization")
+        self.thumbnail_normalization = None if tn is None else Normalization(**tn)
         thresholds = m.thresholds or {}
         self.image_threshold = image_threshold if image_threshold is not None else thresholds.get("image")
         self.pixel_threshold = pixel_threshold if pixel_threshold is not None else thresholds.get("pixel")
@@ -146,6 +147,8 @@ class Inspector:
         size = tuple(self.manifest.thumbnail["size"])
         small = resize_image(image, size)[None]
         scores = self.thumbnail_scorer(self.embedders["thumbnail"](small))[0]
+        if self.thumbnail_normalization is not None:
+            scores = self.thumbnail_normalization(scores)
         return tile_maps_to_image([scores], [Tile(0, 0, 0, Box(0, 0, *size))], size)
 
     # -- the pipeline ---------------------------------------------------------------------------
@@ -168,23 +171,19 @@ class Inspector:
         maps: list[np.ndarray | None] = [None] * len(self.tiling.tiles)
         for name, ids in self.assignments(embeddings).items():
             if ids:
+                norm = self.normalization.get(name)
                 for i, s in zip(ids, self.scorers[name](embeddings[ids])):
-                    maps[i] = s
+                    maps[i] = s if norm is None else norm(s)
         thumb = self.thumbnail_map(image)
         timings["scoring"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        spec = self.manifest.postprocess
-        anomaly_map = gaussian_blur(fuse_thumbnail(tile_maps_to_image(maps, self.tiling.tiles, self.tiling.image_size), thumb), spec)
-        raw = image_score(anomaly_map, spec)
-        score = raw
-        if self.normalization is not None:
-            anomaly_map = self.normalization(anomaly_map)
-            score = float(self.normalization(raw))
+        merged = fuse_thumbnail(tile_maps_to_image(maps, self.tiling.tiles, self.tiling.image_size), thumb)
+        anomaly_map, score = finish(merged, self.manifest.postprocess)
         decision = None if self.image_threshold is None else bool(score >= self.image_threshold)
         mask = None if self.pixel_threshold is None else anomaly_map >= self.pixel_threshold
         timings["post"] = time.perf_counter() - t0
-        return Result(score, raw, anomaly_map, input_size, decision, mask, timings)
+        return Result(score, anomaly_map, input_size, decision, mask, timings)
 
 
 __all__ = ["BundleError", "ImageError", "Inspector", "Result", "STAGES"]

@@ -24,6 +24,7 @@ class PostprocessSpec:
     gaussian_sigma: float = 4.0
     gaussian_truncate: float = 4.0  # kernel radius = int(truncate * sigma + 0.5), border 'reflect' (scipy)
     score_pool: int = 16  # image score = max over non-overlapping pool x pool block means
+    clip_to_unit: bool = False  # tasks' scores are min-max normalized: clip map and score to [0, 1]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,14 +36,20 @@ class PostprocessSpec:
 
 @dataclass(frozen=True)
 class Normalization:
-    """Min-max statistics from the validation set; scores map to [0, 1] (clipped)."""
+    """A task's min-max statistics from the validation set: (x - minimum) / (maximum - minimum).
+
+    Applied to the task's raw score grids before gathering; the final map and score are clipped to
+    [0, 1] (PostprocessSpec.clip_to_unit)."""
 
     minimum: float
     maximum: float
 
     def __call__(self, values):
         span = max(self.maximum - self.minimum, 1e-12)
-        return np.clip((np.asarray(values, np.float32) - self.minimum) / span, 0.0, 1.0)
+        return ((np.asarray(values, np.float32) - np.float32(self.minimum)) / np.float32(span)).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"minimum": float(self.minimum), "maximum": float(self.maximum)}
 
 
 def tile_maps_to_image(
@@ -69,6 +76,15 @@ def gaussian_blur(anomaly_map: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
     return cv2.GaussianBlur(
         anomaly_map, (k, k), sigmaX=spec.gaussian_sigma, sigmaY=spec.gaussian_sigma, borderType=cv2.BORDER_REFLECT
     )
+
+
+def finish(anomaly_map: np.ndarray, spec: PostprocessSpec) -> tuple[np.ndarray, float]:
+    """Blur, image score, and the clip to [0, 1] of normalized outputs."""
+    anomaly_map = gaussian_blur(anomaly_map, spec)
+    score = image_score(anomaly_map, spec)
+    if spec.clip_to_unit:
+        return np.clip(anomaly_map, 0.0, 1.0), float(np.clip(score, 0.0, 1.0))
+    return anomaly_map, score
 
 
 def image_score(anomaly_map: np.ndarray, spec: PostprocessSpec) -> float:

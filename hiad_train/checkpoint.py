@@ -10,7 +10,6 @@ Layout of a checkpoint directory (written atomically):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -49,7 +48,12 @@ def save_checkpoint(model: HRModel, out: str | Path, data: str | Path | None = N
             (tmp / "thumbnail").mkdir()
             save_file(model.thumbnail.embedder.state_dict(), tmp / "thumbnail" / "embedder.safetensors")
             save_file(model.thumbnail.detector.state(), tmp / "thumbnail" / "detector.safetensors")
-            thumbnail = {"size": list(model.thumbnail.size), "head": model.thumbnail.detector.head_spec()}
+            norm = model.thumbnail.normalization
+            thumbnail = {
+                "size": list(model.thumbnail.size),
+                "head": model.thumbnail.detector.head_spec(),
+                "normalization": None if norm is None else norm.to_dict(),
+            }
         if model.routing is not None:
             save_file({"centres": torch.from_numpy(model.routing)}, tmp / "routing.safetensors")
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*.safetensors"))}
@@ -64,8 +68,11 @@ def save_checkpoint(model: HRModel, out: str | Path, data: str | Path | None = N
             "heads": heads,
             "thumbnail": thumbnail,
             "postprocess": model.postprocess.to_dict(),
-            "normalization": None if model.normalization is None else asdict(model.normalization),
+            "task_normalization": None
+            if model.task_normalization is None
+            else {k: v.to_dict() for k, v in model.task_normalization.items()},
             "thresholds": model.thresholds,
+            "validation": model.validation,
             "files": files,
             "data": None if data is None else str(Path(data).absolute()),
         }
@@ -98,15 +105,17 @@ def load_checkpoint(path: str | Path) -> HRModel:
         emb = build_embedder(config.thumbnail, pretrained=False)
         emb.load_state_dict(load_file(path / "thumbnail" / "embedder.safetensors"))
         det = detector_cls.from_state(config.thumbnail, load_file(path / "thumbnail" / "detector.safetensors"))
-        thumbnail = Thumbnail(tuple(meta["thumbnail"]["size"]), emb, det)
+        tn = meta["thumbnail"].get("normalization")
+        thumbnail = Thumbnail(tuple(meta["thumbnail"]["size"]), emb, det, None if tn is None else Normalization(**tn))
     routing = None
     if (path / "routing.safetensors").is_file():
         routing = load_file(path / "routing.safetensors")["centres"].numpy()
-    norm = meta.get("normalization")
+    norm = meta.get("task_normalization")
     return HRModel(
         routing=routing,
-        normalization=None if norm is None else Normalization(**norm),
+        task_normalization=None if norm is None else {k: Normalization(**v) for k, v in norm.items()},
         thresholds=meta.get("thresholds"),
+        validation=meta.get("validation"),
         config=config,
         tiling=Tiling.from_dict(meta["tiling"]),
         tasks=tasks,

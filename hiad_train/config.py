@@ -89,6 +89,21 @@ TaskConfig = Annotated[
 ]
 
 
+class SynthesizerConfig(Strict):
+    name: Literal["random_box", "cut_paste", "color_shift", "image_blending"] = "random_box"
+    p: float = Field(0.5, ge=0, le=1)  # probability that a validation patch gets a synthetic anomaly
+    source_dir: str | None = None  # image_blending: anomaly-source images (default: scikit-image textures)
+
+
+class ValConfig(Strict):
+    """HiAD's val_config: a validation set of held-out training images with synthetic anomalies."""
+
+    anomaly_syn_fn: SynthesizerConfig = SynthesizerConfig()
+    val_sample_ratio: float = Field(0.2, gt=0, lt=1)
+    max_patch_number: int | None = Field(200, ge=1)
+    evaluators: list[Literal["image_auroc", "pixel_metrics", "aupro"]] = ["image_auroc", "pixel_metrics"]
+
+
 class EvaluationConfig(Strict):
     resize: int | None = 512  # pixel metrics at this resolution (None = full)
     overlays: bool = True
@@ -106,6 +121,7 @@ class TrainConfig(Strict):
     tasks: TaskConfig = A2O(generator="a2o")
     patch: PatchCoreConfig = PatchCoreConfig()
     thumbnail: ThumbnailConfig | None = None
+    val_config: ValConfig | None = None
     evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")

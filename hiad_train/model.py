@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from hiad_runtime.geometry import Box, Tile, Tiling, context_crop, crop, split
 from hiad_runtime.image import resize_image
-from hiad_runtime.postprocess import Normalization, PostprocessSpec, fuse_thumbnail, gaussian_blur, image_score, tile_maps_to_image
+from hiad_runtime.postprocess import Normalization, PostprocessSpec, finish, fuse_thumbnail, tile_maps_to_image
 from hiad_runtime.tasks import Task, route
 from hiad_train.backbones import create_backbone
 from hiad_train.config import PatchCoreConfig, TrainConfig
@@ -64,11 +64,18 @@ class Thumbnail:
     size: tuple[int, int]
     embedder: PatchEmbedder
     detector: Detector
+    normalization: Normalization | None = None
 
     @torch.no_grad()
+    def raw_scores(self, image: np.ndarray) -> np.ndarray:
+        """The raw score grid of the whole image at thumbnail size."""
+        return self.detector.score(embed(self.embedder, resize_image(image, self.size)[None], 1))[0].numpy()
+
     def score_map(self, image: np.ndarray) -> np.ndarray:
-        small = resize_image(image, self.size)[None]
-        scores = self.detector.score(embed(self.embedder, small, 1))[0].numpy()
+        """The (normalized) thumbnail map at thumbnail size."""
+        scores = self.raw_scores(image)
+        if self.normalization is not None:
+            scores = self.normalization(scores)
         return tile_maps_to_image([scores], [_whole(self.size)], self.size)
 
 
@@ -86,8 +93,9 @@ class HRModel:
     postprocess: PostprocessSpec = field(default_factory=PostprocessSpec)
     thumbnail: Thumbnail | None = None
     routing: np.ndarray | None = None  # retrieval centres (k, D); None = static tasks
-    normalization: Normalization | None = None  # validation min/max: scores and maps to [0, 1]
-    thresholds: dict | None = None  # {'image': float, 'pixel': float} on normalized scores
+    task_normalization: dict[str, Normalization] | None = None  # per task, from the validation set
+    thresholds: dict | None = None  # {'image': float, 'pixel': float}, F1-optimal on the validation set
+    validation: dict | None = None  # validation-set metrics
 
     @property
     def fusion_weights(self) -> list[float]:
@@ -116,14 +124,20 @@ class HRModel:
         return {t.name: [int(i) for i in np.flatnonzero(labels == k)] for k, t in enumerate(self.tasks)}
 
     @torch.no_grad()
-    def tile_maps(self, image: np.ndarray) -> list[np.ndarray]:
-        """Per-tile score maps on the feature grid, each scored by its task's detector."""
+    def raw_tile_scores(self, image: np.ndarray) -> list[tuple[str, int, np.ndarray]]:
+        """(task, tile index, raw score grid) for every tile, each scored by its task's detector."""
         embeddings = self.tile_embeddings(image)
-        maps: list[np.ndarray | None] = [None] * len(self.tiling.tiles)
+        out = []
         for name, ids in self.assignments(embeddings).items():
             if ids:
-                for i, s in zip(ids, self.detectors[name].score(embeddings[ids])):
-                    maps[i] = s.numpy()
+                out += [(name, i, s.numpy()) for i, s in zip(ids, self.detectors[name].score(embeddings[ids]))]
+        return out
+
+    def tile_maps(self, image: np.ndarray) -> list[np.ndarray]:
+        """Per-tile score grids, normalized per task when the model has validation statistics."""
+        maps: list[np.ndarray | None] = [None] * len(self.tiling.tiles)
+        for name, i, s in self.raw_tile_scores(image):
+            maps[i] = s if self.task_normalization is None else self.task_normalization[name](s)
         return maps
 
     def predict(self, image: np.ndarray) -> tuple[np.ndarray, float]:
@@ -133,8 +147,4 @@ class HRModel:
         anomaly_map = tile_maps_to_image(self.tile_maps(image), self.tiling.tiles, self.tiling.image_size)
         if self.thumbnail is not None:
             anomaly_map = fuse_thumbnail(anomaly_map, self.thumbnail.score_map(image))
-        anomaly_map = gaussian_blur(anomaly_map, self.postprocess)
-        score = image_score(anomaly_map, self.postprocess)
-        if self.normalization is not None:
-            return self.normalization(anomaly_map), float(self.normalization(score))
-        return anomaly_map, score
+        return finish(anomaly_map, self.postprocess)

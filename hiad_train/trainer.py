@@ -4,7 +4,7 @@ detector per task (and the optional thumbnail detector), and evaluate."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -18,6 +18,7 @@ from hiad_train.data.samples import HRSample
 from hiad_train.detectors import DETECTORS
 from hiad_train.evaluation import Evaluator, default_evaluators, evaluate
 from hiad_train.model import HRModel, Thumbnail, build_embedder, embed
+from hiad_train.validation import split_validation, validate
 
 
 def seed_everything(seed: int) -> None:
@@ -64,6 +65,9 @@ class HRTrainer:
         if not samples:
             raise ValueError("no training samples")
         seed_everything(cfg.seed)
+        val_samples = []
+        if cfg.val_config is not None:
+            samples, val_samples = split_validation(list(samples), cfg.val_config.val_sample_ratio, cfg.seed)
         tiling = Tiling.create(cfg.image_size, cfg.patch_size, cfg.stride, cfg.ds_factors)
         model = HRModel(cfg, tiling, [], build_embedder(cfg.patch), {})
         images_for_thumbnail = []
@@ -90,6 +94,9 @@ class HRTrainer:
         model.routing = centres
         if cfg.thumbnail is not None:
             model.thumbnail = self._fit_thumbnail(images_for_thumbnail)
+        if val_samples:
+            validate(model, val_samples, cfg.val_config, cfg.seed)
+            model.postprocess = replace(model.postprocess, clip_to_unit=True)
         return model
 
     def _fit_thumbnail(self, images: list[np.ndarray]) -> Thumbnail:

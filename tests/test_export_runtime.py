@@ -26,7 +26,7 @@ def test_manifest_describes_everything_a_c_caller_needs(bundle_dir):
     assert len(m["tasks"]) == 4 and m["tasks"][2]["tiles"] == [2]
     head = m["tasks"][0]["head"]
     assert head["kind"] == "knn" and head["graph"]["output_name"] == "scores" and head["index_factory"] == "Flat"
-    assert m["postprocess"] == {"gaussian_sigma": 4.0, "gaussian_truncate": 4.0, "score_pool": 16}
+    assert m["postprocess"] == {"gaussian_sigma": 4.0, "gaussian_truncate": 4.0, "score_pool": 16, "clip_to_unit": False}
     for name, info in m["files"].items():
         assert len(info["sha256"]) == 64 and (bundle_dir / name).stat().st_size == info["bytes"]
     assert m["parity"]["onnx"]["passed"] and m["parity"]["faiss"]["passed"]

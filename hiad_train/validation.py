@@ -1,0 +1,127 @@
+"""The validation set: held-out training images with synthetic anomalies. It gives each task its
+min-max normalization (scores land in [0, 1]), F1-optimal image and pixel thresholds, validation
+metrics, and, for detectors trained over epochs, checkpoint selection with early stopping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+from sklearn.metrics import precision_recall_curve
+
+from hiad_runtime.geometry import Tiling
+from hiad_runtime.image import resize_map
+from hiad_runtime.postprocess import Normalization, finish
+from hiad_train.config import SynthesizerConfig, ValConfig
+from hiad_train.evaluation import aupro, evaluate, image_auroc, pixel_metrics
+from hiad_train.synthesis import SYNTHESIZERS
+
+
+def make_synthesizer(cfg: SynthesizerConfig):
+    cls = SYNTHESIZERS[cfg.name]
+    return cls(p=cfg.p, source_dir=cfg.source_dir) if cfg.name == "image_blending" else cls(p=cfg.p)
+
+
+def split_validation(samples: list, ratio: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded `ratio` of the images held out, at least one on each side."""
+    if len(samples) < 2:
+        raise ValueError("val_config needs at least 2 training images (one is held out for validation)")
+    n_val = min(max(1, round(len(samples) * ratio)), len(samples) - 1)
+    order = np.random.default_rng(seed).permutation(len(samples))
+    val = set(order[:n_val].tolist())
+    return [s for i, s in enumerate(samples) if i not in val], [s for i, s in enumerate(samples) if i in val]
+
+
+def synthesize_tiles(image: np.ndarray, tiling: Tiling, synthesizer, rng: np.random.Generator):
+    """Each tile of the image gets its own synthetic anomaly (with the synthesizer's probability);
+    returns the altered image and its exact anomaly mask."""
+    out = image.copy()
+    mask = np.zeros(image.shape[:2], bool)
+    for t in tiling.tiles:
+        patch, m = synthesizer(out[t.main.slices()], rng)
+        out[t.main.slices()] = patch
+        mask[t.main.slices()] |= m
+    return out, mask
+
+
+def f1_threshold(scores: np.ndarray, truth: np.ndarray) -> float | None:
+    """The threshold with the best F1 (predict anomalous when score >= threshold)."""
+    truth = np.asarray(truth, bool)
+    if not truth.any() or truth.all():
+        return None
+    precision, recall, thresholds = precision_recall_curve(truth, scores)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    return float(thresholds[int(np.argmax(f1))])
+
+
+EVALUATORS = {"image_auroc": image_auroc, "pixel_metrics": pixel_metrics, "aupro": aupro}
+
+
+def validate(model, val_samples: list, cfg: ValConfig, seed: int = 0) -> None:
+    """Fill model.task_normalization, the thumbnail's normalization, model.thresholds, model.validation."""
+    rng = np.random.default_rng(seed)
+    synth = make_synthesizer(cfg.anomaly_syn_fn)
+    tiling = model.tiling
+    records, thumbs = [], []  # (task, tile, raw grid, mask crop); (raw thumbnail grid)
+    for sample in val_samples:
+        image, mask = synthesize_tiles(sample.image(tiling.image_size), tiling, synth, rng)
+        for task, i, grid in model.raw_tile_scores(image):
+            records.append((task, i, grid, mask[tiling.tiles[i].main.slices()]))
+        if model.thumbnail is not None:
+            thumbs.append(model.thumbnail.raw_scores(image))
+    if cfg.max_patch_number is not None and len(records) > cfg.max_patch_number:
+        keep = sorted(rng.choice(len(records), cfg.max_patch_number, replace=False))
+        records = [records[k] for k in keep]
+
+    all_values = np.concatenate([g.ravel() for _, _, g, _ in records])
+    fallback = Normalization(float(all_values.min()), float(all_values.max()))
+    norms = {}
+    for task in model.tasks:
+        values = [g for name, _, g, _ in records if name == task.name]
+        norms[task.name] = Normalization(float(min(v.min() for v in values)), float(max(v.max() for v in values))) if values else fallback
+    model.task_normalization = norms
+    if model.thumbnail is not None:
+        model.thumbnail.normalization = Normalization(float(min(t.min() for t in thumbs)), float(max(t.max() for t in thumbs)))
+
+    spec = model.postprocess
+    maps, scores, masks = [], [], []
+    for name, i, grid, m in records:
+        tile = tiling.tiles[i].main
+        patch_map, score = finish(resize_map(norms[name](grid), (tile.width, tile.height)), spec)
+        maps.append(patch_map)
+        scores.append(score)
+        masks.append(m)
+    labels = np.array([m.any() for m in masks])
+    model.thresholds = {
+        "image": f1_threshold(np.array(scores), labels),
+        "pixel": f1_threshold(np.concatenate([p.ravel() for p in maps]), np.concatenate([m.ravel() for m in masks])),
+    }
+    evaluators = [partial(EVALUATORS[e], resize=None) if e != "image_auroc" else EVALUATORS[e] for e in cfg.evaluators]
+    metrics = evaluate(np.array(scores), labels.astype(int), maps, masks, evaluators)
+    model.validation = {"patches": len(records), "anomalous": int(labels.sum()), **metrics}
+
+
+@dataclass
+class CheckpointSelector:
+    """Keeps the best epoch by validation image AUROC, ties broken by the mean of the other metrics;
+    stops after `patience` epochs without improvement. For detectors trained over epochs."""
+
+    patience: int = 5
+    best_epoch: int | None = None
+    best_key: tuple = field(default=(-np.inf, -np.inf))
+    since_best: int = 0
+
+    def update(self, epoch: int, metrics: dict) -> bool:
+        """Record an epoch's validation metrics; True when it is the new best (save it)."""
+        others = [v for k, v in metrics.items() if k != "image_auroc" and np.isfinite(v)]
+        key = (metrics.get("image_auroc", -np.inf), float(np.mean(others)) if others else -np.inf)
+        if key > self.best_key:
+            self.best_key, self.best_epoch, self.since_best = key, epoch, 0
+            return True
+        self.since_best += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.since_best >= self.patience
