@@ -78,7 +78,8 @@ def predict(
             np.save(map_file, r.anomaly_map.astype(np.float32), allow_pickle=False)
             if overlays:
                 shown = resize_image(image, inspector.tiling.image_size)
-                save_rgb(out / "overlays" / f"{key}.png", overlay(shown, r.anomaly_map, r.mask))
+                unit = inspector.manifest.postprocess.clip_to_unit  # normalized maps share one colour scale
+                save_rgb(out / "overlays" / f"{key}.png", overlay(shown, r.anomaly_map, r.mask, *((0.0, 1.0) if unit else (None, None))))
             line = {"input": str(path), "score": r.score, "decision": r.decision, "latency_ms": round(latency, 2), "map": str(map_file.relative_to(out))}
             results.write(json.dumps(line) + "\n")
             typer.echo(f"{path}: score {r.score:.4f}" + ("" if r.decision is None else f" -> {'ANOMALOUS' if r.decision else 'ok'}") + f" ({latency:.0f} ms)")

@@ -10,8 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ImportError as e:  # the base package pulls neither build on purpose
+    raise ImportError("hiad_runtime needs faiss: pip install 'hiad-deploy[cpu]' (or '[gpu]' on a CUDA box)") from e
 
 from hiad_runtime.bundle import BundleError, HeadSpec
 from hiad_runtime.sessions import SessionFactory

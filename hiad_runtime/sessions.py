@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import onnxruntime as ort
+try:
+    import onnxruntime as ort
+except ImportError as e:  # the base package pulls neither build on purpose
+    raise ImportError("hiad_runtime needs ONNX Runtime: pip install 'hiad-deploy[cpu]' (or '[gpu]' on a CUDA box)") from e
 
 from hiad_runtime.bundle import BundleError
 

@@ -30,9 +30,10 @@ def test_even_merge_size_rejected():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
-    if path.name == "patchcore.yaml":  # a detector section, used as `patch:`
-        import yaml
+    import yaml
 
-        parse_config({"image_size": 512, "patch_size": 256, "patch": yaml.safe_load(path.read_text())})
+    if path.name in ("patchcore.yaml", "thumbnail.yaml"):  # detector sections, used as `patch:` / `thumbnail:`
+        section = "patch" if path.name == "patchcore.yaml" else "thumbnail"
+        parse_config({"image_size": 512, "patch_size": 256, section: yaml.safe_load(path.read_text())})
     else:
         load_config(path)

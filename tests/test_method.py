@@ -1,0 +1,137 @@
+"""HiAD's method breadth through train, export and the torch-free runtime: fusion, thumbnail,
+validation (normalization, thresholds), clustering and retrieval tasks, synthesizers."""
+
+import numpy as np
+import pytest
+
+from hiad_export.writer import write_bundle
+from hiad_runtime.inspector import Inspector
+from hiad_train import tasks as generators
+from hiad_train.synthesis import ColorShift, CutPaste, ImageBlending, RandomBox
+from hiad_train.trainer import HRTrainer
+from hiad_train.validation import CheckpointSelector
+
+from conftest import tiny_config
+
+TOLERANCE = 1e-4
+
+FULL = dict(
+    ds_factors=[0, 1],
+    fusion_weights=[0.5, 0.5],
+    thumbnail={"thumbnail_size": 128, "target_embed_dimension": 64, "percentage": 0.1},
+    val_config={"anomaly_syn_fn": {"name": "random_box", "p": 0.5}, "val_sample_ratio": 0.25, "max_patch_number": 200,
+                "evaluators": ["image_auroc", "pixel_metrics", "aupro"]},
+)
+
+
+@pytest.fixture(scope="module")
+def full_model(train_samples):
+    return HRTrainer(tiny_config(**FULL), progress=False).fit(train_samples)
+
+
+@pytest.fixture(scope="module")
+def full_bundle(full_model, parity_images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "bundle"
+    write_bundle(full_model, out, parity_images)
+    return out
+
+
+def _assert_parity(model, bundle, images, knn):
+    inspector = Inspector.load(bundle, knn=knn)
+    for image in images:
+        ref_map, ref_score = model.predict(image)
+        r = inspector.predict(image)
+        span = max(ref_map.max() - ref_map.min(), 1e-6)
+        assert np.abs(r.anomaly_map - ref_map).max() <= TOLERANCE * span
+        assert abs(r.score - ref_score) <= TOLERANCE * span
+    return inspector
+
+
+@pytest.mark.parametrize("knn", ["faiss", "onnx"])
+def test_fusion_thumbnail_and_normalization_parity(full_model, full_bundle, test_samples, knn):
+    images = [s.image((256, 256)) for s in test_samples]
+    inspector = _assert_parity(full_model, full_bundle, images, knn)
+    m = inspector.manifest
+    assert m.fusion_weights == [0.5, 0.5] and m.tiling["ds_factors"] == [0, 1]
+    assert set(m.embedders) == {"patch", "thumbnail"} and m.thumbnail["size"] == [128, 128]
+
+
+def test_fusion_changes_the_embedding(full_model, trained, test_samples):
+    image = test_samples[0].image((256, 256))
+    fused = full_model.tile_embeddings(image)
+    plain = trained.tile_embeddings(image)
+    assert fused.shape == plain.shape  # the context's crop is resized to the tile's own grid
+    assert not np.allclose(fused.numpy(), plain.numpy())
+
+
+def test_validation_normalizes_to_unit_range_and_thresholds_decide(full_model, full_bundle, test_samples):
+    v = full_model.validation
+    assert v["patches"] == 4 and 0 < v["anomalous"] < 4  # 1 held-out image x 4 tiles, p = 0.5
+    assert set(v) >= {"image_auroc", "pixel_auroc", "aupro"}
+    assert len(full_model.task_normalization) == 4
+    t = full_model.thresholds
+    assert t["image"] is not None and 0 <= t["image"] <= 1 and t["pixel"] is not None
+    inspector = Inspector.load(full_bundle)
+    for s in test_samples:
+        r = inspector.predict(str(s.image_path))
+        assert 0.0 <= r.score <= 1.0 and r.anomaly_map.min() >= 0 and r.anomaly_map.max() <= 1
+        assert r.decision == (r.score >= t["image"])
+        assert r.mask.dtype == bool and r.mask.shape == (256, 256)
+    strict = Inspector.load(full_bundle, image_threshold=1.01)  # --threshold overrides the bundle's
+    assert strict.predict(str(test_samples[0].image_path)).decision is False
+
+
+def test_retrieval_routing_equals_training_assignment(train_samples, parity_images, tmp_path):
+    cfg = tiny_config(tasks={"generator": "retrieve", "cluster_number": 3})
+    model = HRTrainer(cfg, progress=False).fit(train_samples)
+    assert model.routing.shape == (3, 64) and all(t.tiles == () for t in model.tasks)
+    images = [s.image((256, 256)) for s in train_samples]
+    embeddings = np.stack([model.tile_embeddings(im).numpy() for im in images])
+    _, centres, labels = generators.retrieve(embeddings, 3, seed=0)
+    np.testing.assert_allclose(centres, model.routing, atol=1e-5)
+    write_bundle(model, tmp_path / "b", parity_images)
+    inspector = _assert_parity(model, tmp_path / "b", parity_images, "faiss")
+    for image, expected in zip(images, labels):
+        routed = inspector.assignments(inspector.tile_embeddings(image, {}))
+        got = np.empty(len(expected), int)
+        for k, task in enumerate(inspector.tasks):
+            got[routed[task.name]] = k
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_clustering_generators_on_real_embeddings(trained, train_samples):
+    embeddings = np.stack([trained.tile_embeddings(s.image((256, 256))).numpy() for s in train_samples])
+    tiling = trained.tiling
+    a = generators.spatial_clustering(embeddings, cluster_number=2, seed=0)
+    b = generators.spatial_clustering(embeddings, cluster_number=2, seed=0)
+    assert a == b and len(a) == 2
+    assert sorted(i for t in a for i in t.tiles) == list(range(len(tiling.tiles)))
+    assert len(generators.spatial_clustering(embeddings, cluster_number=2, feature_resolution=2, seed=0)) == 2
+    assert len(generators.threshold_clustering(embeddings, cluster_threshold=0.999999)) == 4  # all noise: one task each
+    assert len(generators.threshold_clustering(embeddings, cluster_threshold=1e-6)) == 1  # everything linked
+    tasks, centres, labels = generators.retrieve(embeddings, 2, seed=0)
+    assert len(tasks) == 2 and centres.shape == (2, 64) and labels.shape == (4, 4)
+
+
+@pytest.mark.parametrize("synth", [RandomBox(p=1), CutPaste(p=1), ColorShift(p=1), ImageBlending(p=1)], ids=lambda s: type(s).__name__)
+def test_synthetic_anomalies_land_inside_their_masks(synth, test_samples):
+    rng = np.random.default_rng(0)
+    patch = test_samples[2].image((256, 256))[:128, :128].copy()
+    for _ in range(5):
+        out, mask = synth(patch, rng)
+        changed = (out != patch).any(axis=2)
+        assert mask.any() and changed.any()
+        assert not (changed & ~mask).any()  # nothing changes outside the mask
+        assert (changed == mask).all()  # and every masked pixel really changed
+    untouched, empty = type(synth)(p=0)(patch, rng) if not isinstance(synth, ImageBlending) else ImageBlending(p=0)(patch, rng)
+    assert not empty.any() and (untouched == patch).all()
+
+
+def test_checkpoint_selector_prefers_auroc_then_mean_and_stops_early():
+    sel = CheckpointSelector(patience=2)
+    assert sel.update(0, {"image_auroc": 0.8, "pixel_auroc": 0.5})
+    assert sel.update(1, {"image_auroc": 0.8, "pixel_auroc": 0.7})  # tie on AUROC, better mean of the rest
+    assert not sel.update(2, {"image_auroc": 0.8, "pixel_auroc": 0.6})
+    assert not sel.should_stop
+    assert not sel.update(3, {"image_auroc": 0.7, "pixel_auroc": 0.9})
+    assert sel.should_stop and sel.best_epoch == 1
