@@ -21,7 +21,7 @@ DEMO = ROOT / "models" / "demo"
 DATA = ROOT / "data" / "elpv"
 IMAGE = DATA / "test" / "defect" / "module_005.png"
 
-INDEXES = [("Flat", ""), ("IVF64,Flat", "nprobe=8"), ("IVF64,Flat", "nprobe=4"), ("HNSW32", "efSearch=16")]
+INDEXES = [("Flat", ""), ("IVF64,Flat", "nprobe=8"), ("IVF64,Flat", "nprobe=4"), ("IVF64,SQ8", "nprobe=4"), ("HNSW32", "efSearch=16")]
 
 TORCH_SNIPPET = """
 import json, resource, sys, time

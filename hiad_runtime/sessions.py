@@ -36,6 +36,8 @@ class SessionFactory:
         self.options.intra_op_num_threads = intra_op_threads  # 0 = one per physical core
         self.options.log_severity_level = 3
         self.options.enable_cpu_mem_arena = False  # an arena per session would keep each peak allocated
+        # Idle ORT threads must not spin: faiss (OpenMP) runs right after on the same cores.
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.in_use: set[str] = set()
 
     def create(self, path: Path) -> ort.InferenceSession:
