@@ -8,6 +8,7 @@ schema version and every file's sha256 before anything is used; nothing is ever 
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import tarfile
@@ -176,6 +177,7 @@ def verify_files(root: Path, files: dict[str, Any]) -> None:
 
 def _extract(archive: Path) -> Path:
     target = Path(tempfile.mkdtemp(prefix="hiad-bundle-"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(target, filter="data")  # refuses absolute paths, links out, devices
