@@ -57,7 +57,7 @@ def export(
         manifest = write_bundle(model, out, parity_images, opts)
     except (CheckpointError, ParityError, ValueError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     for note in opts.notes:
         typer.secho(note, fg=typer.colors.YELLOW)
     for path, r in manifest.parity.items():

@@ -122,6 +122,14 @@ class Manifest:
             }
         )
 
+    def referenced_files(self) -> list[str]:
+        """Every file the manifest points to (each must be listed, with its sha256, in `files`)."""
+        heads = [t.head for t in self.tasks] + ([self.thumbnail["head"]] if self.thumbnail else [])
+        refs = [e.graph.file for e in self.embedders.values()] + [e.graph.engine for e in self.embedders.values()]
+        refs += [f for h in heads for f in (h.graph.file, h.index, h.bank)]
+        refs += [self.routing["centres"]] if self.routing else []
+        return [r for r in refs if r]
+
     @property
     def geometry(self) -> Tiling:
         return Tiling.from_dict(self.tiling)
@@ -159,6 +167,9 @@ class Bundle:
             manifest = Manifest.from_dict(raw)
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{manifest_file}: malformed manifest ({type(e).__name__}: {e})") from e
+        unlisted = [f for f in manifest.referenced_files() if f not in manifest.files]
+        if unlisted:
+            raise BundleError(f"{manifest_file}: refers to files without a checksum: {', '.join(unlisted)}")
         if verify:
             verify_files(path, manifest.files)
         return cls(path, manifest)

@@ -36,7 +36,7 @@ def _load(bundle: Path, **kwargs):
         return Inspector.load(bundle, **kwargs)
     except BundleError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 @app.command()

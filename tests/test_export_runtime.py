@@ -46,8 +46,6 @@ def test_runtime_matches_pytorch_on_real_demo_images(trained, bundle_dir, test_s
 
 
 def test_onnx_head_agrees_with_faiss(bundle_dir, test_samples):
-    from hiad_runtime.scoring import make_scorer
-
     onnx_inspector = Inspector.load(bundle_dir, knn="onnx")
     faiss_inspector = Inspector.load(bundle_dir, knn="faiss")
     embeddings = onnx_inspector.tile_embeddings(test_samples[0].image((256, 256)), {})
@@ -55,7 +53,6 @@ def test_onnx_head_agrees_with_faiss(bundle_dir, test_samples):
         a = onnx_inspector.scorers[task.name](embeddings[list(task.tiles)])
         b = faiss_inspector.scorers[task.name](embeddings[list(task.tiles)])
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    assert make_scorer  # both paths come from the same factory
 
 
 def _copy(bundle_dir, tmp_path):
@@ -91,6 +88,11 @@ def test_wrong_schema_version_and_corrupt_manifest(bundle_dir, tmp_path):
     m["schema_version"] = 99
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="schema_version 99 is not supported"):
+        Bundle.load(b)
+    m["schema_version"] = 1
+    m["tasks"][0]["head"]["bank"] = "elsewhere.npy"  # a manifest pointing to an unverified file
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="elsewhere.npy"):
         Bundle.load(b)
     (b / "manifest.json").write_text("{ not json")
     with pytest.raises(BundleError, match="unreadable manifest"):

@@ -6,7 +6,6 @@ import pytest
 from hiad_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hiad_train.trainer import HRTrainer
 
-from conftest import tiny_config
 
 
 def test_one_detector_per_tile_with_a_coreset_bank(trained, train_samples):
