@@ -69,7 +69,11 @@ def train(
     model = HRTrainer(cfg).fit(samples)
     seconds = time.perf_counter() - t0
     typer.echo(print_tasks(model.tasks, model.tiling) if model.routing is None else f"{len(model.tasks)} retrieval tasks (routed at inference)")
-    typer.echo(f"trained {len(model.tasks)} task(s) on {len(samples)} images in {seconds:.1f} s")
+    held_out = model.validation["images"] if model.validation else 0
+    typer.echo(f"trained {len(model.tasks)} task(s) on {len(samples) - held_out} images in {seconds:.1f} s")
+    if model.validation:
+        v = {k: round(x, 4) if isinstance(x, float) else x for k, x in model.validation.items()}
+        typer.echo(f"validation ({held_out} held-out image(s), synthetic anomalies): {v}; thresholds {model.thresholds}")
     save_checkpoint(model, out / "checkpoint", data)
     save_rgb(out / "task_map.png", task_map(model.tasks, model.tiling, samples[0].image(model.tiling.image_size)))
     (out / "train.json").write_text(json.dumps({"train_seconds": seconds, "train_images": len(samples)}, indent=1))

@@ -99,7 +99,7 @@ def validate(model, val_samples: list, cfg: ValConfig, seed: int = 0) -> None:
     }
     evaluators = [partial(EVALUATORS[e], resize=None) if e != "image_auroc" else EVALUATORS[e] for e in cfg.evaluators]
     metrics = evaluate(np.array(scores), labels.astype(int), maps, masks, evaluators)
-    model.validation = {"patches": len(records), "anomalous": int(labels.sum()), **metrics}
+    model.validation = {"images": len(val_samples), "patches": len(records), "anomalous": int(labels.sum()), **metrics}
 
 
 @dataclass
