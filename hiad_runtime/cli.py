@@ -50,6 +50,7 @@ def predict(
     knn: str = typer.Option("faiss", "--knn", help="k-NN path: faiss (fast) or onnx (the exported head)"),
     threads: int = typer.Option(0, "--threads", help="ONNX Runtime intra-op threads (0 = all cores)"),
     batch: int = typer.Option(4, "--batch", help="tiles per ONNX Runtime call (4 keeps peak RSS under 600 MB at 512 px tiles)"),
+    input_size: bool = typer.Option(False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"),
 ) -> None:
     """Score images; one JSON line per image, a float32 map per image."""
     from hiad_runtime.overlay import overlay, save_rgb
@@ -75,7 +76,7 @@ def predict(
             latency = (time.perf_counter() - t0) * 1000
             map_file = out / "maps" / f"{key}.npy"
             map_file.parent.mkdir(parents=True, exist_ok=True)
-            np.save(map_file, r.anomaly_map.astype(np.float32), allow_pickle=False)
+            np.save(map_file, (r.map_at_input_size() if input_size else r.anomaly_map).astype(np.float32), allow_pickle=False)
             if overlays:
                 shown = resize_image(image, inspector.tiling.image_size)
                 unit = inspector.manifest.postprocess.clip_to_unit  # normalized maps share one colour scale
