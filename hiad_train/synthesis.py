@@ -23,16 +23,28 @@ def _box(h: int, w: int, rng: np.random.Generator, min_frac=0.05, max_frac=0.3) 
     return int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1)), bh, bw
 
 
+class Synthesizer:
+    """Applies `defect` with probability `p`; otherwise the patch is returned with an empty mask."""
+
+    p: float
+
+    def __call__(self, patch: np.ndarray, rng: np.random.Generator) -> Synthesized:
+        if rng.random() >= self.p:
+            return patch, np.zeros(patch.shape[:2], bool)
+        return self.defect(patch, rng)
+
+    def defect(self, patch: np.ndarray, rng: np.random.Generator) -> Synthesized:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class RandomBox:
+class RandomBox(Synthesizer):
     """A rectangle of one random colour."""
 
     p: float = 0.5
 
-    def __call__(self, patch: np.ndarray, rng: np.random.Generator) -> Synthesized:
+    def defect(self, patch: np.ndarray, rng: np.random.Generator) -> Synthesized:
         mask = np.zeros(patch.shape[:2], bool)
-        if rng.random() >= self.p:
-            return patch, mask
         y, x, bh, bw = _box(*patch.shape[:2], rng)
         out = patch.copy()
         out[y : y + bh, x : x + bw] = rng.integers(0, 256, 3, dtype=np.uint8)
@@ -41,15 +53,13 @@ class RandomBox:
 
 
 @dataclass(frozen=True)
-class CutPaste:
+class CutPaste(Synthesizer):
     """A rectangle of the patch itself, brightness-jittered, pasted elsewhere."""
 
     p: float = 0.5
 
-    def __call__(self, patch: np.ndarray, rng: np.random.Generator) -> Synthesized:
+    def defect(self, patch: np.ndarray, rng: np.random.Generator) -> Synthesized:
         mask = np.zeros(patch.shape[:2], bool)
-        if rng.random() >= self.p:
-            return patch, mask
         h, w = patch.shape[:2]
         sy, sx, bh, bw = _box(h, w, rng)
         piece = np.clip(patch[sy : sy + bh, sx : sx + bw].astype(np.float32) * rng.uniform(0.6, 1.4), 0, 255).astype(np.uint8)
@@ -63,16 +73,14 @@ class CutPaste:
 
 
 @dataclass(frozen=True)
-class ColorShift:
+class ColorShift(Synthesizer):
     """A region whose colour and brightness are shifted (a stain, a discolouration)."""
 
     p: float = 0.5
     strength: float = 60.0
 
-    def __call__(self, patch: np.ndarray, rng: np.random.Generator) -> Synthesized:
+    def defect(self, patch: np.ndarray, rng: np.random.Generator) -> Synthesized:
         mask = np.zeros(patch.shape[:2], bool)
-        if rng.random() >= self.p:
-            return patch, mask
         y, x, bh, bw = _box(*patch.shape[:2], rng)
         shift = rng.uniform(-1, 1, 3) * self.strength
         shift += np.sign(shift.sum() or 1) * self.strength * 0.5  # never a no-op
@@ -113,7 +121,7 @@ def bundled_textures() -> list[Path]:
     return [p for name in ("brick.png", "grass.png", "gravel.png", "rough-wall.png", "coffee.png") if (p := data / name).is_file()]
 
 
-class ImageBlending:
+class ImageBlending(Synthesizer):
     """Blend a Perlin-noise-shaped region of an anomaly-source image into the patch (DRAEM-style)."""
 
     def __init__(self, p: float = 0.5, source_dir: str | Path | None = None, blend: tuple[float, float] = (0.5, 1.0)):
@@ -134,11 +142,8 @@ class ImageBlending:
             self._cache[path] = load_image(path)
         return cv2.resize(self._cache[path], size, interpolation=cv2.INTER_AREA)
 
-    def __call__(self, patch: np.ndarray, rng: np.random.Generator) -> Synthesized:
+    def defect(self, patch: np.ndarray, rng: np.random.Generator) -> Synthesized:
         h, w = patch.shape[:2]
-        mask = np.zeros((h, w), bool)
-        if rng.random() >= self.p:
-            return patch, mask
         for _ in range(10):  # a threshold that leaves an empty region is retried
             scale = int(rng.integers(1, 4))
             noise = perlin_noise((h, w), (2**scale, 2**scale), rng)

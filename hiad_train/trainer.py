@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from hiad_runtime.geometry import Tiling, as_size
+from hiad_runtime.image import resize_image
 from hiad_train import tasks as generators
 from hiad_train.config import TrainConfig
 from hiad_train.data.samples import HRSample
@@ -100,8 +101,6 @@ class HRTrainer:
         return model
 
     def _fit_thumbnail(self, images: list[np.ndarray]) -> Thumbnail:
-        from hiad_runtime.image import resize_image
-
         cfg = self.config.thumbnail
         size = as_size(cfg.thumbnail_size, "thumbnail_size")
         embedder = build_embedder(cfg)

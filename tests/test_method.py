@@ -123,7 +123,7 @@ def test_synthetic_anomalies_land_inside_their_masks(synth, test_samples):
         assert mask.any() and changed.any()
         assert not (changed & ~mask).any()  # nothing changes outside the mask
         assert (changed == mask).all()  # and every masked pixel really changed
-    untouched, empty = type(synth)(p=0)(patch, rng) if not isinstance(synth, ImageBlending) else ImageBlending(p=0)(patch, rng)
+    untouched, empty = type(synth)(p=0)(patch, rng)
     assert not empty.any() and (untouched == patch).all()
 
 
