@@ -41,7 +41,7 @@ def _load(bundle: Path, **kwargs):
 
 @app.command()
 def predict(
-    bundle: Path = typer.Argument(..., help="bundle folder or .tar"),
+    bundle: Path = typer.Argument(..., exists=True, help="bundle folder or .tar"),
     inputs: List[Path] = typer.Argument(..., help="image files and/or folders (searched recursively)"),
     out: Path = typer.Option(..., "--out", help="results.jsonl, maps/ and overlays/ go here (locked while the run writes)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier run's results in --out (refused otherwise)"),
@@ -97,7 +97,7 @@ def predict(
 
 
 @app.command()
-def verify(bundle: Path = typer.Argument(..., help="bundle folder or .tar")) -> None:
+def verify(bundle: Path = typer.Argument(..., exists=True, help="bundle folder or .tar")) -> None:
     """Fully check a bundle: paths confined, every sha256, manifest and geometry, every graph and index loads.
 
     Exit code 0 when it can be used as it is, 2 otherwise. The manifest's own sha256 is printed: it pins
@@ -130,7 +130,7 @@ def _peak_rss_mb() -> float:
 
 @app.command()
 def bench(
-    bundle: Path = typer.Argument(...),
+    bundle: Path = typer.Argument(..., exists=True, help="bundle folder or .tar"),
     images: Optional[List[Path]] = typer.Argument(None, help="images to run (default: one synthetic image at the bundle's size)"),
     repeat: int = typer.Option(10, "--repeat", min=1),
     warmup: int = typer.Option(1, "--warmup", min=0),
