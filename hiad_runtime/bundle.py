@@ -266,7 +266,7 @@ def _extract(archive: Path, max_bytes: int) -> Path:
     parent = Path(tempfile.gettempdir())
     remove_stale(parent, EXTRACT_PREFIX)
     try:
-        with open(archive, "rb") as raw, tarfile.open(fileobj=_CappedStream(_decompressed(raw), max_bytes + (64 << 20), archive), mode="r:") as tar:
+        with open(archive, "rb") as raw, tarfile.open(fileobj=_CappedStream(_decompressed(raw), max_bytes + max_bytes // 16 + (1 << 20), archive), mode="r:") as tar:
             members = tar.getmembers()
             total = sum(m.size for m in members if m.isreg())
             if total > max_bytes:

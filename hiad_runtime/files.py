@@ -12,6 +12,7 @@ next start.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import hashlib
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 GRACE_S = 600.0  # how long a superseded version stays on disk for readers that already resolved OUT
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
 def sha256_file(path: str | Path) -> str:
@@ -101,29 +103,49 @@ def atomic_directory(target: str | Path, grace_s: float = GRACE_S) -> Iterator[P
 def publish(folder: Path, target: Path, grace_s: float = GRACE_S) -> Path:
     """Rename the complete `folder` to the next `target.v<N>` and point the symlink `target` at it.
 
-    A `target` that is a real folder (written before versions existed) first becomes a version of
-    its own, so nothing is deleted before the new version is in place.
+    A `target` that is a real folder (written before versions existed) is swapped with the new
+    symlink in one step and kept as the version before, so nothing is deleted before the new
+    version is in place.
     """
     if target.exists() and not target.is_symlink() and not target.is_dir():
         raise FileExistsError(f"{target}: exists and is not a folder; refusing to replace it")
-    if target.is_dir() and not target.is_symlink():
-        os.rename(target, _next_version(target))  # one-time migration; `target` reappears below
-    version = _next_version(target)
+    migrating = target.is_dir() and not target.is_symlink()
+    previous = _next_version(target)
+    version = previous.with_name(f"{target.name}.v{_number(previous) + 1}") if migrating else previous
     os.rename(folder, version)
     os.utime(version)  # its mtime now says when it was published (pruning counts the grace from it)
     link = target.with_name(f".{target.name}.tmp-{os.getpid()}-link")
     link.unlink(missing_ok=True)
     os.symlink(version.name, link)
-    os.replace(link, target)
+    if migrating:
+        _exchange(link, target)  # `target` is now the symlink; `link` holds the older export
+        os.rename(link, previous)
+    else:
+        os.replace(link, target)
     _fsync_dir(target.parent)
     _prune(target, version, grace_s)
     return version
 
 
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); elsewhere two renames."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None and renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return
+    aside = a.with_name(a.name + "-aside")  # no atomic swap here: `b` is missing for one rename
+    os.rename(b, aside)
+    os.replace(a, b)
+    os.rename(aside, a)
+
+
+def _number(version: Path) -> int:
+    return int(version.name.rsplit(".v", 1)[1])
+
+
 def _next_version(target: Path) -> Path:
     existing = versions(target)
-    n = int(existing[-1].name.rsplit(".v", 1)[1]) + 1 if existing else 1
-    return target.with_name(f"{target.name}.v{n}")
+    return target.with_name(f"{target.name}.v{_number(existing[-1]) + 1 if existing else 1}")
 
 
 def _prune(target: Path, current: Path, grace_s: float) -> None:
