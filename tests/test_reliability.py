@@ -12,7 +12,7 @@ import sys
 import tarfile
 import tempfile
 import textwrap
-import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -335,27 +335,33 @@ def test_readers_always_find_a_complete_bundle_and_old_versions_are_pruned_after
     target = tmp_path / "bundle"
     with atomic_directory(target) as tmp:
         (tmp / "manifest.json").write_text("0")
-    misses, stop = [], threading.Event()
-
-    def reader():
-        while not stop.is_set():
-            try:
-                (target / "manifest.json").read_text()
-            except FileNotFoundError:
-                misses.append(1)
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    for n in range(1, 30):
+    stop = tmp_path / "stop"
+    poll = f"""
+import pathlib
+target, stop, reads, misses = pathlib.Path({str(target)!r}), pathlib.Path({str(stop)!r}), 0, 0
+while not stop.exists() or reads < 1000:
+    reads += 1
+    if reads == 1:
+        (target.parent / "reading").touch()
+    try:
+        (target / "manifest.json").read_text()
+    except FileNotFoundError:
+        misses += 1
+print(reads, misses)
+"""
+    reader = subprocess.Popen([sys.executable, "-c", poll], stdout=subprocess.PIPE, text=True)  # a reader on another core
+    while not (tmp_path / "reading").exists() and reader.poll() is None:
+        time.sleep(0.01)
+    for n in range(1, 60):
         with atomic_directory(target) as tmp:
             (tmp / "manifest.json").write_text(str(n))
-    stop.set()
-    thread.join()
-    assert misses == [] and (target / "manifest.json").read_text() == "29"
-    assert len(versions(target)) == 30  # all within the grace period: a reader may still be loading one
+    stop.touch()
+    reads, misses = map(int, reader.communicate(timeout=60)[0].split())
+    assert misses == 0 and reads >= 1000 and (target / "manifest.json").read_text() == "59"
+    assert len(versions(target)) == 60  # all within the grace period: a reader may still be loading one
     with atomic_directory(target, grace_s=0) as tmp:
-        (tmp / "manifest.json").write_text("30")
-    assert versions(target) == [target.with_name("bundle.v31")] and target.resolve() == versions(target)[0]
+        (tmp / "manifest.json").write_text("60")
+    assert versions(target) == [target.with_name("bundle.v61")] and target.resolve() == versions(target)[0]
 
 
 def test_archive_is_named_after_the_full_bundle_name(bundle_dir, tmp_path):
