@@ -61,8 +61,11 @@ class ResultsFolder:
         self._results: IO | None = None
 
     def __enter__(self) -> "ResultsFolder":
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.lock_path, "a")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.lock_path, "a")
+        except OSError as e:
+            raise OutputError(f"{self.out}: cannot be used as the output folder ({e.strerror or e})") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
