@@ -18,7 +18,7 @@ demo: $(BIN)/hiad-train
 	$(BIN)/hiad-train demo-data data
 	$(BIN)/hiad-train configs/demo.yaml --data data/elpv --out $(DEMO) --eval
 	$(BIN)/hiad-export $(DEMO)/checkpoint --out $(DEMO)/bundle --index IVF64,Flat --search nprobe=4
-	$(BIN)/hiad-runtime predict $(DEMO)/bundle data/elpv/test --out $(DEMO)/runtime --overlays
+	$(BIN)/hiad-runtime predict $(DEMO)/bundle data/elpv/test --out $(DEMO)/runtime --overlays --overwrite
 	$(BIN)/hiad-train eval-runtime $(DEMO)/runtime --data data/elpv
 
 test: $(BIN)/hiad-train

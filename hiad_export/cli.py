@@ -13,8 +13,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn a train
 
 def _parity_images(paths: list[Path], data: str | None, size) -> list:
     """Images given on the command line, else one good and one anomalous test image of the training data."""
-    from hiad_runtime.image import load_image, resize_image
-    from hiad_train.data.mvtec import IMAGE_SUFFIXES
+    from hiad_runtime.image import IMAGE_SUFFIXES, load_image, resize_image
 
     files: list[Path] = []
     for p in paths:
@@ -31,14 +30,14 @@ def _parity_images(paths: list[Path], data: str | None, size) -> list:
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Argument(..., help="checkpoint folder written by hiad-train"),
-    out: Path = typer.Option(..., "--out", help="bundle folder (replaced atomically)"),
+    checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="checkpoint folder written by hiad-train"),
+    out: Path = typer.Option(..., "--out", help="bundle: a symlink switched atomically to each new version OUT.v<N>"),
     index: str = typer.Option("Flat", "--index", help="k-NN heads' faiss index_factory string: Flat (exact), IVF64,Flat, HNSW32, SQ8, ..."),
     search: str = typer.Option("", "--search", help="k-NN heads' faiss search parameters, e.g. nprobe=8 or efSearch=64"),
     formats: str = typer.Option("onnx", "--formats", help="onnx, or onnx,trt to also build TensorRT engines"),
     images: Optional[List[Path]] = typer.Option(None, "--images", help="held-back images for the parity check"),
-    tolerance: float = typer.Option(1e-4, "--tolerance", help="max map difference relative to the map's range"),
-    archive: bool = typer.Option(False, "--archive", help="also write BUNDLE.tar"),
+    tolerance: float = typer.Option(1e-4, "--tolerance", min=0.0, help="max map difference relative to the map's range"),
+    archive: bool = typer.Option(False, "--archive", help="also write OUT.tar (the full name plus .tar)"),
 ) -> None:
     """Export graphs, indexes and manifest; prove parity with PyTorch; publish atomically."""
     from hiad_export.parity import ParityError

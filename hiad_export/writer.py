@@ -1,14 +1,16 @@
 """Write a bundle from a trained model: graphs, indexes, banks, manifest; parity proven; atomic.
 
 Everything is written into a temporary sibling directory, loaded back with the runtime, and compared
-with PyTorch inference. Only a bundle that passes replaces the target directory (one rename), so an
-interrupted or failed export leaves any previous bundle intact.
+with PyTorch inference. Only a bundle that passes is published, as a new version `OUT.v<N>` that the
+symlink `OUT` is switched to in one rename (`atomic_directory`), so an interrupted or failed export
+leaves the previous bundle intact and `OUT` always names a complete one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import tarfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,7 +36,7 @@ from hiad_runtime.bundle import (
     TaskSpec,
     ThumbnailSpec,
 )
-from hiad_runtime.files import atomic_directory, sha256_file
+from hiad_runtime.files import atomic_directory, remove_stale, sha256_file
 from hiad_runtime.heads import has_native_path
 from hiad_runtime.image import RESIZE_POLICY
 from hiad_runtime.inspector import Inspector
@@ -181,9 +183,22 @@ def write_bundle(model: HRModel, out: str | Path, parity_images: Sequence[np.nda
         manifest = _manifest(model, tmp, fields, parity)
         _write_manifest(tmp / MANIFEST, manifest)
     if opts.archive:
-        archive = out.with_suffix(".tar")
-        partial = archive.with_name(f".{archive.name}.partial")
-        with tarfile.open(partial, "w") as tar:
-            tar.add(out, arcname=out.name)
-        partial.replace(archive)
+        write_archive(out)
     return manifest
+
+
+def write_archive(out: Path) -> Path:
+    """`OUT.tar` (the name in full plus `.tar`: `bundle.v2` -> `bundle.v2.tar`) of the published version,
+    written under a pid-stamped temporary name and renamed into place."""
+    archive = out.with_name(f"{out.name}.tar")
+    prefix = f".{archive.name}.tmp-"
+    remove_stale(out.parent, prefix)
+    partial = out.with_name(f"{prefix}{os.getpid()}")
+    try:
+        with tarfile.open(partial, "w") as tar:
+            tar.add(out.resolve(), arcname=out.name)
+        partial.replace(archive)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return archive

@@ -6,23 +6,28 @@ with their files by role, post-processing, normalization, thresholds, parity fig
 classes below are the schema: the writer builds them and the loader validates the whole JSON
 against them, so a malformed manifest is refused with the field named. Every file's sha256 is
 checked before anything is used; nothing is ever unpickled.
+Every path in the manifest must stay inside the bundle folder, and an archive is measured before
+anything is extracted from it (see docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import atexit
+import bz2
+import gzip
 import json
+import lzma
 import shutil
 import tarfile
 import tempfile
 from dataclasses import asdict, field
-from pathlib import Path
-from typing import Annotated, Literal, Union
+from pathlib import Path, PurePosixPath
+from typing import IO, Annotated, Any, Literal, Union
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
-from hiad_runtime.files import sha256_file
+from hiad_runtime.files import owned_tempdir, remove_stale, sha256_file
 from hiad_runtime.geometry import Tiling
 from hiad_runtime.postprocess import Normalization, PostprocessSpec
 from hiad_runtime.tasks import Task
@@ -34,6 +39,8 @@ STRICT = ConfigDict(extra="forbid")
 
 Dim = Union[Annotated[int, Field(ge=1)], Literal["batch"]]
 RelPath = Annotated[str, Field(min_length=1)]
+MAX_EXTRACT_BYTES = 8 << 30  # default cap on what one bundle archive may extract
+EXTRACT_PREFIX = "hiad-bundle-"  # extraction folders in the temp folder: hiad-bundle-<pid>-<random>
 
 
 class BundleError(RuntimeError):
@@ -171,15 +178,20 @@ class Bundle:
     manifest: Manifest
 
     def path(self, relative: str) -> Path:
-        return self.root / relative
+        return confined(self.root, relative)
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
-        """Open a bundle directory (or a .tar of one); validate the manifest, check every file's sha256."""
+    def load(cls, path: str | Path, verify: bool = True, max_extract_bytes: int = MAX_EXTRACT_BYTES) -> "Bundle":
+        """Open a bundle directory (or a .tar/.tar.gz of one); check paths, validate the manifest, check every file's sha256.
+
+        A published bundle (a symlink to its current version) is resolved once, so every file is read
+        from the same version even if a new one is published meanwhile.
+        """
         path = Path(path)
         if path.is_file() and tarfile.is_tarfile(path):
-            path = _extract(path)
-        manifest_file = path / MANIFEST
+            path = _extract(path, max_extract_bytes)
+        path = path.resolve()
+        manifest_file = confined(path, MANIFEST)
         if not manifest_file.is_file():
             raise BundleError(f"{path}: not a bundle (no {MANIFEST})")
         try:
@@ -204,12 +216,32 @@ class Bundle:
         unlisted = [f for f in manifest.referenced_files() if f not in manifest.files]
         if unlisted:
             raise BundleError(f"{manifest_file}: refers to files without a checksum: {', '.join(unlisted)}")
+        for name in manifest.files:
+            confined(path, name)
         if verify:
             verify_files(path, manifest.files)
         return cls(path, manifest)
 
 
+def confined(root: Path, name: str) -> Path:
+    """`root / name`, refused unless `name` is relative, has no `..` and stays in `root` with symlinks followed.
+
+    Runs before the file is opened or measured: a manifest must not make the runtime read (or
+    reveal the size of) anything outside its bundle.
+    """
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or ".." in pure.parts:
+        raise BundleError(f"{root}: manifest path {name!r} is absolute or contains '..'; refused (files must be inside the bundle)")
+    path = root / name
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise BundleError(f"{root}: manifest path {name!r} leads outside the bundle (through a symlink); refused")
+    return path
+
+
 def verify_files(root: Path, files: dict[str, FileInfo]) -> None:
+    """Every listed file is inside `root` (checked for all first), present, and has its size and sha256."""
+    for name in files:
+        confined(root, name)
     for name, info in files.items():
         f = root / name
         if not f.is_file():
@@ -220,14 +252,70 @@ def verify_files(root: Path, files: dict[str, FileInfo]) -> None:
             raise BundleError(f"{f}: altered (sha256 does not match the manifest)")
 
 
-def _extract(archive: Path) -> Path:
-    target = Path(tempfile.mkdtemp(prefix="hiad-bundle-"))
-    atexit.register(shutil.rmtree, target, ignore_errors=True)
+class _CappedStream:
+    """A (decompressed) archive stream that refuses to be read or skipped past `limit` bytes.
+
+    Tar has no index: listing a compressed archive means decompressing it, and a few kB of gzip can
+    expand to terabytes. The cap bounds that work before a single file is written.
+    """
+
+    def __init__(self, stream: IO[bytes], limit: int, name: Path):
+        self.stream, self.limit, self.name = stream, limit, name
+
+    def _refuse(self) -> BundleError:
+        return BundleError(f"{self.name}: the archive expands to more than {self.limit} bytes; refused")
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self.limit + 1 - self.stream.tell()
+        data = self.stream.read(size)
+        if self.stream.tell() > self.limit:
+            raise self._refuse()
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0 and offset > self.limit:
+            raise self._refuse()
+        return self.stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+
+def _decompressed(raw: IO[bytes]) -> IO[bytes]:
+    magic = raw.read(6)
+    raw.seek(0)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=raw)
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2File(raw)
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(raw)
+    return raw
+
+
+def _extract(archive: Path, max_bytes: int) -> Path:
+    """Extract into `<tmp>/hiad-bundle-<pid>-...` after measuring it: the sum of member sizes must fit
+    `max_bytes` and the free space. Removed at exit; a killed process's folder goes on the next start."""
+    parent = Path(tempfile.gettempdir())
+    remove_stale(parent, EXTRACT_PREFIX)
     try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(target, filter="data")  # refuses absolute paths, links out, devices
-    except (tarfile.TarError, OSError) as e:
-        shutil.rmtree(target, ignore_errors=True)
+        with open(archive, "rb") as raw, tarfile.open(fileobj=_CappedStream(_decompressed(raw), max_bytes + max_bytes // 16 + (1 << 20), archive), mode="r:") as tar:
+            members = tar.getmembers()
+            total = sum(m.size for m in members if m.isreg())
+            if total > max_bytes:
+                raise BundleError(f"{archive}: would extract {total} bytes, more than the limit of {max_bytes}; refused")
+            free = shutil.disk_usage(parent).free
+            if total > free:
+                raise BundleError(f"{archive}: would extract {total} bytes but {parent} has {free} free; refused")
+            target = owned_tempdir(parent, EXTRACT_PREFIX)
+            atexit.register(shutil.rmtree, target, ignore_errors=True)
+            try:
+                tar.extractall(target, members, filter="data")  # refuses absolute paths, links out, devices
+            except BaseException:
+                shutil.rmtree(target, ignore_errors=True)
+                raise
+    except (tarfile.TarError, OSError, EOFError, lzma.LZMAError) as e:
         raise BundleError(f"{archive}: unreadable bundle archive ({e})") from e
     entries = [p for p in target.iterdir()]
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else target

@@ -1,4 +1,5 @@
-"""`hiad-runtime predict BUNDLE IMAGE_OR_DIR... --out DIR` and `hiad-runtime bench BUNDLE [IMAGES] --repeat N`."""
+"""`hiad-runtime predict BUNDLE IMAGE_OR_DIR... --out DIR`, `hiad-runtime bench BUNDLE [IMAGES] --repeat N`,
+`hiad-runtime verify BUNDLE`."""
 
 from __future__ import annotations
 
@@ -6,15 +7,18 @@ import json
 import time
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 import numpy as np
 import typer
 
-from hiad_runtime.bundle import BundleError
-from hiad_runtime.image import ImageError, load_image, resize_image
+from hiad_runtime.bundle import MANIFEST, Bundle, BundleError
+from hiad_runtime.files import sha256_file
+from hiad_runtime.image import ImageError, resize_image
+from hiad_runtime.results import OutputError, ResultsFolder, find_inputs, output_keys
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hiad-deploy inspection runtime (torch-free).")
+
 
 class HeadPath(str, Enum):
     """How heads run: `native` uses a head kind's fast path (faiss for k-NN) where it has one."""
@@ -23,18 +27,9 @@ class HeadPath(str, Enum):
     onnx = "onnx"
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def _inputs(paths: list[Path]) -> list[tuple[Path, Path]]:
-    """(file, output key) pairs; a file found under a given directory keeps its relative path."""
-    found = []
-    for p in paths:
-        if p.is_dir():
-            found += [(f, f.relative_to(p).with_suffix("")) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
-        else:
-            found.append((p, Path(p.stem)))
-    return found
+def _fail(message: str, code: int = 2) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
 
 
 def _load(bundle: Path, **kwargs):
@@ -43,58 +38,89 @@ def _load(bundle: Path, **kwargs):
     try:
         return Inspector.load(bundle, **kwargs)
     except BundleError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        _fail(str(e))
 
 
 @app.command()
 def predict(
-    bundle: Path = typer.Argument(..., help="bundle folder or .tar"),
+    bundle: Path = typer.Argument(..., exists=True, help="bundle folder or .tar"),
     inputs: List[Path] = typer.Argument(..., help="image files and/or folders (searched recursively)"),
-    out: Path = typer.Option(..., "--out", help="results.jsonl, maps/*.npy and overlays/*.png go here"),
+    out: Path = typer.Option(..., "--out", help="results.jsonl, maps/ and overlays/ go here (locked while the run writes)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier run's results in --out (refused otherwise)"),
     overlays: bool = typer.Option(False, "--overlays", help="also write anomaly-map overlay PNGs"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="image-score threshold (overrides the bundle's)"),
     pixel_threshold: Optional[float] = typer.Option(None, "--pixel-threshold", help="pixel threshold (overrides the bundle's)"),
     head_path: HeadPath = typer.Option(HeadPath.native, "--head-path", help="native: a head kind's fast path (faiss for k-NN) where it has one; onnx: every head's exported graph"),
-    threads: int = typer.Option(0, "--threads", help="ONNX Runtime intra-op threads (0 = all cores)"),
-    batch: int = typer.Option(4, "--batch", help="tiles per ONNX Runtime call (4 keeps peak RSS under 600 MB at 512 px tiles)"),
+    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0 = all cores)"),
+    batch: int = typer.Option(4, "--batch", min=1, help="tiles per ONNX Runtime call (4 keeps peak RSS under 600 MB at 512 px tiles)"),
     input_size: bool = typer.Option(False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="refuse inputs declaring more pixels (default: 4x the bundle's image area)"),
 ) -> None:
-    """Score images; one JSON line per image, a float32 map per image."""
+    """Score images; one JSON line per image (written as soon as it is done), a float32 map per image."""
     from hiad_runtime.overlay import overlay, save_rgb
 
-    inspector = _load(bundle, head_path=head_path.value, threads=threads, batch_size=batch, image_threshold=threshold, pixel_threshold=pixel_threshold)
-    files = _inputs(inputs)
+    inspector = _load(bundle, head_path=head_path.value, threads=threads, batch_size=batch, image_threshold=threshold,
+                      pixel_threshold=pixel_threshold, max_pixels=max_pixels)
+    files = find_inputs(inputs)
     if not files:
-        typer.secho("error: no images found in the inputs", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
-    out.mkdir(parents=True, exist_ok=True)
+        _fail("no images found in the inputs")
     failures = 0
-    with open(out / "results.jsonl", "w") as results:
-        for path, key in files:
-            t0 = time.perf_counter()
-            try:
-                image = load_image(path)
-                r = inspector.predict(image)
-            except (ImageError, OSError) as e:
-                failures += 1
-                results.write(json.dumps({"input": str(path), "error": str(e)}) + "\n")
-                typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-                continue
-            latency = (time.perf_counter() - t0) * 1000
-            map_file = out / "maps" / f"{key}.npy"
-            map_file.parent.mkdir(parents=True, exist_ok=True)
-            np.save(map_file, (r.map_at_input_size() if input_size else r.anomaly_map).astype(np.float32), allow_pickle=False)
-            if overlays:
-                shown = resize_image(image, inspector.tiling.image_size)
-                unit = inspector.manifest.postprocess.clip_to_unit  # normalized maps share one colour scale
-                save_rgb(out / "overlays" / f"{key}.png", overlay(shown, r.anomaly_map, r.mask, *((0.0, 1.0) if unit else (None, None))))
-            line = {"input": str(path), "score": r.score, "decision": r.decision, "latency_ms": round(latency, 2), "map": str(map_file.relative_to(out))}
-            results.write(json.dumps(line) + "\n")
-            typer.echo(f"{path}: score {r.score:.4f}" + ("" if r.decision is None else f" -> {'ANOMALOUS' if r.decision else 'ok'}") + f" ({latency:.0f} ms)")
+    try:
+        with ResultsFolder(out, overwrite) as folder:
+            typer.echo(f"writing {folder.results_path} (holding {folder.lock_path} until done)")
+            for path, key in zip(files, output_keys(files)):
+                t0 = time.perf_counter()
+                try:
+                    image = inspector.decode(path)
+                    r = inspector.predict(image)
+                    latency = (time.perf_counter() - t0) * 1000
+                    map_file = folder.map_path(key)
+                    np.save(map_file, (r.map_at_input_size() if input_size else r.anomaly_map).astype(np.float32), allow_pickle=False)
+                    if overlays:
+                        shown = resize_image(image, inspector.tiling.image_size)
+                        unit = inspector.manifest.postprocess.clip_to_unit  # normalized maps share one colour scale
+                        save_rgb(folder.overlay_path(key), overlay(shown, r.anomaly_map, r.mask, *((0.0, 1.0) if unit else (None, None))))
+                except (ImageError, OSError) as e:
+                    failures += 1
+                    message = str(e) if str(path) in str(e) else f"{path}: {e}"
+                    folder.record({"input": str(path), "error": message})
+                    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+                    continue
+                folder.record({"input": str(path), "score": r.score, "decision": r.decision, "latency_ms": round(latency, 2),
+                               "map": map_file.relative_to(out).as_posix(), "warnings": r.warnings})
+                typer.echo(f"{path}: score {r.score:.4f}" + ("" if r.decision is None else f" -> {'ANOMALOUS' if r.decision else 'ok'}") + f" ({latency:.0f} ms)")
+                for w in r.warnings:
+                    typer.secho(f"warning: {path}: {w}", fg=typer.colors.YELLOW, err=True)
+    except OutputError as e:
+        _fail(str(e))
     typer.echo(f"providers: {', '.join(inspector.providers_in_use)}; results: {out / 'results.jsonl'}")
     if failures:
         raise typer.Exit(1)
+
+
+@app.command()
+def verify(bundle: Path = typer.Argument(..., exists=True, help="bundle folder or .tar")) -> None:
+    """Fully check a bundle: paths confined, every sha256, manifest and geometry, every graph and index loads.
+
+    Exit code 0 when it can be used as it is, 2 otherwise. The manifest's own sha256 is printed: it pins
+    every file, so a signature over manifest.json (ssh-keygen -Y sign, minisign) signs the whole bundle.
+    """
+    from hiad_runtime.inspector import Inspector
+
+    try:
+        b = Bundle.load(bundle, verify=True)
+        inspector = Inspector(b)
+    except BundleError as e:
+        _fail(f"bundle NOT usable: {e}")
+    m = b.manifest
+    typer.echo(f"bundle {b.root}: OK")
+    typer.echo(f"  {m.schema} v{m.schema_version}, {m.producer}, created {m.created}, detector {m.detector}")
+    typer.echo(f"  {len(m.files)} files, {sum(f.bytes for f in m.files.values()) / 1e6:.1f} MB, every sha256 matches")
+    typer.echo(f"  image_size {'x'.join(map(str, inspector.tiling.image_size))}, {len(inspector.tiling.tiles)} tiles, {len(m.tasks)} task(s)")
+    for path, r in (m.parity or {}).items():
+        if isinstance(r, dict):
+            typer.echo(f"  parity [{path}]: {'passed' if r['passed'] else 'FAILED'}{'' if r['enforced'] else ' (not enforced)'}")
+    typer.echo(f"  manifest sha256 {sha256_file(b.root / MANIFEST)} (sign manifest.json to sign the bundle)")
 
 
 def _peak_rss_mb() -> float:
@@ -105,13 +131,13 @@ def _peak_rss_mb() -> float:
 
 @app.command()
 def bench(
-    bundle: Path = typer.Argument(...),
+    bundle: Path = typer.Argument(..., exists=True, help="bundle folder or .tar"),
     images: Optional[List[Path]] = typer.Argument(None, help="images to run (default: one synthetic image at the bundle's size)"),
-    repeat: int = typer.Option(10, "--repeat"),
-    warmup: int = typer.Option(1, "--warmup"),
+    repeat: int = typer.Option(10, "--repeat", min=1),
+    warmup: int = typer.Option(1, "--warmup", min=0),
     head_path: HeadPath = typer.Option(HeadPath.native, "--head-path"),
-    threads: int = typer.Option(0, "--threads"),
-    batch: int = typer.Option(4, "--batch"),
+    threads: int = typer.Option(0, "--threads", min=0),
+    batch: int = typer.Option(4, "--batch", min=1),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
 ) -> None:
     """Per-stage latency (median, p95), images/s and peak RSS. A benchmark that prints figures."""
@@ -120,7 +146,10 @@ def bench(
     inspector = _load(bundle, head_path=head_path.value, threads=threads, batch_size=batch)
     size = inspector.tiling.image_size
     if images:
-        frames = [resize_image(load_image(f), size) for f, _ in _inputs(images)]
+        try:
+            frames = [resize_image(inspector.decode(f), size) for f in find_inputs(images)]
+        except ImageError as e:
+            _fail(str(e))
     else:
         rng = np.random.default_rng(0)
         frames = [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)]

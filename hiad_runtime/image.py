@@ -2,14 +2,21 @@
 
 Training and the runtime both read images through here, so a bundle sees the same pixels the
 detector was trained on. Grayscale, RGBA and 16-bit inputs are converted, never rejected.
+Every decoding or resizing failure is an `ImageError` naming the input, never an OpenCV traceback,
+and a pixel budget is checked against the header's declared size before anything is decoded (a PNG
+of a few hundred kB can declare gigabytes of pixels).
 """
 
 from __future__ import annotations
 
+import io
+import math
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from hiad_runtime.geometry import Size
 
@@ -21,6 +28,9 @@ RESIZE_POLICY = {
     "antialias": "area averaging when shrinking",
     "mask": "INTER_NEAREST",
 }
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}  # what folders are searched for
 
 
 class ImageError(ValueError):
@@ -48,24 +58,68 @@ def to_rgb8(array: np.ndarray, source: str = "image") -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def decode(data: bytes, source: str = "image") -> np.ndarray:
-    """Decode encoded image bytes (PNG, JPEG, TIFF, BMP, ...) to RGB uint8."""
-    raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise ImageError(f"{source}: not a readable image (corrupt or unsupported format)")
-    if raw.ndim == 3 and raw.shape[2] >= 3:
-        raw = cv2.cvtColor(raw, cv2.COLOR_BGRA2RGBA if raw.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+def declared_size(data: bytes, source: str = "image") -> tuple[int, int]:
+    """(width, height) from the image header alone (Pillow reads no pixel data for this)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{source}: declares more pixels than the decoder allows ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{source}: cannot read the image header to check its size ({e})") from None
+
+
+def decode(data: bytes, source: str = "image", max_pixels: int | None = None) -> np.ndarray:
+    """Decode encoded image bytes (PNG, JPEG, TIFF, BMP, ...) to RGB uint8.
+
+    With `max_pixels`, the header's declared width x height is checked first and an image above the
+    budget is refused before a single pixel is decoded.
+    """
+    if not data:
+        raise ImageError(f"{source}: empty (0 bytes)")
+    if max_pixels is not None:
+        width, height = declared_size(data, source)
+        if width * height > max_pixels:
+            raise ImageError(f"{source}: declares {width}x{height} = {width * height} pixels, above the limit of {max_pixels}")
+    try:
+        raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if raw is None:
+            raise ImageError(f"{source}: not a readable image (corrupt or unsupported format)")
+        if raw.ndim == 3 and raw.shape[2] >= 3:
+            raw = cv2.cvtColor(raw, cv2.COLOR_BGRA2RGBA if raw.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    except cv2.error as e:
+        raise ImageError(f"{source}: cannot be decoded ({_cv_reason(e)})") from None
     return to_rgb8(raw, source)
 
 
-def load_image(path: str | Path) -> np.ndarray:
+def load_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file to RGB uint8; the error names the file."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise ImageError(f"{path}: cannot read file ({e.strerror or e})") from e
-    return decode(data, str(path))
+    return decode(data, str(path), max_pixels)
+
+
+def size_warnings(input_size: Size, image_size: Size, aspect_tolerance: float = 0.05, min_fraction: float = 0.5) -> list[str]:
+    """Why an input may score poorly although it decoded: a different aspect ratio (the resize
+    distorts it) or a side far below image_size (the resize invents detail)."""
+    found = []
+    (w, h), (bw, bh) = input_size, image_size
+    if abs(math.log((w / h) / (bw / bh))) > math.log1p(aspect_tolerance):
+        found.append(f"aspect ratio {w / h:.3f} ({w}x{h}) differs from the bundle's {bw / bh:.3f} ({bw}x{bh}) by more than {aspect_tolerance:.0%}: the image is distorted by the resize")
+    if w < min_fraction * bw or h < min_fraction * bh:
+        found.append(f"{w}x{h} is far smaller than the bundle's image_size {bw}x{bh}: enlarged more than {1 / min_fraction:g}x")
+    return found
+
+
+def _cv_reason(error: cv2.error) -> str:
+    """OpenCV's message without its source-file prefix, e.g. "pixels <= CV_IO_MAX_IMAGE_PIXELS"."""
+    text = str(error).strip().splitlines()[0]
+    return text.split("error: ", 1)[-1]
 
 
 def load_mask(path: str | Path) -> np.ndarray:
@@ -79,14 +133,20 @@ def resize_image(image: np.ndarray, size: Size) -> np.ndarray:
     if image.shape[1] == width and image.shape[0] == height:
         return image
     shrinking = width * height < image.shape[1] * image.shape[0]
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    try:
+        return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    except cv2.error as e:
+        raise ImageError(f"image of shape {image.shape}: cannot be resized to {width}x{height} ({_cv_reason(e)})") from None
 
 
 def resize_mask(mask: np.ndarray, size: Size) -> np.ndarray:
     width, height = size
     if mask.shape[1] == width and mask.shape[0] == height:
         return mask
-    return cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+    try:
+        return cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+    except cv2.error as e:
+        raise ImageError(f"mask of shape {mask.shape}: cannot be resized to {width}x{height} ({_cv_reason(e)})") from None
 
 
 def resize_map(anomaly_map: np.ndarray, size: Size) -> np.ndarray:
@@ -94,4 +154,7 @@ def resize_map(anomaly_map: np.ndarray, size: Size) -> np.ndarray:
     width, height = size
     if anomaly_map.shape[1] == width and anomaly_map.shape[0] == height:
         return anomaly_map
-    return cv2.resize(anomaly_map, (width, height), interpolation=cv2.INTER_LINEAR)
+    try:
+        return cv2.resize(anomaly_map, (width, height), interpolation=cv2.INTER_LINEAR)
+    except cv2.error as e:
+        raise ImageError(f"map of shape {anomaly_map.shape}: cannot be resized to {width}x{height} ({_cv_reason(e)})") from None

@@ -18,12 +18,13 @@ import numpy as np
 from hiad_runtime.bundle import Bundle, BundleError, EmbedderSpec
 from hiad_runtime.geometry import Box, Tile, context_crop, crop, split
 from hiad_runtime.heads import Head, load_head
-from hiad_runtime.image import ImageError, decode, load_image, resize_image, resize_map
+from hiad_runtime.image import ImageError, decode, load_image, resize_image, resize_map, size_warnings
 from hiad_runtime.postprocess import finish, fuse_thumbnail, tile_maps_to_image
 from hiad_runtime.sessions import SessionFactory
 from hiad_runtime.tasks import route
 
 STAGES = ("decode", "tile", "backbone", "scoring", "post")
+MAX_PIXELS_FACTOR = 4  # default pixel budget of an input: this many times the bundle's image area
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Result:
     decision: bool | None = None  # score >= image threshold, when there is one
     mask: np.ndarray | None = None  # anomaly_map >= pixel threshold, when there is one
     timings: dict = field(default_factory=dict)  # seconds per stage
+    warnings: list[str] = field(default_factory=list)  # why the score may be unreliable (aspect, size)
 
     def map_at_input_size(self) -> np.ndarray:
         return resize_map(self.anomaly_map, self.input_size)
@@ -74,11 +76,14 @@ class Inspector:
         head_path: str = "native",
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
+        max_pixels: int | None = None,
     ):
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
         self.tiling = m.geometry
+        width, height = self.tiling.image_size
+        self.max_pixels = max_pixels or MAX_PIXELS_FACTOR * width * height  # paths and bytes above it are refused
         self.sessions = SessionFactory(providers, threads)
         self.embedders = {name: Embedder(bundle.root, spec, self.sessions, batch_size) for name, spec in m.embedders.items()}
         self.tasks = m.tasks
@@ -151,18 +156,29 @@ class Inspector:
             scores = spec.normalization(scores)
         return tile_maps_to_image([scores], [Tile(0, 0, 0, Box(0, 0, *size))], size, self.manifest.postprocess)
 
+    def decode(self, image: np.ndarray | str | Path | bytes) -> np.ndarray:
+        """A path or encoded bytes decoded within `max_pixels`, or an RGB uint8 array checked."""
+        if isinstance(image, (str, Path)):
+            return load_image(image, self.max_pixels)
+        if isinstance(image, bytes):
+            return decode(image, "image bytes", self.max_pixels)
+        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+            raise ImageError("predict expects a path, encoded bytes, or an RGB uint8 array (H, W, 3)")
+        if min(image.shape[:2]) == 0:
+            raise ImageError(f"image array of shape {image.shape} is empty")
+        return image
+
     # -- the pipeline ---------------------------------------------------------------------------
     def predict(self, image: np.ndarray | str | Path | bytes) -> Result:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        if isinstance(image, (str, Path)):
-            image = load_image(image)
-        elif isinstance(image, bytes):
-            image = decode(image)
-        elif not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-            raise ImageError("predict expects a path, encoded bytes, or an RGB uint8 array (H, W, 3)")
+        source = str(image) if isinstance(image, (str, Path)) else "image"
+        image = self.decode(image)
         input_size = (image.shape[1], image.shape[0])
-        image = resize_image(image, self.tiling.image_size)
+        try:
+            image = resize_image(image, self.tiling.image_size)
+        except ImageError as e:
+            raise ImageError(f"{source}: {e}") from None
         timings["decode"] = time.perf_counter() - t0
 
         features = self.tile_embeddings(image, timings)
@@ -184,7 +200,7 @@ class Inspector:
         decision = None if self.image_threshold is None else bool(score >= self.image_threshold)
         mask = None if self.pixel_threshold is None else anomaly_map >= self.pixel_threshold
         timings["post"] = time.perf_counter() - t0
-        return Result(score, anomaly_map, input_size, decision, mask, timings)
+        return Result(score, anomaly_map, input_size, decision, mask, timings, size_warnings(input_size, self.tiling.image_size))
 
 
 __all__ = ["BundleError", "ImageError", "Inspector", "Result", "STAGES"]

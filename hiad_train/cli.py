@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -12,6 +13,11 @@ import typer
 from hiad_train.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hiad-deploy training stage (PyTorch).")
+
+
+class ModuleType(str, Enum):
+    mono = "mono"
+    poly = "poly"
 
 
 def _fail(message: str) -> None:
@@ -48,8 +54,8 @@ def _evaluate(model, data: Path, out: Path) -> dict:
 
 @app.command("train")
 def train(
-    config: Path = typer.Argument(..., help="training YAML (see configs/)"),
-    data: Path = typer.Option(..., "--data", help="class folder in MVTec-AD layout (train/, test/, ground_truth/) or with train.jsonl/test.jsonl"),
+    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="training YAML (see configs/)"),
+    data: Path = typer.Option(..., "--data", exists=True, file_okay=False, help="class folder in MVTec-AD layout (train/, test/, ground_truth/) or with train.jsonl/test.jsonl"),
     out: Path = typer.Option(Path("models/run"), "--out", help="run folder; the checkpoint goes to OUT/checkpoint"),
     eval_: bool = typer.Option(False, "--eval", help="evaluate on the test split afterwards"),
 ) -> None:
@@ -84,8 +90,8 @@ def train(
 
 @app.command("eval")
 def eval_cmd(
-    checkpoint: Path = typer.Argument(..., help="checkpoint folder"),
-    data: Path = typer.Option(..., "--data"),
+    checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="checkpoint folder"),
+    data: Path = typer.Option(..., "--data", exists=True, file_okay=False),
     out: Path = typer.Option(..., "--out"),
 ) -> None:
     """Evaluate a checkpoint with PyTorch inference: metrics table, metrics.json, overlays."""
@@ -96,9 +102,9 @@ def eval_cmd(
 
 @app.command("eval-runtime")
 def eval_runtime(
-    results: Path = typer.Argument(..., help="output folder of `hiad-runtime predict` (results.jsonl, maps/)"),
-    data: Path = typer.Option(..., "--data", help="the dataset whose test split was predicted"),
-    resize: int = typer.Option(512, help="pixel metrics at this resolution"),
+    results: Path = typer.Argument(..., exists=True, file_okay=False, help="output folder of `hiad-runtime predict` (results.jsonl, maps/)"),
+    data: Path = typer.Option(..., "--data", exists=True, file_okay=False, help="the dataset whose test split was predicted"),
+    resize: int = typer.Option(512, min=1, help="pixel metrics at this resolution"),
 ) -> None:
     """Evaluate the runtime's maps and scores against ground truth; print metrics and latency."""
     import numpy as np
@@ -127,18 +133,21 @@ def eval_runtime(
 @app.command("demo-data")
 def demo_data(
     out: Path = typer.Argument(Path("data"), help="parent folder; the dataset goes to OUT/elpv"),
-    rows: int = 4,
-    cols: int = 4,
-    cell_size: int = typer.Option(512, help="pixels per cell side (image = cols*cell x rows*cell)"),
-    n_train: int = 10,
-    n_test: int = 10,
-    module_type: str = "mono",
-    seed: int = 0,
+    rows: int = typer.Option(4, min=1),
+    cols: int = typer.Option(4, min=1),
+    cell_size: int = typer.Option(512, min=8, help="pixels per cell side (image = cols*cell x rows*cell)"),
+    n_train: int = typer.Option(10, min=1),
+    n_test: int = typer.Option(10, min=2, help="test modules (half of them defective)"),
+    module_type: ModuleType = typer.Option(ModuleType.mono, help="ELPV cell type"),
+    seed: int = typer.Option(0, min=0),
 ) -> None:
     """Build the ELPV demo: real EL solar-cell images composed into module images (CC BY-NC-SA 4.0)."""
     from hiad_train.data.elpv import build_elpv_demo
 
-    root = build_elpv_demo(out, rows, cols, cell_size, n_train, n_test, module_type, seed)
+    try:
+        root = build_elpv_demo(out, rows, cols, cell_size, n_train, n_test, module_type.value, seed)
+    except ValueError as e:
+        _fail(str(e))
     typer.echo(f"demo dataset: {root} ({n_train} train, {n_test} test modules of {rows}x{cols} cells, {cols * cell_size}x{rows * cell_size} px)")
 
 

@@ -1,7 +1,9 @@
 """Training configuration: YAML data with HiAD's key names, validated on load.
 
 Every section forbids unknown keys, and the error names the bad key with its path and the closest
-valid spelling, e.g. `patch.percentge: unknown key (did you mean 'percentage'?)`.
+valid spelling, e.g. `patch.percentge: unknown key (did you mean 'percentage'?)`. Sizes and ranges
+are checked on load, before any data is read: a key repeated in the YAML, a non-positive size, a
+geometry that cannot be tiled, or one whose memory need per image is unreasonable is refused by name.
 """
 
 from __future__ import annotations
@@ -13,9 +15,38 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
 
-SizeSpec = Union[int, tuple[int, int]]
+from hiad_runtime.geometry import Tiling, as_size
+
+# Bytes per pixel of one image in the pipeline: decoded RGB uint8 (3) + the float32 map and its
+# blurred copy (8); the stacked tile crops (3 per tile pixel) come on top.
+PIPELINE_BYTES_PER_PIXEL = 11
+MAX_IMAGE_BYTES = 8 << 30  # refuse a geometry needing more than this per image
+
+
+def _size(value):
+    """An int or a (width, height) pair of positive ints, kept in the form given."""
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if whole(value):
+        pair = (value, value)
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(map(whole, value)):
+        pair = tuple(value)
+    else:
+        raise ValueError(f"must be a positive int or a [width, height] pair of ints, got {value!r}")
+    if min(pair) <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+    return value if whole(value) else pair
+
+
+def _tiles_along(length: int, patch: int, stride: int) -> int:
+    """How many windows `Tiling` places along one axis (the last one is shifted to the border)."""
+    return max(0, -(-(length - patch) // stride)) + 1
+
+
+SizeSpec = Annotated[Union[int, tuple[int, int]], BeforeValidator(_size)]
 
 
 class ConfigError(ValueError):
@@ -78,7 +109,7 @@ class ValConfig(Strict):
 
 
 class EvaluationConfig(Strict):
-    resize: int | None = 512  # pixel metrics at this resolution (None = full)
+    resize: int | None = Field(512, ge=1)  # pixel metrics at this resolution (None = full)
     overlays: bool = True
 
 
@@ -86,12 +117,12 @@ class TrainConfig(Strict):
     """A training run. `patch` (and `thumbnail`) are the chosen detector's section: `config_model`
     types them from the detector registry, so each detector's keys are validated by name."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     image_size: SizeSpec
     patch_size: SizeSpec
     stride: SizeSpec | None = None
     ds_factors: list[int] = [0]
-    fusion_weights: list[float] | None = None
+    fusion_weights: list[Annotated[float, Field(ge=0)]] | None = None
     batch_size: int = Field(8, ge=1)
     detector: str = "patchcore"
     tasks: TaskConfig = A2O(generator="a2o")
@@ -106,16 +137,37 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"fusion_weights has {len(self.fusion_weights)} entries but ds_factors has {len(self.ds_factors)}"
             )
+        if self.fusion_weights is not None and sum(self.fusion_weights) <= 0:
+            raise ValueError(f"fusion_weights: must have a positive sum, got {self.fusion_weights}")
         if self.patch is not None and self.patch.patch_size is not None and self.patch.patch_size != self.patch_size:
             raise ValueError(f"patch.patch_size {self.patch.patch_size} differs from patch_size {self.patch_size}")
+        self._check_memory()
+        try:  # the geometry itself: patch within the image, stride within the patch, ds_factors
+            Tiling.create(self.image_size, self.patch_size, self.stride, self.ds_factors)
+        except ValueError as e:
+            raise ValueError(f"image_size/patch_size/stride/ds_factors: {e}") from None
         return self
+
+    def _check_memory(self) -> None:
+        """Refuse a geometry whose one image needs more than MAX_IMAGE_BYTES, before anything is allocated."""
+        (w, h), (pw, ph) = as_size(self.image_size), as_size(self.patch_size)
+        sw, sh = as_size(self.stride) if self.stride is not None else (pw, ph)
+        tiles = _tiles_along(w, pw, sw) * _tiles_along(h, ph, sh) if pw <= w and ph <= h else 0
+        need = w * h * PIPELINE_BYTES_PER_PIXEL + tiles * pw * ph * 3
+        if need > MAX_IMAGE_BYTES:
+            raise ValueError(
+                f"image_size/patch_size/stride: one {w}x{h} image cut into {tiles} tiles of {pw}x{ph} needs {need:,} bytes "
+                f"(decoded RGB, float32 maps, stacked tiles), more than the limit of {MAX_IMAGE_BYTES:,}"
+            )
+        if self.thumbnail is not None:
+            tw, th = as_size(self.thumbnail.thumbnail_size)
+            if tw * th * PIPELINE_BYTES_PER_PIXEL > MAX_IMAGE_BYTES:
+                raise ValueError(f"thumbnail.thumbnail_size: {tw}x{th} needs {tw * th * PIPELINE_BYTES_PER_PIXEL:,} bytes, more than the limit of {MAX_IMAGE_BYTES:,}")
 
     @property
     def normalized_fusion_weights(self) -> list[float]:
         """Fusion weights summing to 1 (equal weights when not given)."""
         w = self.fusion_weights or [1.0] * len(self.ds_factors)
-        if min(w) < 0 or sum(w) <= 0:
-            raise ConfigError(f"fusion_weights must be non-negative with a positive sum, got {w}")
         return [x / sum(w) for x in w]
 
 
@@ -153,13 +205,48 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
 
 
 def _describe(model: type[BaseModel], error: dict) -> str:
-    path = ".".join(str(p) for p in error["loc"]) or "<root>"
+    path = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "value_error":  # our own checks: the message alone, without pydantic's prefix
+        message = str(error["ctx"]["error"])
+        return f"{path}: {message}" if path else message
     if error["type"] != "extra_forbidden":
-        return f"{path}: {error['msg']}"
+        return f"{path or '<root>'}: {error['msg']}"
     names = _valid_keys(model, error["loc"])
     close = difflib.get_close_matches(str(error["loc"][-1]), names, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(names)})" if names else ""
     return f"{path}: unknown key{hint}"
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a mapping that repeats a key (plain YAML silently keeps the last)."""
+
+    def construct_document(self, node):
+        self._paths = dict(_mapping_paths(node, ()))
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, typing.Hashable) and key in first:
+                    path = ".".join([*self._paths.get(id(node), ()), str(key)])
+                    raise ConfigError(f"{path}: duplicate key (lines {first[key] + 1} and {key_node.start_mark.line + 1}); keep one")
+                first.setdefault(key, key_node.start_mark.line)
+        return super().construct_mapping(node, deep)
+
+
+def _mapping_paths(node, path: tuple):
+    """(id(mapping node), its key path) for every mapping in a YAML node tree."""
+    if isinstance(node, yaml.MappingNode):
+        yield id(node), path
+        for key_node, value in node.value:
+            yield from _mapping_paths(value, (*path, str(getattr(key_node, "value", "?"))))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            yield from _mapping_paths(value, (*path, str(i)))
 
 
 def parse_config(data: dict, source: str = "config") -> TrainConfig:
@@ -186,7 +273,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     """Read and validate a training YAML; `overrides` are merged on top (one level deep per section)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
+    except ConfigError as e:
+        raise ConfigError(f"{path}: invalid configuration\n  {e}") from None
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read configuration ({e})") from e
     for key, value in (overrides or {}).items():

@@ -51,7 +51,7 @@ def test_checkpoint_write_is_atomic(trained, tmp_path, monkeypatch):
             save_checkpoint(trained, tmp_path / "ckpt")
     assert (out / "checkpoint.json").read_text() == before
     assert load_checkpoint(out).tiling == trained.tiling
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no half-written sibling left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt.v1"]  # the published version; no half-written sibling
 
 
 def test_tampered_checkpoint_is_rejected(trained, tmp_path):

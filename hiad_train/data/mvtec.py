@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hiad_runtime.image import IMAGE_SUFFIXES
 from hiad_train.data.samples import HRSample
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def _images(folder: Path) -> list[Path]:

@@ -29,7 +29,7 @@ class DetectorConfig(Strict):
 
     backbone_name: str = DEFAULT_BACKBONE
     backbone_weights: str | None = None  # local weights file; None = packaged or timm pretrained
-    layers_to_extract_from: list[Union[int, str]] = [2, 3]
+    layers_to_extract_from: list[Union[int, str]] = Field([2, 3], min_length=1)
     patch_size: SizeSpec | None = None  # HiAD repeats it here; must equal the top-level one if given
 
 
