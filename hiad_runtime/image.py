@@ -6,10 +6,13 @@ detector was trained on. Grayscale, RGBA and 16-bit inputs are converted, never 
 
 from __future__ import annotations
 
+import io
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from hiad_runtime.geometry import Size
 
@@ -48,8 +51,31 @@ def to_rgb8(array: np.ndarray, source: str = "image") -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def decode(data: bytes, source: str = "image") -> np.ndarray:
-    """Decode encoded image bytes (PNG, JPEG, TIFF, BMP, ...) to RGB uint8."""
+def declared_size(data: bytes, source: str = "image") -> tuple[int, int]:
+    """(width, height) as the image header declares it, read without decoding any pixels."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller applies its own limit
+            with Image.open(io.BytesIO(data)) as header:
+                return header.size
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{source}: declared size is too large to decode ({e})") from e
+    except (OSError, ValueError, SyntaxError) as e:  # Pillow's UnidentifiedImageError is an OSError
+        raise ImageError(f"{source}: not a readable image (no image header Pillow recognizes)") from e
+
+
+def decode(data: bytes, source: str = "image", max_pixels: int | None = None) -> np.ndarray:
+    """Decode encoded image bytes (PNG, JPEG, TIFF, BMP, ...) to RGB uint8.
+
+    With `max_pixels`, the dimensions declared in the header are checked first, so a small file
+    that would inflate to gigabytes (a decompression bomb) is refused before any pixel is decoded.
+    """
+    if not data:
+        raise ImageError(f"{source}: empty input (0 bytes)")
+    if max_pixels is not None:
+        width, height = declared_size(data, source)
+        if width * height > max_pixels:
+            raise ImageError(f"{source}: declared size {width}x{height} exceeds the limit of {max_pixels} pixels")
     raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if raw is None:
         raise ImageError(f"{source}: not a readable image (corrupt or unsupported format)")
