@@ -59,7 +59,7 @@ def declared_size(data: bytes, source: str = "image") -> tuple[int, int]:
             with Image.open(io.BytesIO(data)) as header:
                 return header.size
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{source}: declared size is too large to decode ({e})") from e
+        raise ImageError(f"{source}: declared size exceeds Pillow's decompression-bomb guard ({e})") from e
     except (OSError, ValueError, SyntaxError) as e:  # Pillow's UnidentifiedImageError is an OSError
         raise ImageError(f"{source}: not a readable image (no image header Pillow recognizes)") from e
 

@@ -92,6 +92,8 @@ def create_app(settings: ServeSettings, on_load_failure: Callable[[str], None] =
         authorize(request)
         want_map, want_mask = (_png_option(request, name) for name in ("map", "mask"))
         model = serving()  # kept to the end: a reload meanwhile does not affect this request
+        if want_mask and (model.inspector.manifest.thresholds or {}).get("pixel") is None:
+            raise HTTPException(400, "mask=png: this bundle has no pixel threshold")
         data = await image_bytes(request, settings.max_body_bytes)
 
         def job() -> dict:
@@ -99,8 +101,6 @@ def create_app(settings: ServeSettings, on_load_failure: Callable[[str], None] =
             image = decode(data, "request body", settings.max_pixels)
             decoded = time.perf_counter() - t0
             result = model.inspector.predict(image)
-            if want_mask and result.mask is None:
-                raise HTTPException(400, "mask=png: this bundle has no pixel threshold")
             seconds = {**result.timings, "decode": decoded + result.timings.get("decode", 0.0)}
             answer = {
                 "score": float(result.score),
