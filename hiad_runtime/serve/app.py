@@ -209,7 +209,7 @@ def summary(model: LoadedModel) -> dict:
             "ds_factors": list(tiling.ds_factors),
         },
         "detector": manifest.get("detector") or sorted({t["head"]["kind"] for t in manifest["tasks"]}),
-        "tasks": [{"name": t["name"], "tiles": len(t["tiles"]), "head": t["head"]["kind"]} for t in manifest["tasks"]],
+        "tasks": [{"name": t["name"], "tiles": len(t["tiles"]), "head": t["head"]["kind"]} for t in manifest["tasks"]],  # tiles: 0 when routed
         "routing": manifest.get("routing") is not None,
         "thumbnail": manifest.get("thumbnail") is not None,
         "thresholds": manifest.get("thresholds"),
