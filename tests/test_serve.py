@@ -63,6 +63,14 @@ def serving(bundle: Path, log: Path, *options: str):
         proc.wait(timeout=30)
 
 
+def _wait_until(condition, seconds: float = 60) -> None:
+    for _ in range(int(seconds * 10)):
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"condition not met within {seconds} s")
+
+
 def _png(array: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", array)
     assert ok
@@ -247,10 +255,12 @@ def test_reload_under_load_and_a_tampered_bundle_is_refused(bundle_dir, images, 
         for t in threads:
             t.start()
         try:
+            _wait_until(lambda: first in seen)
             refused = httpx.post(f"{url}/v1/reload", json={"bundle": str(tampered)}, timeout=120)
             swapped = httpx.post(f"{url}/v1/reload", json={"bundle": str(with_thresholds)}, timeout=120)
             missing = httpx.post(f"{url}/v1/reload", json={"bundle": str(tmp_path / "nowhere")}, timeout=120)
-            time.sleep(0.5)  # let the clients run on the new model too
+            if swapped.status_code == 200:
+                _wait_until(lambda: swapped.json()["bundle_id"] in seen)  # the clients ran on the new model too
         finally:
             stop.set()
             for t in threads:
@@ -278,12 +288,7 @@ def test_reload_under_load_and_a_tampered_bundle_is_refused(bundle_dir, images, 
         shutil.rmtree(with_thresholds)
         (tmp_path / "third").rename(with_thresholds)
         proc.send_signal(signal.SIGHUP)
-        for _ in range(300):  # bounded: 60 s
-            third = httpx.get(f"{url}/readyz").json()["bundle_id"]
-            if third not in (first, second):
-                break
-            time.sleep(0.2)
-        assert third not in (first, second)
+        _wait_until(lambda: httpx.get(f"{url}/readyz").json()["bundle_id"] not in (first, second))
         assert httpx.get(f"{url}/v1/model").json()["thresholds"] == {"image": 1.0, "pixel": 2.0}
 
 
