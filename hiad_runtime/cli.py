@@ -1,5 +1,5 @@
-"""`hiad-runtime predict BUNDLE IMAGE_OR_DIR... --out DIR`, `hiad-runtime bench BUNDLE [IMAGES] --repeat N`,
-`hiad-runtime verify BUNDLE`."""
+"""`hiad-runtime predict BUNDLE IMAGE_OR_DIR... --out DIR`, `bench BUNDLE [IMAGES] --repeat N`, `verify BUNDLE`,
+`serve BUNDLE`."""
 
 from __future__ import annotations
 
@@ -183,6 +183,51 @@ def bench(
     typer.echo(f"images/s {figures['images_per_s']:.2f}; peak RSS {figures['peak_rss_mb']:.0f} MB")
     if json_out:
         json_out.write_text(json.dumps(figures, indent=1))
+
+
+@app.command()
+def serve(
+    bundle: Path = typer.Argument(..., help="bundle folder or .tar"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (0.0.0.0 exposes the service to the network)"),
+    port: int = typer.Option(8080, "--port"),
+    workers: int = typer.Option(1, "--workers", help="inferences run at once"),
+    max_queue: int = typer.Option(8, "--max-queue", help="requests that may wait for a worker; more are answered 503"),
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="largest request body"),
+    max_megapixels: float = typer.Option(100.0, "--max-megapixels", help="largest declared image size, checked before decoding"),
+    timeout: float = typer.Option(30.0, "--timeout", help="seconds a request may take, queue wait included (504 beyond)"),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="file holding the bearer token /v1/* requires"),
+    threads: int = typer.Option(0, "--threads", help="ONNX Runtime intra-op threads per inference (0 = cores / workers)"),
+) -> None:
+    """Serve the bundle over HTTP (POST /v1/inspect); needs the `serve` extra."""
+    import os
+
+    try:
+        from hiad_runtime.serve.app import ServeSettings
+        from hiad_runtime.serve.server import run
+    except ImportError as e:
+        typer.secho(f"error: {e.name} is missing; install the serve extra: pip install 'hiad-deploy[serve]'", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    token = None
+    if token_file is not None:
+        token = token_file.read_text().strip() if token_file.is_file() else ""
+        if not token:
+            typer.secho(f"error: {token_file}: no token in this file", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+    try:
+        settings = ServeSettings(
+            bundle=bundle,
+            workers=workers,
+            max_queue=max_queue,
+            max_body_bytes=int(max_body_mb * (1 << 20)),
+            max_pixels=int(max_megapixels * 1e6),
+            timeout_s=timeout,
+            token=token,
+            threads=threads or max(1, (os.cpu_count() or 1) // max(workers, 1)),
+        )
+    except ValueError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(run(settings, host, port))
 
 
 def main() -> None:

@@ -67,8 +67,8 @@ def declared_size(data: bytes, source: str = "image") -> tuple[int, int]:
                 return im.size
     except Image.DecompressionBombError as e:
         raise ImageError(f"{source}: declares more pixels than the decoder allows ({e})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"{source}: cannot read the image header to check its size ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise ImageError(f"{source}: not a readable image (no image header Pillow recognizes)") from None
 
 
 def decode(data: bytes, source: str = "image", max_pixels: int | None = None) -> np.ndarray:

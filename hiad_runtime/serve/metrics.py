@@ -1,0 +1,57 @@
+"""Prometheus metrics of the service, on a registry of its own (scraped at GET /metrics)."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from hiad_runtime.serve.pool import InferencePool
+
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServiceMetrics:
+    def __init__(self, pool: InferencePool, rate_window_s: float = 60.0):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("hiad_requests", "HTTP requests answered, by path and status", ["path", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "hiad_inspect_latency_seconds", "POST /v1/inspect, request in to answer out", buckets=LATENCY_BUCKETS_S, registry=self.registry
+        )
+        self.images = Counter("hiad_images", "images inspected", registry=self.registry)
+        self.reloads = Counter("hiad_reloads", "bundle reloads, by result", ["result"], registry=self.registry)
+        self.model = Info("hiad_model", "the bundle in service", registry=self.registry)
+        Gauge("hiad_queue_depth", "requests waiting for a worker", registry=self.registry).set_function(lambda: pool.waiting)
+        Gauge("hiad_inflight", "inferences running", registry=self.registry).set_function(lambda: pool.running)
+        Gauge("hiad_images_per_second", f"images inspected per second over the last {rate_window_s:.0f} s", registry=self.registry).set_function(
+            self.images_per_s
+        )
+        self.rate_window_s = rate_window_s
+        self.started = time.monotonic()
+        self._done: collections.deque[float] = collections.deque()
+        self._lock = threading.Lock()
+
+    def image_done(self) -> None:
+        self.images.inc()
+        now = time.monotonic()
+        with self._lock:
+            self._done.append(now)
+            self._forget(now)
+
+    def images_per_s(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            self._forget(now)
+            return len(self._done) / max(min(self.rate_window_s, now - self.started), 1e-3)
+
+    def _forget(self, now: float) -> None:
+        while self._done and self._done[0] < now - self.rate_window_s:
+            self._done.popleft()
+
+    def set_model(self, bundle_id: str, path: str) -> None:
+        self.model.info({"bundle_id": bundle_id, "path": path})
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
