@@ -21,7 +21,16 @@ OPSET = 17
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
-def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str, fold: bool = True) -> None:
+def _export(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    input_name: str,
+    output_names: str | list[str],
+    fold: bool = True,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    output_names = [output_names] if isinstance(output_names, str) else list(output_names)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # The TorchScript-based exporter: deterministic, fast, and it keeps the graph free of the
@@ -31,17 +40,21 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: st
             (example,),
             str(path),
             input_names=[input_name],
-            output_names=[output_name],
-            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+            output_names=output_names,
+            dynamic_axes={name: {0: "batch"} for name in [input_name, *output_names]},
             opset_version=OPSET,
             do_constant_folding=fold,
             dynamo=False,
         )
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
+    if metadata:
+        onnx.helper.set_model_props(model, metadata)
     size = sum(t.ByteSize() for t in model.graph.initializer)
     if size > EXTERNAL_DATA_BYTES:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+    elif metadata:
+        onnx.save_model(model, str(path))
 
 
 def export_embedder(embedder: nn.Module, tile_size: tuple[int, int], path: Path) -> GraphSpec:

@@ -99,6 +99,7 @@ class Manifest:
     thresholds: dict | None = None  # {"image": float|None, "pixel": float|None} on the output scale
     validation: dict | None = None  # metrics on the synthetic-anomaly validation set
     parity: dict | None = None
+    pipeline: dict | None = None  # {"graph": "pipeline.onnx", "input", "outputs", "metadata"} or {"unsupported": why}
     files: dict = field(default_factory=dict)  # relative path -> {"sha256": hex, "bytes": int}
 
     def to_dict(self) -> dict:
@@ -128,6 +129,7 @@ class Manifest:
         refs = [e.graph.file for e in self.embedders.values()] + [e.graph.engine for e in self.embedders.values()]
         refs += [f for h in heads for f in (h.graph.file, h.index, h.bank)]
         refs += [self.routing["centres"]] if self.routing else []
+        refs += [(self.pipeline or {}).get("graph")]
         return [r for r in refs if r]
 
     @property

@@ -18,12 +18,14 @@ import numpy as np
 from hiad_runtime.bundle import Bundle, BundleError, EmbedderSpec
 from hiad_runtime.geometry import Box, Tile, context_crop, crop, split
 from hiad_runtime.image import ImageError, decode, load_image, resize_image, resize_map
+from hiad_runtime.pipeline import PipelineGraph
 from hiad_runtime.postprocess import Normalization, finish, fuse_thumbnail, tile_maps_to_image
 from hiad_runtime.scoring import Scorer, make_scorer
 from hiad_runtime.sessions import SessionFactory
 from hiad_runtime.tasks import route
 
 STAGES = ("decode", "tile", "backbone", "scoring", "post")
+ENGINES = ("tiles", "pipeline")  # stage by stage (faiss or ONNX heads), or the bundle's whole-image graph
 
 
 @dataclass
@@ -74,12 +76,22 @@ class Inspector:
         knn: str = "faiss",
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
+        engine: str = "tiles",
     ):
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
         self.tiling = m.geometry
         self.sessions = SessionFactory(providers, threads)
+        thresholds = m.thresholds or {}
+        self.image_threshold = image_threshold if image_threshold is not None else thresholds.get("image")
+        self.pixel_threshold = pixel_threshold if pixel_threshold is not None else thresholds.get("pixel")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        # engine "pipeline": the whole-image graph does every stage below; nothing else is loaded.
+        self.pipeline = PipelineGraph(bundle, self.sessions) if engine == "pipeline" else None
+        if self.pipeline is not None:
+            return
         self.embedders = {name: Embedder(bundle.root, spec, self.sessions, batch_size) for name, spec in m.embedders.items()}
         self.tasks = m.tasks
         self.scorers: dict[str, Scorer] = {t.name: make_scorer(bundle.root, t.head, self.sessions, knn) for t in m.tasks}
@@ -92,9 +104,6 @@ class Inspector:
         self.normalization = {t.name: Normalization(**t.normalization) for t in m.tasks if t.normalization is not None}
         tn = (m.thumbnail or {}).get("normalization")
         self.thumbnail_normalization = None if tn is None else Normalization(**tn)
-        thresholds = m.thresholds or {}
-        self.image_threshold = image_threshold if image_threshold is not None else thresholds.get("image")
-        self.pixel_threshold = pixel_threshold if pixel_threshold is not None else thresholds.get("pixel")
 
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> "Inspector":
@@ -165,6 +174,12 @@ class Inspector:
         image = resize_image(image, self.tiling.image_size)
         timings["decode"] = time.perf_counter() - t0
 
+        if self.pipeline is not None:
+            t0 = time.perf_counter()
+            anomaly_map, score = self.pipeline(image)
+            timings["pipeline"] = time.perf_counter() - t0
+            return self._result(anomaly_map, score, input_size, timings)
+
         embeddings = self.tile_embeddings(image, timings)
 
         t0 = time.perf_counter()
@@ -180,9 +195,12 @@ class Inspector:
         t0 = time.perf_counter()
         merged = fuse_thumbnail(tile_maps_to_image(maps, self.tiling.tiles, self.tiling.image_size), thumb)
         anomaly_map, score = finish(merged, self.manifest.postprocess)
+        timings["post"] = time.perf_counter() - t0
+        return self._result(anomaly_map, score, input_size, timings)
+
+    def _result(self, anomaly_map: np.ndarray, score: float, input_size, timings: dict) -> Result:
         decision = None if self.image_threshold is None else bool(score >= self.image_threshold)
         mask = None if self.pixel_threshold is None else anomaly_map >= self.pixel_threshold
-        timings["post"] = time.perf_counter() - t0
         return Result(score, anomaly_map, input_size, decision, mask, timings)
 
 
