@@ -180,7 +180,7 @@ class Pipeline(nn.Module):
             window_feats = _features(self.embedder(stack(windows, shrink)))
             for s, wf in enumerate(window_feats):
                 wf = wf.reshape(b, len(windows), *wf.shape[1:])
-                gh, gw = fused[s].shape[-2:]
+                gh, gw = int(fused[s].shape[-2]), int(fused[s].shape[-1])  # static: the geometry is fixed
                 parts = []
                 for i, t in enumerate(tiles):
                     window = windows[owner[i]]
