@@ -33,8 +33,8 @@ def _parity_images(paths: list[Path], data: str | None, size) -> list:
 def export(
     checkpoint: Path = typer.Argument(..., help="checkpoint folder written by hiad-train"),
     out: Path = typer.Option(..., "--out", help="bundle folder (replaced atomically)"),
-    index: str = typer.Option("Flat", "--index", help="faiss index_factory string: Flat (exact), IVF64,Flat, HNSW32, SQ8, ..."),
-    search: str = typer.Option("", "--search", help="faiss search parameters, e.g. nprobe=8 or efSearch=64"),
+    index: str = typer.Option("Flat", "--index", help="k-NN heads' faiss index_factory string: Flat (exact), IVF64,Flat, HNSW32, SQ8, ..."),
+    search: str = typer.Option("", "--search", help="k-NN heads' faiss search parameters, e.g. nprobe=8 or efSearch=64"),
     formats: str = typer.Option("onnx", "--formats", help="onnx, or onnx,trt to also build TensorRT engines"),
     images: Optional[List[Path]] = typer.Option(None, "--images", help="held-back images for the parity check"),
     tolerance: float = typer.Option(1e-4, "--tolerance", help="max map difference relative to the map's range"),
@@ -53,7 +53,7 @@ def export(
         model = load_checkpoint(checkpoint)
         meta = json.loads((checkpoint / "checkpoint.json").read_text())
         parity_images = _parity_images(list(images or []), meta.get("data"), model.tiling.image_size)
-        opts = ExportOptions(index=index, search_params=search, formats=fmts, tolerance=tolerance, archive=archive)
+        opts = ExportOptions({"index": index, "search_params": search}, formats=fmts, tolerance=tolerance, archive=archive)
         manifest = write_bundle(model, out, parity_images, opts)
     except (CheckpointError, ParityError, ValueError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
@@ -62,10 +62,10 @@ def export(
         typer.secho(note, fg=typer.colors.YELLOW)
     for path, r in manifest.parity.items():
         if isinstance(r, dict):
-            status = "ok" if r["passed"] else ("not enforced (approximate index)" if not r["enforced"] else "FAILED")
+            status = "ok" if r["passed"] else ("not enforced (approximate native path)" if not r["enforced"] else "FAILED")
             typer.echo(f"parity [{path}] on {r['images']} image(s): max map diff {r['max_abs_map_diff']:.3g} "
                        f"({r['max_rel_map_diff']:.2e} of range), score diff {r['max_rel_score_diff']:.2e}: {status}")
-    typer.echo(f"bundle: {out} ({len(manifest.tasks)} task(s), {sum(f['bytes'] for f in manifest.files.values()) / 1e6:.1f} MB)")
+    typer.echo(f"bundle: {out} ({len(manifest.tasks)} task(s), {sum(f.bytes for f in manifest.files.values()) / 1e6:.1f} MB)")
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """PyTorch modules -> ONNX graphs with a fixed, documented I/O contract; TensorRT engines where possible.
 
-Embedder graphs: input `image` uint8 (batch, H, W, 3) RGB, output `embedding` float32
-(batch, D, h, w); mean/std normalization is inside, so a C caller passes decoded pixels as they are.
-Head graphs: input `embedding` float32 (batch, D, h, w), output `scores` float32 (batch, h, w).
+Embedder graphs: input `image` uint8 (batch, H, W, 3) RGB, outputs `feature_0..feature_{n-1}` float32
+(batch, C, h, w); mean/std normalization is inside, so a C caller passes decoded pixels as they are.
+Head graphs: inputs `feature_0..` (the embedder's outputs), output `scores` float32 (batch, h, w).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import onnx
 import torch
 from torch import nn
 
-from hiad_runtime.bundle import GraphSpec
+from hiad_runtime.bundle import GraphSpec, TensorSpec
 
 OPSET = 17
 # Above this, initializers go to an external data file (protobuf's 2 GiB limit on one file).
@@ -23,25 +23,24 @@ EXTERNAL_DATA_BYTES = 1 << 30
 
 def _export(
     module: nn.Module,
-    example: torch.Tensor,
+    examples: tuple,
     path: Path,
-    input_name: str,
-    output_names: str | list[str],
+    inputs: list[str],
+    outputs: list[str],
     fold: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    output_names = [output_names] if isinstance(output_names, str) else list(output_names)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # The TorchScript-based exporter: deterministic, fast, and it keeps the graph free of the
         # dynamo exporter's runtime shape asserts; the batch axis is declared dynamic.
         torch.onnx.export(
             module.eval(),
-            (example,),
+            examples,
             str(path),
-            input_names=[input_name],
-            output_names=output_names,
-            dynamic_axes={name: {0: "batch"} for name in [input_name, *output_names]},
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in (*inputs, *outputs)},
             opset_version=OPSET,
             do_constant_folding=fold,
             dynamo=False,
@@ -57,37 +56,37 @@ def _export(
         onnx.save_model(model, str(path))
 
 
+def feature_names(count: int) -> list[str]:
+    return [f"feature_{i}" for i in range(count)]
+
+
 def export_embedder(embedder: nn.Module, tile_size: tuple[int, int], path: Path) -> GraphSpec:
-    """Export an embedder for tiles of `tile_size` (width, height)."""
+    """Export an embedder for tiles of `tile_size` (width, height): `image` -> `feature_0..`."""
     example = torch.zeros(1, tile_size[1], tile_size[0], 3, dtype=torch.uint8)
     with torch.no_grad():
-        out = embedder(example)
-    _export(embedder, example, path, "image", "embedding")
+        outs = embedder(example)
+    names = feature_names(len(outs))
+    _export(embedder, (example,), path, ["image"], names)
     return GraphSpec(
         file=path.name,
-        input_name="image",
-        input_dtype="uint8",
-        input_shape=["batch", tile_size[1], tile_size[0], 3],
-        output_name="embedding",
-        output_dtype="float32",
-        output_shape=["batch", *out.shape[1:]],
+        inputs=[TensorSpec("image", "uint8", ["batch", tile_size[1], tile_size[0], 3])],
+        outputs=[TensorSpec(n, "float32", ["batch", *o.shape[1:]]) for n, o in zip(names, outs)],
         opset=OPSET,
     )
 
 
-def export_head(head: nn.Module, embedding_shape: tuple[int, int, int], path: Path) -> GraphSpec:
-    """Export a scoring head for embeddings of shape (D, h, w)."""
-    example = torch.zeros(1, *embedding_shape)
-    # No constant folding: it would store each bank chunk as a second copy of the bank.
-    _export(head, example, path, "embedding", "scores", fold=False)
+def export_head(head: nn.Module, feature_shapes: list[tuple[int, ...]], path: Path) -> GraphSpec:
+    """Export a scoring head taking features of shapes (C, h, w): `feature_0..` -> `scores`."""
+    examples = tuple(torch.zeros(1, *s) for s in feature_shapes)
+    with torch.no_grad():
+        out = head(*examples)
+    names = feature_names(len(feature_shapes))
+    # No constant folding: it would store each bank chunk of a k-NN head as a second copy of the bank.
+    _export(head, examples, path, names, ["scores"], fold=False)
     return GraphSpec(
         file=path.name,
-        input_name="embedding",
-        input_dtype="float32",
-        input_shape=["batch", *embedding_shape],
-        output_name="scores",
-        output_dtype="float32",
-        output_shape=["batch", *embedding_shape[1:]],
+        inputs=[TensorSpec(n, "float32", ["batch", *s]) for n, s in zip(names, feature_shapes)],
+        outputs=[TensorSpec("scores", "float32", ["batch", *out.shape[1:]])],
         opset=OPSET,
     )
 
@@ -103,7 +102,7 @@ def tensorrt_status() -> tuple[bool, str]:
     return True, "tensorrt and a CUDA GPU are available"
 
 
-def build_engine(onnx_path: Path, engine_path: Path, input_shape: list, max_batch: int = 16, fp16: bool = False) -> None:
+def build_engine(onnx_path: Path, engine_path: Path, input_shapes: list[list], max_batch: int = 16, fp16: bool = False) -> None:
     """Build a serialized TensorRT engine from an ONNX graph (batch 1..max_batch)."""
     import tensorrt as trt
 
@@ -117,9 +116,9 @@ def build_engine(onnx_path: Path, engine_path: Path, input_shape: list, max_batc
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
-    name = network.get_input(0).name
-    dims = [int(d) for d in input_shape[1:]]
-    profile.set_shape(name, [1, *dims], [max(1, max_batch // 2), *dims], [max_batch, *dims])
+    for i, shape in enumerate(input_shapes):
+        dims = [int(d) for d in shape[1:]]
+        profile.set_shape(network.get_input(i).name, [1, *dims], [max(1, max_batch // 2), *dims], [max_batch, *dims])
     config.add_optimization_profile(profile)
     engine = builder.build_serialized_network(network, config)
     if engine is None:

@@ -23,14 +23,14 @@ class ParityError(RuntimeError):
 
 @dataclass(frozen=True)
 class ParityReport:
-    path: str  # which runtime scoring path: "faiss" or "onnx"
+    path: str  # which runtime head path: "onnx" (every head's graph) or "native" (e.g. faiss for k-NN)
     images: int
     max_abs_map_diff: float
     map_range: float
     max_rel_map_diff: float
     max_rel_score_diff: float
     tolerance: float
-    enforced: bool  # False for approximate faiss indexes: their deviation is the accuracy cost
+    enforced: bool  # False for approximate native paths (e.g. IVF indexes): their deviation is the accuracy cost
 
     @property
     def passed(self) -> bool:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hiad_export.graphs import OPSET, _export
-from hiad_runtime.bundle import SCHEMA_VERSION
+from hiad_runtime.bundle import SCHEMA_VERSION, GraphSpec, PipelineSpec, TensorSpec
 from hiad_runtime.geometry import Box, Size, context_crop
 from hiad_train.model import HRModel
 
@@ -82,11 +82,11 @@ def _reflect(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
 class GaussianBlur(nn.Module):
     """cv2.GaussianBlur(map, (k, k), sigma, BORDER_REFLECT) on (B, H, W) maps, as two 1-D convolutions."""
 
-    def __init__(self, sigma: float, truncate: float, size: Size):
+    def __init__(self, sigma: float, truncate: float, size: Size, what: str = "postprocess.gaussian_sigma"):
         super().__init__()
         self.radius = int(truncate * sigma + 0.5)
         if self.radius >= min(size):
-            raise PipelineUnsupported(f"postprocess.gaussian_sigma: blur radius {self.radius} exceeds the map {size}")
+            raise PipelineUnsupported(f"{what}: blur radius {self.radius} exceeds the map {size[0]}x{size[1]}")
         kernel = cv2.getGaussianKernel(2 * self.radius + 1, sigma, cv2.CV_32F).ravel()
         self.register_buffer("kernel", torch.from_numpy(kernel.copy()))
 
@@ -145,6 +145,12 @@ class Pipeline(nn.Module):
             self.thumb_norm = Normalize(t.normalization) if t.normalization is not None else nn.Identity()
         spec = self.post = model.postprocess
         self.blur = GaussianBlur(spec.gaussian_sigma, spec.gaussian_truncate, self.image_size) if spec.gaussian_sigma > 0 else None
+        # per-tile blur (at each tile's size, and at the thumbnail's), when the detector asks for it
+        sizes = {tiling.patch_size} | ({tuple(self.thumbnail.size)} if self.thumbnail is not None else set())
+        self.tile_blurs = nn.ModuleDict(
+            {f"{w}x{h}": GaussianBlur(spec.tile_blur_sigma, spec.gaussian_truncate, (w, h), "postprocess.tile_blur_sigma")
+             for w, h in sizes} if spec.tile_blur_sigma > 0 else {}
+        )
         thresholds = model.thresholds or {}
         self.image_threshold = thresholds.get("image")
         self.pixel_threshold = thresholds.get("pixel")
@@ -210,12 +216,18 @@ class Pipeline(nn.Module):
                 per_tile[i] = s[:, j]
         return per_tile
 
+    def tile_map(self, scores: torch.Tensor, size: Size) -> torch.Tensor:
+        """A (B, h, w) score grid upsampled to `size` (w, h), then the optional per-tile blur."""
+        up = _upsample(scores[:, None], (size[1], size[0]))[:, 0]
+        blur = self.tile_blurs[f"{size[0]}x{size[1]}"] if len(self.tile_blurs) else None
+        return up if blur is None else blur(up)
+
     def merge(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        """Upsample each tile's grid to its tile and average overlaps into (B, H, W)."""
+        """Each tile's map at its tile size, overlaps averaged into (B, H, W)."""
         width, height = self.image_size
         total = None
         for m, t in zip(maps, self.tiling.tiles):
-            up = _upsample(m[:, None], (t.main.height, t.main.width))[:, 0]
+            up = self.tile_map(m, (t.main.width, t.main.height))
             placed = F.pad(up, (t.main.x, width - t.main.x - t.main.width, t.main.y, height - t.main.y - t.main.height))
             total = placed if total is None else total + placed
         return total / self.counts
@@ -223,10 +235,13 @@ class Pipeline(nn.Module):
     def thumbnail_map(self, image: torch.Tensor) -> torch.Tensor:
         small = self.thumb_shrink(image)
         scores = self.thumb_norm(self.thumb_head(*_features(self.thumb_embedder(small))))
-        w, h = self.thumbnail.size
-        return _upsample(_upsample(scores[:, None], (h, w)), (self.image_size[1], self.image_size[0]))[:, 0]
+        small_map = self.tile_map(scores, tuple(self.thumbnail.size))
+        return _upsample(small_map[:, None], (self.image_size[1], self.image_size[0]))[:, 0]
 
     def image_score(self, m: torch.Tensor) -> torch.Tensor:
+        if self.post.score_rule == "top_k_mean":
+            k = min(self.post.score_top_k, m.shape[-1] * m.shape[-2])
+            return torch.topk(m.reshape(m.shape[0], -1), k, dim=1).values.mean(dim=1)
         p = self.post.score_pool
         if m.shape[-1] < p or m.shape[-2] < p:
             return m.mean(dim=(1, 2))
@@ -256,19 +271,15 @@ def bundle_identity(files: dict[str, dict]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def export_pipeline(model: HRModel, folder: Path, bundle_id: str) -> dict:
-    """Write pipeline.onnx into the bundle folder; returns the manifest's `pipeline` entry.
-
-    A model with a step the graph cannot reproduce gets {"unsupported": why} and no graph."""
+def export_pipeline(model: HRModel, folder: Path, bundle_id: str) -> PipelineSpec:
+    """Write pipeline.onnx into the bundle folder and describe it; a model with a step the graph
+    cannot reproduce gets a spec naming that step, and no graph."""
     try:
         pipeline = Pipeline(model).eval()
     except PipelineUnsupported as e:
-        return {"unsupported": str(e)}
+        return PipelineSpec(unsupported=str(e))
     width, height = model.tiling.image_size
-    path = folder / PIPELINE_FILE
     example = torch.zeros(1, height, width, 3, dtype=torch.uint8)
-    outputs = pipeline.output_names
-    # No constant folding: it would store a second copy of every bank chunk.
     metadata = {
         "hiad.schema_version": str(SCHEMA_VERSION),
         "hiad.bundle_id": bundle_id,
@@ -277,11 +288,19 @@ def export_pipeline(model: HRModel, folder: Path, bundle_id: str) -> dict:
         "hiad.image_threshold": "" if pipeline.image_threshold is None else repr(float(pipeline.image_threshold)),
         "hiad.pixel_threshold": "" if pipeline.pixel_threshold is None else repr(float(pipeline.pixel_threshold)),
     }
-    _export(pipeline, example, path, "image", outputs, fold=False, metadata=metadata)
-    return {
-        "graph": PIPELINE_FILE,
-        "opset": OPSET,
-        "input": {"name": "image", "dtype": "uint8", "shape": ["batch", height, width, 3]},
-        "outputs": outputs,
-        "metadata": metadata,
+    outputs = {
+        "anomaly_map": TensorSpec("anomaly_map", "float32", ["batch", height, width]),
+        "score": TensorSpec("score", "float32", ["batch"]),
+        "decision": TensorSpec("decision", "bool", ["batch"]),
+        "mask": TensorSpec("mask", "bool", ["batch", height, width]),
     }
+    names = pipeline.output_names
+    # No constant folding: it would store a second copy of every bank chunk.
+    _export(pipeline, (example,), folder / PIPELINE_FILE, ["image"], names, fold=False, metadata=metadata)
+    graph = GraphSpec(
+        file=PIPELINE_FILE,
+        inputs=[TensorSpec("image", "uint8", ["batch", height, width, 3])],
+        outputs=[outputs[n] for n in names],
+        opset=OPSET,
+    )
+    return PipelineSpec(graph=graph, metadata=metadata)

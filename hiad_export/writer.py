@@ -19,20 +19,33 @@ from tqdm import tqdm
 
 from hiad_export import __version__
 from hiad_export.graphs import build_engine, export_embedder, export_head, tensorrt_status
-from hiad_export.indexes import build_index, write_index
 from hiad_export.parity import DEFAULT_TOLERANCE, ParityError, measure
 from hiad_export.pipeline import bundle_identity, export_pipeline
-from hiad_runtime.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, Bundle, EmbedderSpec, HeadSpec, Manifest, TaskSpec
+from hiad_runtime.bundle import (
+    MANIFEST,
+    SCHEMA,
+    SCHEMA_VERSION,
+    Bundle,
+    EmbedderSpec,
+    FileInfo,
+    GraphSpec,
+    HeadSpec,
+    Manifest,
+    RoutingSpec,
+    TaskSpec,
+    ThumbnailSpec,
+)
 from hiad_runtime.files import atomic_directory, sha256_file
+from hiad_runtime.heads import has_native_path
 from hiad_runtime.image import RESIZE_POLICY
 from hiad_runtime.inspector import Inspector
+from hiad_train.detectors import Detector
 from hiad_train.model import HRModel
 
 
 @dataclass
 class ExportOptions:
-    index: str = "Flat"
-    search_params: str = ""
+    native: dict = field(default_factory=dict)  # options of native head paths, e.g. {"index": "IVF64,Flat", "search_params": "nprobe=8"}
     formats: Sequence[str] = ("onnx",)
     tolerance: float = DEFAULT_TOLERANCE
     archive: bool = False
@@ -40,78 +53,58 @@ class ExportOptions:
 
 
 def _preprocessing(model: HRModel) -> dict:
-    emb = model.embedder
     return {
         "input": "RGB uint8, decoded as is (gray replicated to 3 channels, alpha dropped, 16-bit scaled by 1/257)",
         "color_order": "RGB",
         "layout": "NHWC",
         "resize": RESIZE_POLICY,
-        "mean": [float(v) for v in (emb.mean.flatten() / 255).tolist()],
-        "std": [float(v) for v in (emb.std.flatten() / 255).tolist()],
         "normalization_in_graph": True,
     }
 
 
-def _knn_head(model_det, name: str, root: Path, embedder: str, grid_shape, opts: ExportOptions, seed: int) -> HeadSpec:
-    bank = model_det.memory_bank.numpy().astype(np.float32)
-    graph = export_head(model_det.head(), grid_shape, root / f"{name}_head.onnx")
-    np.save(root / f"{name}_bank.npy", bank, allow_pickle=False)
-    write_index(build_index(bank, opts.index, seed), root / f"{name}.faiss")
+def _export_head(detector: Detector, folder: Path, stem: str, embedder: str, shapes, opts: ExportOptions, prefix: str) -> HeadSpec:
+    """The detector's head graph plus whatever native artifacts it offers, with paths relative to the bundle."""
+    graph = export_head(detector.head(), shapes, folder / f"{stem}_head.onnx")
+    files, native_params = detector.native_artifacts(folder, stem, opts.native)
     return HeadSpec(
-        kind="knn",
+        kind=detector.head_kind,
         embedder=embedder,
-        graph=graph,
-        params=model_det.head_spec(),
-        index=f"{name}.faiss",
-        index_factory=opts.index,
-        search_params=opts.search_params,
-        bank=f"{name}_bank.npy",
+        graph=replace(graph, file=prefix + graph.file),
+        files={role: prefix + f for role, f in files.items()},
+        params={**detector.head_params(), **native_params},
     )
 
 
-def _prefixed(head: HeadSpec, prefix: str) -> HeadSpec:
-    return replace(
-        head,
-        graph=replace(head.graph, file=prefix + head.graph.file),
-        index=prefix + head.index if head.index else None,
-        bank=prefix + head.bank if head.bank else None,
-    )
+def _feature_shapes(graph: GraphSpec) -> list[tuple[int, ...]]:
+    return [tuple(t.shape[1:]) for t in graph.outputs]
 
 
 def _write_graphs(model: HRModel, tmp: Path, opts: ExportOptions) -> dict:
     """Every artifact but the manifest; returns the manifest's fields."""
-    seed = model.config.seed
     embedders = {}
     spec = export_embedder(model.embedder, model.tiling.patch_size, tmp / "embedder_patch.onnx")
-    dim, gh, gw = spec.output_shape[1:]
-    embedders["patch"] = EmbedderSpec(spec, list(model.tiling.patch_size), [gw, gh], dim)
+    embedders["patch"] = EmbedderSpec(spec, list(model.tiling.patch_size))
     (tmp / "tasks").mkdir()
     tasks = []
     for task in tqdm(model.tasks, desc="export tasks", leave=False):
-        head = _knn_head(model.detectors[task.name], task.name, tmp / "tasks", "patch", (dim, gh, gw), opts, seed)
-        norm = None if model.task_normalization is None else model.task_normalization[task.name].to_dict()
-        tasks.append(TaskSpec(task.name, list(task.tiles), _prefixed(head, "tasks/"), norm))
+        head = _export_head(model.detectors[task.name], tmp / "tasks", task.name, "patch", _feature_shapes(spec), opts, "tasks/")
+        norm = None if model.task_normalization is None else model.task_normalization[task.name]
+        tasks.append(TaskSpec(task.name, list(task.tiles), head, norm, model.training.get(task.name)))
     thumbnail = None
     if model.thumbnail is not None:
         t = model.thumbnail
         (tmp / "thumbnail").mkdir()
         tspec = export_embedder(t.embedder, t.size, tmp / "thumbnail" / "embedder.onnx")
-        tspec = replace(tspec, file="thumbnail/embedder.onnx")
-        tdim, tgh, tgw = tspec.output_shape[1:]
-        embedders["thumbnail"] = EmbedderSpec(tspec, list(t.size), [tgw, tgh], tdim)
-        head = _knn_head(t.detector, "detector", tmp / "thumbnail", "thumbnail", (tdim, tgh, tgw), opts, seed)
-        thumbnail = {
-            "size": list(t.size),
-            "head": _prefixed(head, "thumbnail/"),
-            "normalization": None if t.normalization is None else t.normalization.to_dict(),
-        }
+        embedders["thumbnail"] = EmbedderSpec(replace(tspec, file="thumbnail/embedder.onnx"), list(t.size))
+        head = _export_head(t.detector, tmp / "thumbnail", "detector", "thumbnail", _feature_shapes(tspec), opts, "thumbnail/")
+        thumbnail = ThumbnailSpec(list(t.size), head, t.normalization)
     routing = None
     if model.routing is not None:
         np.save(tmp / "routing_centres.npy", model.routing.astype(np.float32), allow_pickle=False)
-        routing = {
-            "centres": "routing_centres.npy",
-            "key": "embedder 'patch' output averaged over the feature grid, then L2-normalized; nearest centre (L2) = task index",
-        }
+        routing = RoutingSpec(
+            "routing_centres.npy",
+            "embedder 'patch' output feature_0 averaged over its grid, then L2-normalized; nearest centre (L2) = task index",
+        )
     return {"embedders": embedders, "tasks": tasks, "thumbnail": thumbnail, "routing": routing}
 
 
@@ -125,7 +118,7 @@ def _build_engines(tmp: Path, fields: dict, opts: ExportOptions) -> dict:
     embedders = {}
     for name, e in fields["embedders"].items():
         engine = e.graph.file.replace(".onnx", ".engine")
-        build_engine(tmp / e.graph.file, tmp / engine, e.graph.input_shape)
+        build_engine(tmp / e.graph.file, tmp / engine, [t.shape for t in e.graph.inputs])
         embedders[name] = replace(e, graph=replace(e.graph, engine=engine))
     return {**fields, "embedders": embedders}
 
@@ -141,8 +134,8 @@ def _files(tmp: Path) -> dict:
 def _add_pipeline(model: HRModel, tmp: Path, fields: dict, opts: ExportOptions) -> dict:
     """The whole-image graph, named after the files written so far; a note says why when it cannot be built."""
     pipeline = export_pipeline(model, tmp, bundle_identity(_files(tmp)))
-    if "unsupported" in pipeline:
-        opts.notes.append(f"pipeline graph skipped: {pipeline['unsupported']}")
+    if pipeline.unsupported:
+        opts.notes.append(f"pipeline graph skipped: {pipeline.unsupported}")
     return {**fields, "pipeline": pipeline}
 
 
@@ -152,6 +145,7 @@ def _manifest(model: HRModel, tmp: Path, fields: dict, parity: dict | None) -> M
         schema=SCHEMA,
         schema_version=SCHEMA_VERSION,
         producer=f"hiad-export {__version__}",
+        detector=model.config.detector,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         tiling=model.tiling.to_dict(),
         fusion_weights=model.fusion_weights,
@@ -160,7 +154,7 @@ def _manifest(model: HRModel, tmp: Path, fields: dict, parity: dict | None) -> M
         thresholds=model.thresholds,
         validation=model.validation,
         parity=parity,
-        files=files,
+        files={k: FileInfo(**v) for k, v in files.items()},
         **fields,
     )
 
@@ -170,18 +164,20 @@ def _write_manifest(path: Path, manifest: Manifest) -> None:
 
 
 def check_parity(model: HRModel, root: Path, images: Sequence[np.ndarray], opts: ExportOptions) -> dict:
-    """Run PyTorch and every runtime path (faiss, ONNX heads, pipeline graph) on `images`; raise
-    ParityError past the tolerance."""
+    """Run PyTorch and every runtime path that applies (ONNX heads, native heads, the pipeline graph)
+    on `images`; raise ParityError past the tolerance. A native path whose artifacts are approximate
+    (params `exact: false`, e.g. an IVF index) is measured and recorded, not enforced: its deviation
+    is the accuracy it trades."""
     if not images:
         raise ParityError("parity needs at least one held-back image")
     reference = [model.predict(im) for im in tqdm(images, desc="parity: pytorch", leave=False)]
     bundle = Bundle.load(root)
-    exact_index = opts.index.strip().lower() == "flat"
-    reports = [
-        measure(reference, Inspector(bundle, knn="onnx"), images, "onnx", opts.tolerance, True),
-        measure(reference, Inspector(bundle, knn="faiss"), images, "faiss", opts.tolerance, exact_index),
-    ]
-    if "graph" in (bundle.manifest.pipeline or {}):
+    reports = [measure(reference, Inspector(bundle, head_path="onnx"), images, "onnx", opts.tolerance, True)]
+    native = [h for h in bundle.manifest.heads() if has_native_path(h)]
+    if native:
+        exact = all(h.params.get("exact", True) for h in native)
+        reports.append(measure(reference, Inspector(bundle, head_path="native"), images, "native", opts.tolerance, exact))
+    if bundle.manifest.pipeline and bundle.manifest.pipeline.graph:
         reports.append(measure(reference, Inspector(bundle, engine="pipeline"), images, "pipeline", opts.tolerance, True))
     failed = [r for r in reports if r.enforced and not r.passed]
     if failed:

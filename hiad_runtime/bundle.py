@@ -1,9 +1,11 @@
 """The deployment bundle: a directory with `manifest.json` and the files it lists (with sha256).
 
 The manifest is the contract for every consumer (this runtime, a C program on ONNX Runtime's C API,
-an HTTP service): geometry, preprocessing, graphs with their input/output names and shapes, per-task
-heads and indexes, post-processing, normalization, thresholds, parity figures. Loading checks the
-schema version and every file's sha256 before anything is used; nothing is ever unpickled.
+an HTTP service): geometry, preprocessing, graphs with their tensor names and shapes, per-task heads
+with their files by role, post-processing, normalization, thresholds, parity figures. The typed
+classes below are the schema: the writer builds them and the loader validates the whole JSON
+against them, so a malformed manifest is refused with the field named. Every file's sha256 is
+checked before anything is used; nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -13,129 +15,167 @@ import json
 import shutil
 import tarfile
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Literal, Union
+
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 from hiad_runtime.files import sha256_file
 from hiad_runtime.geometry import Tiling
-from hiad_runtime.postprocess import PostprocessSpec
+from hiad_runtime.postprocess import Normalization, PostprocessSpec
 from hiad_runtime.tasks import Task
 
 SCHEMA = "hiad-bundle"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
+STRICT = ConfigDict(extra="forbid")
+
+Dim = Union[Annotated[int, Field(ge=1)], Literal["batch"]]
+RelPath = Annotated[str, Field(min_length=1)]
 
 
 class BundleError(RuntimeError):
     """A bundle that cannot be used as it is; the message names the file and what is wrong."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
+class TensorSpec:
+    """One graph input or output: name, element type, shape ('batch' marks the dynamic axis)."""
+
+    name: str
+    dtype: Literal["uint8", "float32", "bool", "int64"]
+    shape: list[Dim]
+
+
+@dataclass(frozen=True, config=STRICT)
 class GraphSpec:
-    """One ONNX graph: file, tensor names, dtypes and shapes ('batch' marks the dynamic axis)."""
+    """One ONNX graph and its tensors, in call order."""
 
-    file: str
-    input_name: str
-    input_dtype: str
-    input_shape: list
-    output_name: str
-    output_dtype: str
-    output_shape: list
+    file: RelPath
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
     opset: int
-    engine: str | None = None  # TensorRT engine built from this graph, when one was built
+    engine: RelPath | None = None  # TensorRT engine built from this graph, when one was built
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class EmbedderSpec:
-    """uint8 RGB tiles (NHWC, tile_size) -> embeddings (N, dim, grid_h, grid_w); mean/std inside."""
+    """uint8 RGB tiles (NHWC, tile_size) -> one or more float32 feature maps; mean/std inside."""
 
     graph: GraphSpec
-    tile_size: list  # [width, height]
-    grid: list  # [width, height] of the feature grid
-    dim: int
+    tile_size: list[Annotated[int, Field(ge=1)]]  # [width, height]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class HeadSpec:
-    """A task's scoring head. kind 'knn': mean L2 distance to the k nearest memory-bank rows."""
+    """A task's scoring head: the embedder's outputs -> score grid (batch, h, w).
 
-    kind: str
+    `kind` picks how the runtime may run it: every kind runs `graph` (the portable path, what a C
+    program runs); kind 'knn' also has a native path (faiss `files['index']`, exact re-ranking against
+    `files['bank']`) with `params` k, index_factory, search_params.
+    """
+
+    kind: Literal["onnx", "knn"]
     embedder: str
-    graph: GraphSpec  # embedding -> score grid, self-contained (the bank is a constant inside)
-    params: dict = field(default_factory=dict)  # e.g. k, bank_size, dim
-    index: str | None = None  # faiss index file (fast path)
-    index_factory: str | None = None  # faiss index_factory string it was built with
-    search_params: str = ""  # faiss ParameterSpace string, e.g. "nprobe=8"
-    bank: str | None = None  # float32 .npy of the bank, for exact re-ranking of faiss results
+    graph: GraphSpec
+    files: dict[str, RelPath] = field(default_factory=dict)  # role -> file
+    params: dict = field(default_factory=dict)  # the kind's parameters and facts (e.g. bytes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class TaskSpec:
     name: str
-    tiles: list  # tile indices; empty for retrieval tasks (routed at inference)
+    tiles: list[Annotated[int, Field(ge=0)]]  # tile indices; empty for retrieval tasks (routed at inference)
     head: HeadSpec
-    normalization: dict | None = None  # {"minimum", "maximum"}: raw scores -> (x - min) / (max - min)
+    normalization: Normalization | None = None  # from the validation set
+    training: dict | None = None  # how the detector was trained and which epoch was selected
 
     @property
     def task(self) -> Task:
         return Task(self.name, tuple(self.tiles))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
+class ThumbnailSpec:
+    size: list[Annotated[int, Field(ge=1)]]  # [width, height]; embedder "thumbnail"
+    head: HeadSpec
+    normalization: Normalization | None = None
+
+
+@dataclass(frozen=True, config=STRICT)
+class RoutingSpec:
+    centres: RelPath  # float32 .npy (k, D)
+    key: str  # how a tile's key is computed
+
+
+@dataclass(frozen=True, config=STRICT)
+class PipelineSpec:
+    """The whole-image graph: `image` uint8 (batch, H, W, 3) at image_size -> `anomaly_map`, `score`
+    (+ `decision`, `mask` with thresholds). `metadata` is also in the graph (a C caller reads it
+    there); `unsupported` says, instead of a graph, which step the graph cannot express."""
+
+    graph: GraphSpec | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    unsupported: str | None = None
+
+
+@dataclass(frozen=True, config=STRICT)
+class FileInfo:
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    bytes: Annotated[int, Field(ge=0)]
+
+
+@dataclass(frozen=True, config=STRICT)
 class Manifest:
-    schema: str
+    schema: Literal["hiad-bundle"]
     schema_version: int
     producer: str
     created: str
+    detector: str
     tiling: dict
-    fusion_weights: list
+    fusion_weights: list[float]
     preprocessing: dict
-    embedders: dict  # name -> EmbedderSpec
-    tasks: list  # TaskSpec
+    embedders: dict[str, EmbedderSpec]
+    tasks: list[TaskSpec]
     postprocess: PostprocessSpec
-    routing: dict | None = None  # {"centres": file, "key": how a tile's key is computed}
-    thumbnail: dict | None = None  # {"size": [w, h], "head": HeadSpec, "normalization"} (embedder "thumbnail")
+    routing: RoutingSpec | None = None
+    thumbnail: ThumbnailSpec | None = None
     thresholds: dict | None = None  # {"image": float|None, "pixel": float|None} on the output scale
     validation: dict | None = None  # metrics on the synthetic-anomaly validation set
     parity: dict | None = None
-    pipeline: dict | None = None  # {"graph": "pipeline.onnx", "input", "outputs", "metadata"} or {"unsupported": why}
-    files: dict = field(default_factory=dict)  # relative path -> {"sha256": hex, "bytes": int}
+    pipeline: PipelineSpec | None = None  # the whole-image graph, or why there is none
+    files: dict[str, FileInfo] = field(default_factory=dict)  # relative path -> sha256 and size
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
-        def head(h: dict) -> HeadSpec:
-            return HeadSpec(**{**h, "graph": GraphSpec(**h["graph"])})
+        return _MANIFEST.validate_python(d)
 
-        thumbnail = d.get("thumbnail")
-        if thumbnail is not None:
-            thumbnail = {**thumbnail, "head": head(thumbnail["head"])}
-        return cls(
-            **{
-                **d,
-                "embedders": {k: EmbedderSpec(**{**e, "graph": GraphSpec(**e["graph"])}) for k, e in d["embedders"].items()},
-                "tasks": [TaskSpec(t["name"], t["tiles"], head(t["head"]), t.get("normalization")) for t in d["tasks"]],
-                "postprocess": PostprocessSpec.from_dict(d["postprocess"]),
-                "thumbnail": thumbnail,
-            }
-        )
+    def heads(self) -> list[HeadSpec]:
+        return [t.head for t in self.tasks] + ([self.thumbnail.head] if self.thumbnail else [])
 
     def referenced_files(self) -> list[str]:
         """Every file the manifest points to (each must be listed, with its sha256, in `files`)."""
-        heads = [t.head for t in self.tasks] + ([self.thumbnail["head"]] if self.thumbnail else [])
-        refs = [e.graph.file for e in self.embedders.values()] + [e.graph.engine for e in self.embedders.values()]
-        refs += [f for h in heads for f in (h.graph.file, h.index, h.bank)]
-        refs += [self.routing["centres"]] if self.routing else []
-        refs += [(self.pipeline or {}).get("graph")]
+        refs = [f for e in self.embedders.values() for f in (e.graph.file, e.graph.engine)]
+        refs += [f for h in self.heads() for f in (h.graph.file, *h.files.values())]
+        refs += [self.routing.centres] if self.routing else []
+        refs += [self.pipeline.graph.file] if self.pipeline and self.pipeline.graph else []
         return [r for r in refs if r]
 
     @property
     def geometry(self) -> Tiling:
         return Tiling.from_dict(self.tiling)
 
+
+_MANIFEST = TypeAdapter(Manifest)
+
+
+def _field_errors(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in error.errors()[:5])
 
 
 @dataclass(frozen=True)
@@ -148,7 +188,7 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True) -> "Bundle":
-        """Open a bundle directory (or a .tar of one); check schema and every file's sha256."""
+        """Open a bundle directory (or a .tar of one); validate the manifest, check every file's sha256."""
         path = Path(path)
         if path.is_file() and tarfile.is_tarfile(path):
             path = _extract(path)
@@ -159,16 +199,21 @@ class Bundle:
             raw = json.loads(manifest_file.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BundleError(f"{manifest_file}: unreadable manifest ({e})") from e
-        if raw.get("schema") != SCHEMA:
-            raise BundleError(f"{manifest_file}: schema {raw.get('schema')!r} is not {SCHEMA!r}")
+        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+            raise BundleError(f"{manifest_file}: not a {SCHEMA!r} manifest")
         if raw.get("schema_version") != SCHEMA_VERSION:
+            hint = " (written by an earlier hiad-export: re-export it from its checkpoint)" if raw.get("schema_version") == 1 else ""
             raise BundleError(
-                f"{manifest_file}: schema_version {raw.get('schema_version')} is not supported (this runtime reads {SCHEMA_VERSION})"
+                f"{manifest_file}: schema_version {raw.get('schema_version')} is not supported "
+                f"(this runtime reads {SCHEMA_VERSION}){hint}"
             )
         try:
             manifest = Manifest.from_dict(raw)
+            manifest.geometry  # the stored tiles must equal their recomputation
+        except ValidationError as e:
+            raise BundleError(f"{manifest_file}: malformed manifest: {_field_errors(e)}") from None
         except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{manifest_file}: malformed manifest ({type(e).__name__}: {e})") from e
+            raise BundleError(f"{manifest_file}: malformed manifest: tiling: {e}") from None
         unlisted = [f for f in manifest.referenced_files() if f not in manifest.files]
         if unlisted:
             raise BundleError(f"{manifest_file}: refers to files without a checksum: {', '.join(unlisted)}")
@@ -177,14 +222,14 @@ class Bundle:
         return cls(path, manifest)
 
 
-def verify_files(root: Path, files: dict[str, Any]) -> None:
+def verify_files(root: Path, files: dict[str, FileInfo]) -> None:
     for name, info in files.items():
         f = root / name
         if not f.is_file():
             raise BundleError(f"{f}: missing from the bundle")
-        if f.stat().st_size != info["bytes"]:
-            raise BundleError(f"{f}: truncated or altered ({f.stat().st_size} bytes, manifest says {info['bytes']})")
-        if sha256_file(f) != info["sha256"]:
+        if f.stat().st_size != info.bytes:
+            raise BundleError(f"{f}: truncated or altered ({f.stat().st_size} bytes, manifest says {info.bytes})")
+        if sha256_file(f) != info.sha256:
             raise BundleError(f"{f}: altered (sha256 does not match the manifest)")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,6 +15,13 @@ from hiad_runtime.bundle import BundleError
 from hiad_runtime.image import ImageError, load_image, resize_image
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hiad-deploy inspection runtime (torch-free).")
+
+class HeadPath(str, Enum):
+    """How heads run: `native` uses a head kind's fast path (faiss for k-NN) where it has one."""
+
+    native = "native"
+    onnx = "onnx"
+
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -47,7 +55,7 @@ def predict(
     overlays: bool = typer.Option(False, "--overlays", help="also write anomaly-map overlay PNGs"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="image-score threshold (overrides the bundle's)"),
     pixel_threshold: Optional[float] = typer.Option(None, "--pixel-threshold", help="pixel threshold (overrides the bundle's)"),
-    knn: str = typer.Option("faiss", "--knn", help="k-NN path: faiss (fast) or onnx (the exported head)"),
+    head_path: HeadPath = typer.Option(HeadPath.native, "--head-path", help="native: a head kind's fast path (faiss for k-NN) where it has one; onnx: every head's exported graph"),
     threads: int = typer.Option(0, "--threads", help="ONNX Runtime intra-op threads (0 = all cores)"),
     batch: int = typer.Option(4, "--batch", help="tiles per ONNX Runtime call (4 keeps peak RSS under 600 MB at 512 px tiles)"),
     input_size: bool = typer.Option(False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"),
@@ -55,7 +63,7 @@ def predict(
     """Score images; one JSON line per image, a float32 map per image."""
     from hiad_runtime.overlay import overlay, save_rgb
 
-    inspector = _load(bundle, knn=knn, threads=threads, batch_size=batch, image_threshold=threshold, pixel_threshold=pixel_threshold)
+    inspector = _load(bundle, head_path=head_path.value, threads=threads, batch_size=batch, image_threshold=threshold, pixel_threshold=pixel_threshold)
     files = _inputs(inputs)
     if not files:
         typer.secho("error: no images found in the inputs", fg=typer.colors.RED, err=True)
@@ -101,7 +109,7 @@ def bench(
     images: Optional[List[Path]] = typer.Argument(None, help="images to run (default: one synthetic image at the bundle's size)"),
     repeat: int = typer.Option(10, "--repeat"),
     warmup: int = typer.Option(1, "--warmup"),
-    knn: str = typer.Option("faiss", "--knn"),
+    head_path: HeadPath = typer.Option(HeadPath.native, "--head-path"),
     threads: int = typer.Option(0, "--threads"),
     batch: int = typer.Option(4, "--batch"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
@@ -109,7 +117,7 @@ def bench(
     """Per-stage latency (median, p95), images/s and peak RSS. A benchmark that prints figures."""
     from hiad_runtime.inspector import STAGES
 
-    inspector = _load(bundle, knn=knn, threads=threads, batch_size=batch)
+    inspector = _load(bundle, head_path=head_path.value, threads=threads, batch_size=batch)
     size = inspector.tiling.image_size
     if images:
         frames = [resize_image(load_image(f), size) for f, _ in _inputs(images)]
@@ -132,14 +140,14 @@ def bench(
         "image_size": list(size),
         "tiles": len(inspector.tiling.tiles),
         "tasks": len(inspector.tasks),
-        "knn": knn,
+        "head_path": head_path.value,
         "providers": inspector.providers_in_use,
         "repeat": repeat,
         "stages_ms": {s: {"median": float(np.median(v) * 1000), "p95": float(np.percentile(v, 95) * 1000)} for s, v in per_stage.items()},
         "images_per_s": repeat / wall,
         "peak_rss_mb": _peak_rss_mb(),
     }
-    typer.echo(f"{figures['tiles']} tiles, {figures['tasks']} tasks, knn={knn}, providers={','.join(figures['providers'])}, {repeat} runs")
+    typer.echo(f"{figures['tiles']} tiles, {figures['tasks']} tasks, head path {head_path.value}, providers={','.join(figures['providers'])}, {repeat} runs")
     typer.echo(f"{'stage':<9} {'median ms':>10} {'p95 ms':>10}")
     for s, v in figures["stages_ms"].items():
         typer.echo(f"{s:<9} {v['median']:>10.1f} {v['p95']:>10.1f}")

@@ -1,8 +1,8 @@
 """Inspector: bundle -> predict(image) -> Result. The edge box's whole pipeline, torch-free.
 
 decode -> resize (recorded policy) -> tile (shared geometry) -> embed all tiles in batched ONNX
-Runtime calls (context windows once each, fused) -> route (retrieval) -> score per task (faiss or
-ONNX head) -> gather -> thumbnail max -> blur -> image score -> normalize -> thresholds.
+Runtime calls (context windows once each, fused per feature scale) -> route (retrieval) -> score per
+task (each head by its kind's path) -> gather -> thumbnail max -> blur -> image score -> thresholds.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import numpy as np
 
 from hiad_runtime.bundle import Bundle, BundleError, EmbedderSpec
 from hiad_runtime.geometry import Box, Tile, context_crop, crop, split
+from hiad_runtime.heads import Head, load_head
 from hiad_runtime.image import ImageError, decode, load_image, resize_image, resize_map
 from hiad_runtime.pipeline import PipelineGraph
-from hiad_runtime.postprocess import Normalization, finish, fuse_thumbnail, tile_maps_to_image
-from hiad_runtime.scoring import Scorer, make_scorer
+from hiad_runtime.postprocess import finish, fuse_thumbnail, tile_maps_to_image
 from hiad_runtime.sessions import SessionFactory
 from hiad_runtime.tasks import route
 
@@ -42,20 +42,20 @@ class Result:
 
 
 class Embedder:
-    """One embedder graph: uint8 NHWC tiles -> float32 (N, D, h, w), run in batches."""
+    """One embedder graph: uint8 NHWC tiles -> its float32 feature maps [(N, C_s, h_s, w_s)], in batches."""
 
     def __init__(self, root: Path, spec: EmbedderSpec, sessions: SessionFactory, batch_size: int):
         self.spec = spec
         self.session = sessions.create(root / spec.graph.file)
         self.batch_size = batch_size
 
-    def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        name = self.spec.graph.input_name
-        out = [
-            self.session.run(None, {name: np.ascontiguousarray(tiles[i : i + self.batch_size])})[0]
+    def __call__(self, tiles: np.ndarray) -> list[np.ndarray]:
+        name = self.spec.graph.inputs[0].name
+        runs = [
+            self.session.run(None, {name: np.ascontiguousarray(tiles[i : i + self.batch_size])})
             for i in range(0, len(tiles), self.batch_size)
         ]
-        return out[0] if len(out) == 1 else np.concatenate(out)
+        return [outs[0] if len(runs) == 1 else np.concatenate(outs) for outs in zip(*runs)]
 
 
 def upsample_grid(embedding: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -73,7 +73,7 @@ class Inspector:
         providers: Sequence[str] | None = None,
         threads: int = 0,
         batch_size: int = 4,
-        knn: str = "faiss",
+        head_path: str = "native",
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
         engine: str = "tiles",
@@ -94,16 +94,14 @@ class Inspector:
             return
         self.embedders = {name: Embedder(bundle.root, spec, self.sessions, batch_size) for name, spec in m.embedders.items()}
         self.tasks = m.tasks
-        self.scorers: dict[str, Scorer] = {t.name: make_scorer(bundle.root, t.head, self.sessions, knn) for t in m.tasks}
+        self.heads: dict[str, Head] = {t.name: load_head(bundle.root, t.head, self.sessions, head_path) for t in m.tasks}
         self.centres = None
         if m.routing is not None:
-            self.centres = np.load(bundle.path(m.routing["centres"]), allow_pickle=False)
-        self.thumbnail_scorer = None
+            self.centres = np.load(bundle.path(m.routing.centres), allow_pickle=False)
+        self.thumbnail_head = None
         if m.thumbnail is not None:
-            self.thumbnail_scorer = make_scorer(bundle.root, m.thumbnail["head"], self.sessions, knn)
-        self.normalization = {t.name: Normalization(**t.normalization) for t in m.tasks if t.normalization is not None}
-        tn = (m.thumbnail or {}).get("normalization")
-        self.thumbnail_normalization = None if tn is None else Normalization(**tn)
+            self.thumbnail_head = load_head(bundle.root, m.thumbnail.head, self.sessions, head_path)
+        self.normalization = {t.name: t.normalization for t in m.tasks if t.normalization is not None}
 
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> "Inspector":
@@ -114,8 +112,8 @@ class Inspector:
         return sorted(self.sessions.in_use)
 
     # -- stages ---------------------------------------------------------------------------------
-    def tile_embeddings(self, image: np.ndarray, timings: dict) -> np.ndarray:
-        """Fused embeddings (N_tiles, D, h, w) of every tile; each context window embedded once."""
+    def tile_embeddings(self, image: np.ndarray, timings: dict) -> list[np.ndarray]:
+        """Per feature scale, fused features (N_tiles, C, h, w) of every tile; each context window embedded once."""
         t0 = time.perf_counter()
         tiles = self.tiling.tiles
         patches = split(image, tiles)
@@ -128,11 +126,13 @@ class Inspector:
         t0 = time.perf_counter()
         embed = self.embedders["patch"]
         weights = self.manifest.fusion_weights
-        fused = embed(patches) * np.float32(weights[0])
+        fused = [f * np.float32(weights[0]) for f in embed(patches)]
         for level, (windows, crops) in enumerate(levels, start=1):
-            window_emb = dict(zip(windows, embed(crops)))
-            for i, t in enumerate(tiles):
-                fused[i] += np.float32(weights[level]) * self._context_part(window_emb, t, level, fused.shape[-1], fused.shape[-2])
+            per_window = embed(crops)
+            for scale, f in enumerate(fused):
+                window_emb = dict(zip(windows, per_window[scale]))
+                for i, t in enumerate(tiles):
+                    f[i] += np.float32(weights[level]) * self._context_part(window_emb, t, level, f.shape[-1], f.shape[-2])
         timings["backbone"] = time.perf_counter() - t0
         return fused
 
@@ -142,23 +142,23 @@ class Inspector:
         up_w, up_h, ox, oy = context_crop(window, tile.main, (gw, gh))
         return upsample_grid(window_emb[window], (up_w, up_h))[:, oy : oy + gh, ox : ox + gw]
 
-    def assignments(self, embeddings: np.ndarray) -> dict[str, list[int]]:
+    def assignments(self, features: list[np.ndarray]) -> dict[str, list[int]]:
         if self.centres is None:
             return {t.name: list(t.tiles) for t in self.tasks}
-        keys = embeddings.mean(axis=(2, 3))
+        keys = features[0].mean(axis=(2, 3))
         keys /= np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
         labels = route(keys, self.centres)
         return {t.name: [int(i) for i in np.flatnonzero(labels == k)] for k, t in enumerate(self.tasks)}
 
     def thumbnail_map(self, image: np.ndarray) -> np.ndarray | None:
-        if self.thumbnail_scorer is None:
+        if self.thumbnail_head is None:
             return None
-        size = tuple(self.manifest.thumbnail["size"])
-        small = resize_image(image, size)[None]
-        scores = self.thumbnail_scorer(self.embedders["thumbnail"](small))[0]
-        if self.thumbnail_normalization is not None:
-            scores = self.thumbnail_normalization(scores)
-        return tile_maps_to_image([scores], [Tile(0, 0, 0, Box(0, 0, *size))], size)
+        spec = self.manifest.thumbnail
+        size = tuple(spec.size)
+        scores = self.thumbnail_head(self.embedders["thumbnail"](resize_image(image, size)[None]))[0]
+        if spec.normalization is not None:
+            scores = spec.normalization(scores)
+        return tile_maps_to_image([scores], [Tile(0, 0, 0, Box(0, 0, *size))], size, self.manifest.postprocess)
 
     # -- the pipeline ---------------------------------------------------------------------------
     def predict(self, image: np.ndarray | str | Path | bytes) -> Result:
@@ -180,21 +180,22 @@ class Inspector:
             timings["pipeline"] = time.perf_counter() - t0
             return self._result(anomaly_map, score, input_size, timings)
 
-        embeddings = self.tile_embeddings(image, timings)
+        features = self.tile_embeddings(image, timings)
 
         t0 = time.perf_counter()
         maps: list[np.ndarray | None] = [None] * len(self.tiling.tiles)
-        for name, ids in self.assignments(embeddings).items():
+        for name, ids in self.assignments(features).items():
             if ids:
                 norm = self.normalization.get(name)
-                for i, s in zip(ids, self.scorers[name](embeddings[ids])):
+                for i, s in zip(ids, self.heads[name]([f[ids] for f in features])):
                     maps[i] = s if norm is None else norm(s)
         thumb = self.thumbnail_map(image)
         timings["scoring"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        merged = fuse_thumbnail(tile_maps_to_image(maps, self.tiling.tiles, self.tiling.image_size), thumb)
-        anomaly_map, score = finish(merged, self.manifest.postprocess)
+        spec = self.manifest.postprocess
+        merged = fuse_thumbnail(tile_maps_to_image(maps, self.tiling.tiles, self.tiling.image_size, spec), thumb)
+        anomaly_map, score = finish(merged, spec)
         timings["post"] = time.perf_counter() - t0
         return self._result(anomaly_map, score, input_size, timings)
 

@@ -19,10 +19,10 @@ class PipelineGraph:
         spec = bundle.manifest.pipeline
         if spec is None:
             raise BundleError(f"{bundle.root}: the bundle has no pipeline graph (exported before it existed)")
-        if "unsupported" in spec:
-            raise BundleError(f"{bundle.root}: no pipeline graph: {spec['unsupported']}")
-        self.session = sessions.create(bundle.path(spec["graph"]))
-        self.input_name = spec["input"]["name"]
+        if spec.graph is None:
+            raise BundleError(f"{bundle.root}: no pipeline graph: {spec.unsupported}")
+        self.session = sessions.create(bundle.path(spec.graph.file))
+        self.input_name = spec.graph.inputs[0].name
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         anomaly_map, score = self.session.run(["anomaly_map", "score"], {self.input_name: np.ascontiguousarray(image)[None]})

@@ -1,30 +1,36 @@
 """From per-tile score maps to one image map and one image score, as HiAD post-processes.
 
-upsample each tile's map to the tile -> gather (overlaps averaged) -> [max with the thumbnail map]
--> Gaussian blur -> image score = max of the block-mean-pooled map -> [normalize] -> [threshold].
+upsample each tile's map to the tile -> [per-tile blur] -> gather (overlaps averaged) -> [max with the
+thumbnail map] -> Gaussian blur -> image score (block-mean max, or top-k mean) -> [clip] -> [threshold].
+A detector declares which of the optional steps HiAD applies for it; this module knows no detector.
 Training's PyTorch inference calls these same functions, so this step is identical on both sides.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import asdict
+from typing import Annotated, Literal, Sequence
 
 import cv2
 import numpy as np
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
 from hiad_runtime.geometry import Tile, gather
 from hiad_runtime.image import resize_map
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class PostprocessSpec:
     """Recorded in the manifest: what a non-Python caller must do after the ONNX graphs."""
 
-    gaussian_sigma: float = 4.0
-    gaussian_truncate: float = 4.0  # kernel radius = int(truncate * sigma + 0.5), border 'reflect' (scipy)
-    score_pool: int = 16  # image score = max over non-overlapping pool x pool block means
+    gaussian_sigma: Annotated[float, Field(ge=0)] = 4.0
+    gaussian_truncate: Annotated[float, Field(gt=0)] = 4.0  # radius = int(truncate * sigma + 0.5), border 'reflect' (scipy)
+    score_pool: Annotated[int, Field(ge=1)] = 16  # block_mean_max: max over non-overlapping pool x pool block means
     clip_to_unit: bool = False  # tasks' scores are min-max normalized: clip map and score to [0, 1]
+    tile_blur_sigma: Annotated[float, Field(ge=0)] = 0.0  # > 0: Gaussian blur of each tile's map (at tile size) before merging
+    score_rule: Literal["block_mean_max", "top_k_mean"] = "block_mean_max"
+    score_top_k: Annotated[int, Field(ge=1)] = 1  # top_k_mean: image score = mean of the k largest map values
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -34,7 +40,7 @@ class PostprocessSpec:
         return cls(**d)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class Normalization:
     """A task's min-max statistics from the validation set: (x - minimum) / (maximum - minimum).
 
@@ -52,12 +58,17 @@ class Normalization:
         return {"minimum": float(self.minimum), "maximum": float(self.maximum)}
 
 
+def tile_map(scores: np.ndarray, size: tuple[int, int], spec: PostprocessSpec) -> np.ndarray:
+    """One tile's score grid upsampled to the tile (bilinear), then the optional per-tile blur."""
+    full = resize_map(np.asarray(scores, np.float32), size)
+    return gaussian_blur(full, spec.tile_blur_sigma, spec.gaussian_truncate)
+
+
 def tile_maps_to_image(
-    tile_maps: Sequence[np.ndarray], tiles: Sequence[Tile], image_size: tuple[int, int]
+    tile_maps: Sequence[np.ndarray], tiles: Sequence[Tile], image_size: tuple[int, int], spec: PostprocessSpec
 ) -> np.ndarray:
-    """Upsample each tile's feature-grid map to its tile (bilinear) and gather into the image."""
-    full = [resize_map(np.asarray(m, np.float32), (t.main.width, t.main.height)) for m, t in zip(tile_maps, tiles)]
-    return gather(full, tiles, image_size)
+    """Each tile's map at its tile size, gathered into the image (overlaps averaged)."""
+    return gather([tile_map(m, (t.main.width, t.main.height), spec) for m, t in zip(tile_maps, tiles)], tiles, image_size)
 
 
 def fuse_thumbnail(high: np.ndarray, thumbnail_map: np.ndarray | None) -> np.ndarray:
@@ -67,20 +78,17 @@ def fuse_thumbnail(high: np.ndarray, thumbnail_map: np.ndarray | None) -> np.nda
     return np.maximum(high, resize_map(np.asarray(thumbnail_map, np.float32), (high.shape[1], high.shape[0])))
 
 
-def gaussian_blur(anomaly_map: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
+def gaussian_blur(anomaly_map: np.ndarray, sigma: float, truncate: float) -> np.ndarray:
     """Equal to scipy.ndimage.gaussian_filter(map, sigma, truncate=truncate, mode='reflect')."""
-    if spec.gaussian_sigma <= 0:
+    if sigma <= 0:
         return anomaly_map
-    radius = int(spec.gaussian_truncate * spec.gaussian_sigma + 0.5)
-    k = 2 * radius + 1
-    return cv2.GaussianBlur(
-        anomaly_map, (k, k), sigmaX=spec.gaussian_sigma, sigmaY=spec.gaussian_sigma, borderType=cv2.BORDER_REFLECT
-    )
+    k = 2 * int(truncate * sigma + 0.5) + 1
+    return cv2.GaussianBlur(anomaly_map, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
 
 
 def finish(anomaly_map: np.ndarray, spec: PostprocessSpec) -> tuple[np.ndarray, float]:
     """Blur, image score, and the clip to [0, 1] of normalized outputs."""
-    anomaly_map = gaussian_blur(anomaly_map, spec)
+    anomaly_map = gaussian_blur(anomaly_map, spec.gaussian_sigma, spec.gaussian_truncate)
     score = image_score(anomaly_map, spec)
     if spec.clip_to_unit:
         return np.clip(anomaly_map, 0.0, 1.0), float(np.clip(score, 0.0, 1.0))
@@ -88,7 +96,10 @@ def finish(anomaly_map: np.ndarray, spec: PostprocessSpec) -> tuple[np.ndarray, 
 
 
 def image_score(anomaly_map: np.ndarray, spec: PostprocessSpec) -> float:
-    """Max of the block-mean-pooled map (robust to single hot pixels)."""
+    """Max of the block-mean-pooled map (robust to single hot pixels), or the mean of the top k values."""
+    if spec.score_rule == "top_k_mean":
+        k = min(spec.score_top_k, anomaly_map.size)
+        return float(np.partition(anomaly_map.ravel(), anomaly_map.size - k)[-k:].mean(dtype=np.float64))
     p = spec.score_pool
     h, w = (anomaly_map.shape[0] // p) * p, (anomaly_map.shape[1] // p) * p
     if h == 0 or w == 0:

@@ -1,9 +1,9 @@
 """Task checkpoints in safe formats only: JSON for structure, safetensors for tensors. No pickle.
 
 Layout of a checkpoint directory (written atomically):
-  checkpoint.json            format/version, config, tiling, tasks, detector heads, file sha256s
-  embedder_patch.safetensors the patch embedder (backbone + folded projection), shared by all tasks
-  tasks/<task>.safetensors   each task detector's state (PatchCore: the memory bank)
+  checkpoint.json            format/version, detector, config, tiling, tasks, training records, file sha256s
+  embedder_patch.safetensors the detector's embedder, shared by all tasks
+  tasks/<task>.safetensors   each task detector's state (PatchCore: the memory bank; others: weights)
   thumbnail/                 embedder + detector of the low-resolution branch, when configured
 """
 
@@ -20,12 +20,12 @@ from hiad_runtime.geometry import Tiling
 from hiad_runtime.postprocess import Normalization, PostprocessSpec
 from hiad_runtime.tasks import Task
 from hiad_train import __version__
-from hiad_train.config import TrainConfig
-from hiad_train.detectors import DETECTORS
-from hiad_train.model import HRModel, Thumbnail, build_embedder
+from hiad_train.config import ConfigError, parse_config
+from hiad_train.detectors import get_detector
+from hiad_train.model import HRModel, Thumbnail
 
 FORMAT = "hiad-checkpoint"
-VERSION = 1
+VERSION = 2
 
 
 class CheckpointError(RuntimeError):
@@ -38,21 +38,18 @@ def save_checkpoint(model: HRModel, out: str | Path, data: str | Path | None = N
     with atomic_directory(out) as tmp:
         (tmp / "tasks").mkdir()
         save_file(model.embedder.state_dict(), tmp / "embedder_patch.safetensors")
-        heads = {}
         for task in model.tasks:
-            det = model.detectors[task.name]
-            save_file(det.state(), tmp / "tasks" / f"{task.name}.safetensors")
-            heads[task.name] = det.head_spec()
+            save_file(_contiguous(model.detectors[task.name].state()), tmp / "tasks" / f"{task.name}.safetensors")
         thumbnail = None
         if model.thumbnail is not None:
             (tmp / "thumbnail").mkdir()
             save_file(model.thumbnail.embedder.state_dict(), tmp / "thumbnail" / "embedder.safetensors")
-            save_file(model.thumbnail.detector.state(), tmp / "thumbnail" / "detector.safetensors")
+            save_file(_contiguous(model.thumbnail.detector.state()), tmp / "thumbnail" / "detector.safetensors")
             norm = model.thumbnail.normalization
             thumbnail = {
                 "size": list(model.thumbnail.size),
-                "head": model.thumbnail.detector.head_spec(),
                 "normalization": None if norm is None else norm.to_dict(),
+                "training": model.thumbnail.training,
             }
         if model.routing is not None:
             save_file({"centres": torch.from_numpy(model.routing)}, tmp / "routing.safetensors")
@@ -65,7 +62,7 @@ def save_checkpoint(model: HRModel, out: str | Path, data: str | Path | None = N
             "config": model.config.model_dump(mode="json"),
             "tiling": model.tiling.to_dict(),
             "tasks": [t.to_dict() for t in model.tasks],
-            "heads": heads,
+            "training": model.training,
             "thumbnail": thumbnail,
             "postprocess": model.postprocess.to_dict(),
             "task_normalization": None
@@ -87,14 +84,18 @@ def load_checkpoint(path: str | Path) -> HRModel:
         raise CheckpointError(f"{path}: not a checkpoint (no checkpoint.json)")
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{meta_file}: unsupported format {meta.get('format')} v{meta.get('version')}")
+        hint = " (written by an earlier hiad-train: retrain)" if meta.get("version") == 1 else ""
+        raise CheckpointError(f"{meta_file}: unsupported format {meta.get('format')} v{meta.get('version')}{hint}")
     for name, digest in meta["files"].items():
         f = path / name
         if not f.is_file() or sha256_file(f) != digest:
             raise CheckpointError(f"{f}: missing or altered (sha256 mismatch)")
-    config = TrainConfig.model_validate(meta["config"])
-    detector_cls = DETECTORS[meta["detector"]]
-    embedder = build_embedder(config.patch, pretrained=False)
+    try:
+        config = parse_config(meta["config"], str(meta_file))
+        detector_cls = get_detector(meta["detector"])
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(str(e)) from None
+    embedder = detector_cls.build_embedder(config.patch, pretrained=False)
     embedder.load_state_dict(load_file(path / "embedder_patch.safetensors"))
     tasks = [Task.from_dict(t) for t in meta["tasks"]]
     detectors = {
@@ -102,11 +103,12 @@ def load_checkpoint(path: str | Path) -> HRModel:
     }
     thumbnail = None
     if meta["thumbnail"] is not None:
-        emb = build_embedder(config.thumbnail, pretrained=False)
+        emb = detector_cls.build_embedder(config.thumbnail, pretrained=False)
         emb.load_state_dict(load_file(path / "thumbnail" / "embedder.safetensors"))
         det = detector_cls.from_state(config.thumbnail, load_file(path / "thumbnail" / "detector.safetensors"))
         tn = meta["thumbnail"].get("normalization")
-        thumbnail = Thumbnail(tuple(meta["thumbnail"]["size"]), emb, det, None if tn is None else Normalization(**tn))
+        size = tuple(meta["thumbnail"]["size"])
+        thumbnail = Thumbnail(size, emb, det, None if tn is None else Normalization(**tn), meta["thumbnail"].get("training"))
     routing = None
     if (path / "routing.safetensors").is_file():
         routing = load_file(path / "routing.safetensors")["centres"].numpy()
@@ -115,6 +117,7 @@ def load_checkpoint(path: str | Path) -> HRModel:
         routing=routing,
         task_normalization=None if norm is None else {k: Normalization(**v) for k, v in norm.items()},
         thresholds=meta.get("thresholds"),
+        training=meta.get("training") or {},
         validation=meta.get("validation"),
         config=config,
         tiling=Tiling.from_dict(meta["tiling"]),
@@ -124,3 +127,7 @@ def load_checkpoint(path: str | Path) -> HRModel:
         postprocess=PostprocessSpec.from_dict(meta["postprocess"]),
         thumbnail=thumbnail,
     )
+
+
+def _contiguous(state: dict) -> dict:
+    return {k: v.detach().contiguous() for k, v in state.items()}

@@ -7,14 +7,13 @@ valid spelling, e.g. `patch.percentge: unknown key (did you mean 'percentage'?)`
 from __future__ import annotations
 
 import difflib
+import functools
 import typing
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from hiad_train.backbones import DEFAULT_BACKBONE
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 SizeSpec = Union[int, tuple[int, int]]
 
@@ -25,32 +24,6 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PatchCoreConfig(Strict):
-    """HiAD's PatchCore keys, plus the k-NN and coreset knobs."""
-
-    backbone_name: str = DEFAULT_BACKBONE
-    backbone_weights: str | None = None  # local weights file; None = packaged or timm pretrained
-    layers_to_extract_from: list[Union[int, str]] = [2, 3]
-    merge_size: int = Field(3, ge=1)
-    percentage: float = Field(0.1, gt=0, le=1)
-    pretrain_embed_dimension: int = Field(1024, ge=1)
-    target_embed_dimension: int = Field(128, ge=1)
-    anomaly_scorer_num_nn: int = Field(1, ge=1)
-    coreset_projection_dim: int = Field(64, ge=1)
-    patch_size: SizeSpec | None = None  # HiAD repeats it here; must equal the top-level one if given
-
-    @field_validator("merge_size")
-    @classmethod
-    def _odd(cls, v: int) -> int:
-        if v % 2 != 1:
-            raise ValueError("merge_size must be odd (a centred neighbourhood)")
-        return v
-
-
-class ThumbnailConfig(PatchCoreConfig):
-    thumbnail_size: SizeSpec
 
 
 class A2O(Strict):
@@ -110,6 +83,9 @@ class EvaluationConfig(Strict):
 
 
 class TrainConfig(Strict):
+    """A training run. `patch` (and `thumbnail`) are the chosen detector's section: `config_model`
+    types them from the detector registry, so each detector's keys are validated by name."""
+
     seed: int = 0
     image_size: SizeSpec
     patch_size: SizeSpec
@@ -117,10 +93,10 @@ class TrainConfig(Strict):
     ds_factors: list[int] = [0]
     fusion_weights: list[float] | None = None
     batch_size: int = Field(8, ge=1)
-    detector: Literal["patchcore"] = "patchcore"
+    detector: str = "patchcore"
     tasks: TaskConfig = A2O(generator="a2o")
-    patch: PatchCoreConfig = PatchCoreConfig()
-    thumbnail: ThumbnailConfig | None = None
+    patch: Any = None
+    thumbnail: Any = None
     val_config: ValConfig | None = None
     evaluation: EvaluationConfig = EvaluationConfig()
 
@@ -130,7 +106,7 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"fusion_weights has {len(self.fusion_weights)} entries but ds_factors has {len(self.ds_factors)}"
             )
-        if self.patch.patch_size is not None and self.patch.patch_size != self.patch_size:
+        if self.patch is not None and self.patch.patch_size is not None and self.patch.patch_size != self.patch_size:
             raise ValueError(f"patch.patch_size {self.patch.patch_size} differs from patch_size {self.patch_size}")
         return self
 
@@ -149,9 +125,25 @@ def _models_in(annotation) -> list[type[BaseModel]]:
     return [m for a in typing.get_args(annotation) for m in _models_in(a)]
 
 
-def _valid_keys(loc: tuple) -> list[str]:
+@functools.cache
+def config_model(detector: str) -> type[TrainConfig]:
+    """TrainConfig with `patch` typed as the detector's Config and `thumbnail` as it plus thumbnail_size."""
+    from hiad_train.detectors.registry import get_detector
+
+    section = get_detector(detector).Config
+    thumbnail = create_model(f"{section.__name__}Thumbnail", __base__=section, thumbnail_size=(SizeSpec, ...))
+    try:
+        default = section()
+    except ValidationError:
+        default = ...
+    return create_model(
+        f"TrainConfig[{detector}]", __base__=TrainConfig, patch=(section, default), thumbnail=(Union[thumbnail, None], None)
+    )
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the section that `loc` (ending in a bad key) points into."""
-    candidates: list[type[BaseModel]] = [TrainConfig]
+    candidates: list[type[BaseModel]] = [model]
     for part in loc[:-1]:
         inner = [m for c in candidates if str(part) in c.model_fields for m in _models_in(c.model_fields[str(part)].annotation)]
         if not inner:  # a discriminated union's tag, e.g. tasks.neighborhood.<key>
@@ -160,11 +152,11 @@ def _valid_keys(loc: tuple) -> list[str]:
     return list(candidates[0].model_fields) if candidates else []
 
 
-def _describe(error: dict) -> str:
+def _describe(model: type[BaseModel], error: dict) -> str:
     path = ".".join(str(p) for p in error["loc"]) or "<root>"
     if error["type"] != "extra_forbidden":
         return f"{path}: {error['msg']}"
-    names = _valid_keys(error["loc"])
+    names = _valid_keys(model, error["loc"])
     close = difflib.get_close_matches(str(error["loc"][-1]), names, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(names)})" if names else ""
     return f"{path}: unknown key{hint}"
@@ -173,10 +165,20 @@ def _describe(error: dict) -> str:
 def parse_config(data: dict, source: str = "config") -> TrainConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
+    from hiad_train.detectors.registry import DETECTORS, get_detector
+
+    detector = data.get("detector", "patchcore")
     try:
-        return TrainConfig.model_validate(data)
+        get_detector(detector)
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(detector), list(DETECTORS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{source}: detector: unknown detector {detector!r}{hint}; registered: {', '.join(sorted(DETECTORS))}") from None
+    model = config_model(detector)
+    try:
+        return model.model_validate(data)
     except ValidationError as e:
-        lines = [_describe(err) for err in e.errors()]
+        lines = [_describe(model, err) for err in e.errors()]
         raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(lines)) from None
 
 

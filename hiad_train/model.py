@@ -12,30 +12,15 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from hiad_runtime.geometry import Box, Tile, Tiling, context_crop, crop, split
 from hiad_runtime.image import resize_image
 from hiad_runtime.postprocess import Normalization, PostprocessSpec, finish, fuse_thumbnail, tile_maps_to_image
 from hiad_runtime.tasks import Task, route
-from hiad_train.backbones import create_backbone
-from hiad_train.config import PatchCoreConfig, TrainConfig
+from hiad_train.config import TrainConfig
 from hiad_train.detectors import Detector
-from hiad_train.features import PatchEmbedder
 from hiad_train.tasks import routing_descriptors
-
-
-def build_embedder(config: PatchCoreConfig, pretrained: bool = True) -> PatchEmbedder:
-    backbone = create_backbone(
-        config.backbone_name, config.layers_to_extract_from, config.backbone_weights, pretrained=pretrained
-    )
-    return PatchEmbedder(
-        backbone,
-        backbone.pretrained_cfg["mean"],
-        backbone.pretrained_cfg["std"],
-        config.merge_size,
-        config.pretrain_embed_dimension,
-        config.target_embed_dimension,
-    ).eval()
 
 
 def batches(items: np.ndarray, size: int) -> Iterator[np.ndarray]:
@@ -44,16 +29,17 @@ def batches(items: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 
 @torch.no_grad()
-def embed(embedder: PatchEmbedder, tiles: np.ndarray, batch_size: int) -> torch.Tensor:
-    """Embeddings (N, D, h, w) of uint8 tiles (N, H, W, 3), in batches."""
-    return torch.cat([embedder(torch.from_numpy(np.ascontiguousarray(b))) for b in batches(tiles, batch_size)])
+def embed(embedder: nn.Module, tiles: np.ndarray, batch_size: int) -> list[torch.Tensor]:
+    """Per embedder output, the features (N, C, h, w) of uint8 tiles (N, H, W, 3), in batches."""
+    runs = [embedder(torch.from_numpy(np.ascontiguousarray(b))) for b in batches(tiles, batch_size)]
+    return [torch.cat(outs) for outs in zip(*runs)]
 
 
-def crop_context(window_embedding: torch.Tensor, window: Box, tile: Box) -> torch.Tensor:
-    """The part of a context window's embedding (D, h, w) that covers `tile`, at the tile's grid size."""
-    d, h, w = window_embedding.shape
+def crop_context(window_features: torch.Tensor, window: Box, tile: Box) -> torch.Tensor:
+    """The part of a context window's features (C, h, w) that covers `tile`, at the tile's grid size."""
+    c, h, w = window_features.shape
     up_w, up_h, ox, oy = context_crop(window, tile, (w, h))
-    up = F.interpolate(window_embedding[None], size=(up_h, up_w), mode="bilinear", align_corners=False)[0]
+    up = F.interpolate(window_features[None], size=(up_h, up_w), mode="bilinear", align_corners=False)[0]
     return up[:, oy : oy + h, ox : ox + w]
 
 
@@ -62,33 +48,32 @@ class Thumbnail:
     """The low-resolution branch: one detector on the whole image downsampled to `size`."""
 
     size: tuple[int, int]
-    embedder: PatchEmbedder
+    embedder: nn.Module
     detector: Detector
     normalization: Normalization | None = None
+    training: dict | None = None
 
     @torch.no_grad()
     def raw_scores(self, image: np.ndarray) -> np.ndarray:
         """The raw score grid of the whole image at thumbnail size."""
         return self.detector.score(embed(self.embedder, resize_image(image, self.size)[None], 1))[0].numpy()
 
-    def score_map(self, image: np.ndarray) -> np.ndarray:
+    def score_map(self, image: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
         """The (normalized) thumbnail map at thumbnail size."""
         scores = self.raw_scores(image)
         if self.normalization is not None:
             scores = self.normalization(scores)
-        return tile_maps_to_image([scores], [_whole(self.size)], self.size)
-
-
-def _whole(size: tuple[int, int]) -> Tile:
-    return Tile(0, 0, 0, Box(0, 0, size[0], size[1]))
+        return tile_maps_to_image([scores], [Tile(0, 0, 0, Box(0, 0, *self.size))], self.size, spec)
 
 
 @dataclass
 class HRModel:
+    """HiAD's trained model (https://github.com/cnulab/HiAD): tiles -> tasks -> one detector each -> one map."""
+
     config: TrainConfig
     tiling: Tiling
     tasks: list[Task]
-    embedder: PatchEmbedder
+    embedder: nn.Module
     detectors: dict[str, Detector]
     postprocess: PostprocessSpec = field(default_factory=PostprocessSpec)
     thumbnail: Thumbnail | None = None
@@ -96,41 +81,44 @@ class HRModel:
     task_normalization: dict[str, Normalization] | None = None  # per task, from the validation set
     thresholds: dict | None = None  # {'image': float, 'pixel': float}, F1-optimal on the validation set
     validation: dict | None = None  # validation-set metrics
+    training: dict[str, dict] = field(default_factory=dict)  # per task, the detector's training record
 
     @property
     def fusion_weights(self) -> list[float]:
         return self.config.normalized_fusion_weights
 
     @torch.no_grad()
-    def tile_embeddings(self, image: np.ndarray, tile_ids: Sequence[int] | None = None) -> torch.Tensor:
-        """Embeddings (N, D, h, w) of the chosen tiles, fused with their context windows' embeddings."""
+    def tile_embeddings(self, image: np.ndarray, tile_ids: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Per embedder output, the features (N, C, h, w) of the chosen tiles fused with their context windows'."""
         tiles = [self.tiling.tiles[i] for i in (tile_ids if tile_ids is not None else range(len(self.tiling.tiles)))]
         weights = self.fusion_weights
-        out = embed(self.embedder, split(image, tiles), self.config.batch_size) * weights[0]
+        out = [f * weights[0] for f in embed(self.embedder, split(image, tiles), self.config.batch_size)]
         for level in range(1, len(self.tiling.ds_factors)):
             windows = list(dict.fromkeys(t.context[level - 1] for t in tiles))
             small = np.stack([resize_image(crop(image, w), self.tiling.patch_size) for w in windows])
-            window_emb = dict(zip(windows, embed(self.embedder, small, self.config.batch_size)))
-            for i, t in enumerate(tiles):
-                w = t.context[level - 1]
-                out[i] += weights[level] * crop_context(window_emb[w], w, t.main)
+            for scale, window_features in enumerate(embed(self.embedder, small, self.config.batch_size)):
+                by_window = dict(zip(windows, window_features))
+                for i, t in enumerate(tiles):
+                    w = t.context[level - 1]
+                    out[scale][i] += weights[level] * crop_context(by_window[w], w, t.main)
         return out
 
-    def assignments(self, embeddings: torch.Tensor) -> dict[str, list[int]]:
+    def assignments(self, features: list[torch.Tensor]) -> dict[str, list[int]]:
         """Tile indices per task: fixed for static tasks, by nearest centre for retrieval tasks."""
         if self.routing is None:
             return {t.name: list(t.tiles) for t in self.tasks}
-        labels = route(routing_descriptors(embeddings.numpy()), self.routing)
+        labels = route(routing_descriptors(features[0].numpy()), self.routing)
         return {t.name: [int(i) for i in np.flatnonzero(labels == k)] for k, t in enumerate(self.tasks)}
 
     @torch.no_grad()
     def raw_tile_scores(self, image: np.ndarray) -> list[tuple[str, int, np.ndarray]]:
         """(task, tile index, raw score grid) for every tile, each scored by its task's detector."""
-        embeddings = self.tile_embeddings(image)
+        features = self.tile_embeddings(image)
         out = []
-        for name, ids in self.assignments(embeddings).items():
+        for name, ids in self.assignments(features).items():
             if ids:
-                out += [(name, i, s.numpy()) for i, s in zip(ids, self.detectors[name].score(embeddings[ids]))]
+                scores = self.detectors[name].score([f[ids] for f in features])
+                out += [(name, i, s.numpy()) for i, s in zip(ids, scores)]
         return out
 
     def tile_maps(self, image: np.ndarray) -> list[np.ndarray]:
@@ -144,7 +132,7 @@ class HRModel:
         """Anomaly map at image_size and image score, for an RGB uint8 image at image_size."""
         if image.shape[:2] != (self.tiling.image_size[1], self.tiling.image_size[0]):
             raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, the model expects {self.tiling.image_size}")
-        anomaly_map = tile_maps_to_image(self.tile_maps(image), self.tiling.tiles, self.tiling.image_size)
+        anomaly_map = tile_maps_to_image(self.tile_maps(image), self.tiling.tiles, self.tiling.image_size, self.postprocess)
         if self.thumbnail is not None:
-            anomaly_map = fuse_thumbnail(anomaly_map, self.thumbnail.score_map(image))
+            anomaly_map = fuse_thumbnail(anomaly_map, self.thumbnail.score_map(image, self.postprocess))
         return finish(anomaly_map, self.postprocess)

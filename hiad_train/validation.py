@@ -11,8 +11,7 @@ import numpy as np
 from sklearn.metrics import precision_recall_curve
 
 from hiad_runtime.geometry import Tiling
-from hiad_runtime.image import resize_map
-from hiad_runtime.postprocess import Normalization, finish
+from hiad_runtime.postprocess import Normalization, PostprocessSpec, finish, tile_map
 from hiad_train.config import SynthesizerConfig, ValConfig
 from hiad_train.evaluation import aupro, evaluate, image_auroc, pixel_metrics
 from hiad_train.synthesis import SYNTHESIZERS
@@ -88,7 +87,7 @@ def validate(model, val_samples: list, cfg: ValConfig, seed: int = 0) -> None:
     maps, scores, masks = [], [], []
     for name, i, grid, m in records:
         tile = tiling.tiles[i].main
-        patch_map, score = finish(resize_map(norms[name](grid), (tile.width, tile.height)), spec)
+        patch_map, score = finish(tile_map(norms[name](grid), (tile.width, tile.height), spec), spec)
         maps.append(patch_map)
         scores.append(score)
         masks.append(m)
@@ -100,6 +99,61 @@ def validate(model, val_samples: list, cfg: ValConfig, seed: int = 0) -> None:
     evaluators = [partial(EVALUATORS[e], resize=None) if e != "image_auroc" else EVALUATORS[e] for e in cfg.evaluators]
     metrics = evaluate(np.array(scores), labels.astype(int), maps, masks, evaluators)
     model.validation = {"images": len(val_samples), "patches": len(records), "anomalous": int(labels.sum()), **metrics}
+
+
+def tile_metrics(grids, masks, tile_sizes, spec: PostprocessSpec) -> dict:
+    """Image AUROC (a tile is anomalous when its mask has any pixel) and pixel metrics of raw score
+    grids, each post-processed as a tile of its own."""
+    maps, scores = [], []
+    for grid, size in zip(grids, tile_sizes):
+        m, s = finish(tile_map(grid, size, spec), spec)
+        maps.append(m)
+        scores.append(s)
+    labels = np.array([m.any() for m in masks]).astype(int)
+    return evaluate(np.array(scores), labels, maps, list(masks), [image_auroc, partial(pixel_metrics, resize=None)])
+
+
+@dataclass
+class TaskValidation:
+    """Held-out tiles with synthetic anomalies, grouped by task, for per-epoch checkpoint selection.
+
+    Built once before the tasks train: each validation image gets its synthetic anomalies (fixed seed),
+    its tiles are embedded and assigned to tasks exactly as at inference."""
+
+    features: dict[str, list]  # task -> per embedder output (M, C, h, w)
+    masks: dict[str, list[np.ndarray]]  # task -> M masks at tile size
+    sizes: dict[str, list[tuple[int, int]]]
+
+    @classmethod
+    def build(cls, model, val_samples: list, cfg: ValConfig, seed: int) -> "TaskValidation":
+        import torch
+
+        rng = np.random.default_rng(seed + 1)
+        synth = make_synthesizer(cfg.anomaly_syn_fn)
+        tiling = model.tiling
+        feats: dict[str, list] = {t.name: [] for t in model.tasks}
+        masks: dict[str, list] = {t.name: [] for t in model.tasks}
+        for sample in val_samples:
+            image, mask = synthesize_tiles(sample.image(tiling.image_size), tiling, synth, rng)
+            features = model.tile_embeddings(image)
+            for name, ids in model.assignments(features).items():
+                for i in ids:
+                    feats[name].append([f[i] for f in features])
+                    masks[name].append(mask[tiling.tiles[i].main.slices()])
+        stacked = {n: [torch.stack(col) for col in zip(*rows)] for n, rows in feats.items() if rows}
+        sizes = {n: [(m.shape[1], m.shape[0]) for m in ms] for n, ms in masks.items()}
+        return cls(stacked, masks, sizes)
+
+    def validator(self, task: str, spec: PostprocessSpec):
+        """The TaskData.validate callback of one task (None when no validation tile reached it)."""
+        if task not in self.features:
+            return None
+
+        def run(detector) -> dict:
+            grids = detector.score(self.features[task]).numpy()
+            return tile_metrics(grids, self.masks[task], self.sizes[task], spec)
+
+        return run
 
 
 @dataclass
@@ -115,7 +169,8 @@ class CheckpointSelector:
     def update(self, epoch: int, metrics: dict) -> bool:
         """Record an epoch's validation metrics; True when it is the new best (save it)."""
         others = [v for k, v in metrics.items() if k != "image_auroc" and np.isfinite(v)]
-        key = (metrics.get("image_auroc", -np.inf), float(np.mean(others)) if others else -np.inf)
+        auroc = metrics.get("image_auroc", -np.inf)
+        key = (auroc if np.isfinite(auroc) else -np.inf, float(np.mean(others)) if others else -np.inf)
         if key > self.best_key:
             self.best_key, self.best_epoch, self.since_best = key, epoch, 0
             return True

@@ -32,8 +32,18 @@ def test_even_merge_size_rejected():
 def test_shipped_configs_validate(path):
     import yaml
 
-    if path.name in ("patchcore.yaml", "thumbnail.yaml"):  # detector sections, used as `patch:` / `thumbnail:`
-        section = "patch" if path.name == "patchcore.yaml" else "thumbnail"
-        parse_config({"image_size": 512, "patch_size": 256, section: yaml.safe_load(path.read_text())})
+    if path.name == "thumbnail.yaml":  # a section, used as `thumbnail:`
+        parse_config({"image_size": 512, "patch_size": 256, "thumbnail": yaml.safe_load(path.read_text())})
     else:
         load_config(path)
+
+
+def test_detector_is_chosen_from_the_registry_and_types_its_section():
+    with pytest.raises(ConfigError, match=r"detector: unknown detector 'patchcor' \(did you mean 'patchcore'\?\)"):
+        parse_config({"image_size": 512, "patch_size": 256, "detector": "patchcor"})
+    cfg = parse_config({"image_size": 512, "patch_size": 256, "detector": "patchcore", "patch": {"percentage": 0.2},
+                        "thumbnail": {"thumbnail_size": 128}})
+    assert type(cfg.patch).__name__ == "PatchCoreConfig" and cfg.patch.percentage == 0.2
+    assert cfg.thumbnail.thumbnail_size == 128 and cfg.thumbnail.merge_size == 3
+    with pytest.raises(ConfigError, match=r"thumbnail\.thumbnail_size: Field required"):
+        parse_config({"image_size": 512, "patch_size": 256, "thumbnail": {"percentage": 0.1}})

@@ -18,23 +18,28 @@ TOLERANCE = 1e-4  # max |runtime map - PyTorch map| relative to the PyTorch map'
 
 def test_manifest_describes_everything_a_c_caller_needs(bundle_dir):
     m = json.loads((bundle_dir / "manifest.json").read_text())
-    assert m["schema"] == "hiad-bundle" and m["schema_version"] == 1
+    assert m["schema"] == "hiad-bundle" and m["schema_version"] == 2 and m["detector"] == "patchcore"
     emb = m["embedders"]["patch"]
-    assert emb["graph"]["input_name"] == "image" and emb["graph"]["input_dtype"] == "uint8"
-    assert emb["graph"]["input_shape"] == ["batch", 128, 128, 3] and emb["graph"]["output_shape"] == ["batch", 64, 16, 16]
+    assert emb["graph"]["inputs"] == [{"name": "image", "dtype": "uint8", "shape": ["batch", 128, 128, 3]}]
+    assert emb["graph"]["outputs"] == [{"name": "feature_0", "dtype": "float32", "shape": ["batch", 64, 16, 16]}]
     assert m["preprocessing"]["color_order"] == "RGB" and m["preprocessing"]["normalization_in_graph"]
     assert len(m["tasks"]) == 4 and m["tasks"][2]["tiles"] == [2]
     head = m["tasks"][0]["head"]
-    assert head["kind"] == "knn" and head["graph"]["output_name"] == "scores" and head["index_factory"] == "Flat"
-    assert m["postprocess"] == {"gaussian_sigma": 4.0, "gaussian_truncate": 4.0, "score_pool": 16, "clip_to_unit": False}
+    assert head["kind"] == "knn" and head["graph"]["outputs"][0]["name"] == "scores"
+    assert [t["name"] for t in head["graph"]["inputs"]] == ["feature_0"]
+    assert head["files"] == {"index": "tasks/task_0.faiss", "bank": "tasks/task_0_bank.npy"}
+    assert head["params"]["index_factory"] == "Flat" and head["params"]["k"] == 1
+    assert m["tasks"][0]["training"] == {"bank_size": 102, "training_patches": 1024}
+    assert m["postprocess"] == {"gaussian_sigma": 4.0, "gaussian_truncate": 4.0, "score_pool": 16, "clip_to_unit": False,
+                                "tile_blur_sigma": 0.0, "score_rule": "block_mean_max", "score_top_k": 1}
     for name, info in m["files"].items():
         assert len(info["sha256"]) == 64 and (bundle_dir / name).stat().st_size == info["bytes"]
-    assert m["parity"]["onnx"]["passed"] and m["parity"]["faiss"]["passed"]
+    assert m["parity"]["onnx"]["passed"] and m["parity"]["native"]["passed"]
 
 
-@pytest.mark.parametrize("knn", ["faiss", "onnx"])
-def test_runtime_matches_pytorch_on_real_demo_images(trained, bundle_dir, test_samples, knn):
-    inspector = Inspector.load(bundle_dir, knn=knn)
+@pytest.mark.parametrize("head_path", ["native", "onnx"])
+def test_runtime_matches_pytorch_on_real_demo_images(trained, bundle_dir, test_samples, head_path):
+    inspector = Inspector.load(bundle_dir, head_path=head_path)
     for sample in test_samples:  # held-back EL modules, good and defective
         image = sample.image((256, 256))
         ref_map, ref_score = trained.predict(image)
@@ -46,12 +51,12 @@ def test_runtime_matches_pytorch_on_real_demo_images(trained, bundle_dir, test_s
 
 
 def test_onnx_head_agrees_with_faiss(bundle_dir, test_samples):
-    onnx_inspector = Inspector.load(bundle_dir, knn="onnx")
-    faiss_inspector = Inspector.load(bundle_dir, knn="faiss")
-    embeddings = onnx_inspector.tile_embeddings(test_samples[0].image((256, 256)), {})
+    onnx_inspector = Inspector.load(bundle_dir, head_path="onnx")
+    faiss_inspector = Inspector.load(bundle_dir, head_path="native")
+    features = onnx_inspector.tile_embeddings(test_samples[0].image((256, 256)), {})
     for task in onnx_inspector.tasks:
-        a = onnx_inspector.scorers[task.name](embeddings[list(task.tiles)])
-        b = faiss_inspector.scorers[task.name](embeddings[list(task.tiles)])
+        a = onnx_inspector.heads[task.name]([f[list(task.tiles)] for f in features])
+        b = faiss_inspector.heads[task.name]([f[list(task.tiles)] for f in features])
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -90,7 +95,11 @@ def test_wrong_schema_version_and_corrupt_manifest(bundle_dir, tmp_path):
     with pytest.raises(BundleError, match="schema_version 99 is not supported"):
         Bundle.load(b)
     m["schema_version"] = 1
-    m["tasks"][0]["head"]["bank"] = "elsewhere.npy"  # a manifest pointing to an unverified file
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="re-export it"):  # a v1 bundle: refused with what to do
+        Bundle.load(b)
+    m["schema_version"] = 2
+    m["tasks"][0]["head"]["files"]["bank"] = "elsewhere.npy"  # a manifest pointing to an unverified file
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="elsewhere.npy"):
         Bundle.load(b)
@@ -111,11 +120,11 @@ def test_failed_export_leaves_previous_bundle_intact(trained, bundle_dir, parity
 
 
 def test_approximate_index_reports_its_cost(trained, parity_images, tmp_path):
-    manifest = write_bundle(trained, tmp_path / "ivf", parity_images, ExportOptions(index="IVF4,Flat", search_params="nprobe=1"))
+    manifest = write_bundle(trained, tmp_path / "ivf", parity_images, ExportOptions({"index": "IVF4,Flat", "search_params": "nprobe=1"}))
     head = manifest.tasks[0].head
-    assert head.index_factory == "IVF4,Flat" and head.search_params == "nprobe=1"
+    assert head.params["index_factory"] == "IVF4,Flat" and head.params["search_params"] == "nprobe=1"
     assert manifest.parity["onnx"]["enforced"] and manifest.parity["onnx"]["passed"]
-    assert not manifest.parity["faiss"]["enforced"]  # recorded as the accuracy cost, not a failure
+    assert not manifest.parity["native"]["enforced"]  # recorded as the accuracy cost, not a failure
     Inspector.load(tmp_path / "ivf").predict(parity_images[0])
 
 

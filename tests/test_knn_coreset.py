@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from hiad_train.detectors.coreset import greedy_coreset
-from hiad_train.detectors.knn import KnnHead
+from hiad_train.components.coreset import greedy_coreset
+from hiad_train.components.knn import KnnHead
 
 
 def test_coreset_size_and_coverage():

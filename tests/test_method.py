@@ -36,8 +36,8 @@ def full_bundle(full_model, parity_images, tmp_path_factory):
     return out
 
 
-def _assert_parity(model, bundle, images, knn):
-    inspector = Inspector.load(bundle, knn=knn)
+def _assert_parity(model, bundle, images, head_path):
+    inspector = Inspector.load(bundle, head_path=head_path)
     for image in images:
         ref_map, ref_score = model.predict(image)
         r = inspector.predict(image)
@@ -47,19 +47,19 @@ def _assert_parity(model, bundle, images, knn):
     return inspector
 
 
-@pytest.mark.parametrize("knn", ["faiss", "onnx"])
-def test_fusion_thumbnail_and_normalization_parity(full_model, full_bundle, test_samples, knn):
+@pytest.mark.parametrize("head_path", ["native", "onnx"])
+def test_fusion_thumbnail_and_normalization_parity(full_model, full_bundle, test_samples, head_path):
     images = [s.image((256, 256)) for s in test_samples]
-    inspector = _assert_parity(full_model, full_bundle, images, knn)
+    inspector = _assert_parity(full_model, full_bundle, images, head_path)
     m = inspector.manifest
     assert m.fusion_weights == [0.5, 0.5] and m.tiling["ds_factors"] == [0, 1]
-    assert set(m.embedders) == {"patch", "thumbnail"} and m.thumbnail["size"] == [128, 128]
+    assert set(m.embedders) == {"patch", "thumbnail"} and m.thumbnail.size == [128, 128]
 
 
 def test_fusion_changes_the_embedding(full_model, trained, test_samples):
     image = test_samples[0].image((256, 256))
-    fused = full_model.tile_embeddings(image)
-    plain = trained.tile_embeddings(image)
+    (fused,) = full_model.tile_embeddings(image)
+    (plain,) = trained.tile_embeddings(image)
     assert fused.shape == plain.shape  # the context's crop is resized to the tile's own grid
     assert not np.allclose(fused.numpy(), plain.numpy())
 
@@ -86,11 +86,11 @@ def test_retrieval_routing_equals_training_assignment(train_samples, parity_imag
     model = HRTrainer(cfg, progress=False).fit(train_samples)
     assert model.routing.shape == (3, 64) and all(t.tiles == () for t in model.tasks)
     images = [s.image((256, 256)) for s in train_samples]
-    embeddings = np.stack([model.tile_embeddings(im).numpy() for im in images])
+    embeddings = np.stack([model.tile_embeddings(im)[0].numpy() for im in images])
     _, centres, labels = generators.retrieve(embeddings, 3, seed=0)
     np.testing.assert_allclose(centres, model.routing, atol=1e-5)
     write_bundle(model, tmp_path / "b", parity_images)
-    inspector = _assert_parity(model, tmp_path / "b", parity_images, "faiss")
+    inspector = _assert_parity(model, tmp_path / "b", parity_images, "native")
     for image, expected in zip(images, labels):
         routed = inspector.assignments(inspector.tile_embeddings(image, {}))
         got = np.empty(len(expected), int)
@@ -100,7 +100,7 @@ def test_retrieval_routing_equals_training_assignment(train_samples, parity_imag
 
 
 def test_clustering_generators_on_real_embeddings(trained, train_samples):
-    embeddings = np.stack([trained.tile_embeddings(s.image((256, 256))).numpy() for s in train_samples])
+    embeddings = np.stack([trained.tile_embeddings(s.image((256, 256)))[0].numpy() for s in train_samples])
     tiling = trained.tiling
     a = generators.spatial_clustering(embeddings, cluster_number=2, seed=0)
     b = generators.spatial_clustering(embeddings, cluster_number=2, seed=0)

@@ -37,14 +37,15 @@ def test_gaussian_blur_equals_runtime_blur():
     spec = PostprocessSpec()
     got = GaussianBlur(spec.gaussian_sigma, spec.gaussian_truncate, (80, 64))(torch.from_numpy(m)).numpy()
     for g, x in zip(got, m):
-        np.testing.assert_allclose(g, gaussian_blur(x, spec), atol=1e-6)
+        np.testing.assert_allclose(g, gaussian_blur(x, spec.gaussian_sigma, spec.gaussian_truncate), atol=1e-6)
 
 
 def test_manifest_records_the_pipeline_graph(bundle_dir):
     m = json.loads((bundle_dir / "manifest.json").read_text())
     p = m["pipeline"]
-    assert p["graph"] == "pipeline.onnx" and p["outputs"] == ["anomaly_map", "score"]
-    assert p["input"] == {"name": "image", "dtype": "uint8", "shape": ["batch", 256, 256, 3]}
+    assert p["graph"]["file"] == "pipeline.onnx" and p["unsupported"] is None
+    assert [o["name"] for o in p["graph"]["outputs"]] == ["anomaly_map", "score"]
+    assert p["graph"]["inputs"] == [{"name": "image", "dtype": "uint8", "shape": ["batch", 256, 256, 3]}]
     assert m["files"]["pipeline.onnx"]["bytes"] == (bundle_dir / "pipeline.onnx").stat().st_size
     assert m["parity"]["pipeline"]["passed"] and m["parity"]["pipeline"]["max_rel_map_diff"] <= TOLERANCE
     graph = onnx.load(str(bundle_dir / "pipeline.onnx"), load_external_data=False)
@@ -74,7 +75,7 @@ def test_graph_thresholds_give_decision_and_mask(clustered_model, clustered_bund
     import onnxruntime as ort
 
     m = json.loads((clustered_bundle / "manifest.json").read_text())
-    assert m["pipeline"]["outputs"] == ["anomaly_map", "score", "decision", "mask"]
+    assert [o["name"] for o in m["pipeline"]["graph"]["outputs"]] == ["anomaly_map", "score", "decision", "mask"]
     assert float(m["pipeline"]["metadata"]["hiad.image_threshold"]) == clustered_model.thresholds["image"]
     session = ort.InferenceSession(str(clustered_bundle / "pipeline.onnx"), providers=["CPUExecutionProvider"])
     images = np.stack([s.image((256, 256)) for s in test_samples[:2]])
@@ -99,7 +100,7 @@ def unsupported_bundle(train_samples, tmp_path_factory):
 def test_what_the_graph_cannot_express_is_named(unsupported_bundle):
     manifest, out = unsupported_bundle
     why = "context windows of level 1: resizing 320x320 to 128x128 is not a whole-factor shrink"
-    assert why in manifest.pipeline["unsupported"] and not (out / "pipeline.onnx").exists()
+    assert why in manifest.pipeline.unsupported and manifest.pipeline.graph is None and not (out / "pipeline.onnx").exists()
     assert any(why in n for n in manifest.parity["notes"]) and "pipeline" not in manifest.parity
     with pytest.raises(BundleError, match="no pipeline graph: " + why):
         Inspector.load(out, engine="pipeline")

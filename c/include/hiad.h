@@ -17,7 +17,7 @@ extern "C" {
 #endif
 
 /* The manifest schema_version this library reads. */
-#define HIAD_SCHEMA_VERSION 1
+#define HIAD_SCHEMA_VERSION 2
 
 typedef struct hiad hiad_t;
 

@@ -105,7 +105,7 @@ static int read_manifest(hiad_t *h, const char *dir, pipeline_entry *entry) {
     json_t *version = json_object_get(root, "schema_version");
     json_t *pipeline = json_object_get(root, "pipeline");
     const char *unsupported = json_string_value(json_object_get(pipeline, "unsupported"));
-    const char *graph = json_string_value(json_object_get(pipeline, "graph"));
+    const char *graph = json_string_value(json_object_get(json_object_get(pipeline, "graph"), "file"));
     const char *bundle_id = json_string_value(json_object_get(json_object_get(pipeline, "metadata"), "hiad.bundle_id"));
     if (schema == NULL || strcmp(schema, "hiad-bundle") != 0) {
         set_error(h, "%s: schema '%s' is not 'hiad-bundle'", path, schema ? schema : "(none)");

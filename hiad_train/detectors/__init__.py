@@ -1,8 +1,13 @@
-"""Detectors by name: each implements `hiad_train.detectors.base.Detector`."""
+"""Detectors: one module each, registering itself; importing this package imports them all."""
 
-from hiad_train.detectors.base import Detector
-from hiad_train.detectors.patchcore import PatchCore
+import importlib
+import pkgutil
 
-DETECTORS: dict[str, type[Detector]] = {PatchCore.name: PatchCore}
+from hiad_train.detectors.base import Detector, DetectorConfig, EpochConfig, TaskData
+from hiad_train.detectors.registry import DETECTORS, get_detector, register_detector
 
-__all__ = ["DETECTORS", "Detector", "PatchCore"]
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in {"base", "registry"}:
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["DETECTORS", "Detector", "DetectorConfig", "EpochConfig", "TaskData", "get_detector", "register_detector"]

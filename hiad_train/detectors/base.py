@@ -1,45 +1,104 @@
-"""The detector contract that training, checkpoints and export rely on.
+"""The detector contract that training, checkpoints, export and the runtime rely on (v2).
 
-A task's detector sees its tiles through an *embedder* (an exportable module from uint8 tiles to a
-feature grid, shared by every task that uses the same backbone resolution) and owns a *head*
-(an exportable module from that feature grid to a per-position anomaly score). Checkpoints hold
-`state()` as safetensors and `spec()` as JSON; export turns `head()` into ONNX and asks the detector
-for any native artifact (a faiss index for k-NN heads) via `head_spec()`.
+A detector sees its task's tiles through an *embedder* (an exportable module from uint8 tiles to a
+tuple of feature maps, shared by every task) and owns a *head* (an exportable module from those
+feature maps to a per-position anomaly score). It declares its config section, how it embeds, how
+it trains (on cached features, or on tiles with synthetic anomalies, optionally over epochs with a
+validation callback), its head, any native artifacts (a faiss index for k-NN heads), and the
+post-processing options HiAD applies for it. Export, parity and the runtime know no detector.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence, Union
 
+import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
+
+from hiad_train.backbones import DEFAULT_BACKBONE
+from hiad_train.config import SizeSpec, Strict
+
+
+class DetectorConfig(Strict):
+    """Keys every detector section has (HiAD's names)."""
+
+    backbone_name: str = DEFAULT_BACKBONE
+    backbone_weights: str | None = None  # local weights file; None = packaged or timm pretrained
+    layers_to_extract_from: list[Union[int, str]] = [2, 3]
+    patch_size: SizeSpec | None = None  # HiAD repeats it here; must equal the top-level one if given
+
+
+class EpochConfig(DetectorConfig):
+    """Keys of detectors trained over epochs; checkpoint selection uses the validation set."""
+
+    total_epochs: int = Field(10, ge=1)  # epochs at most
+    batch_size: int = Field(8, ge=1)  # training batch (tiles)
+    lr: float = Field(1e-3, gt=0)
+    eval_interval: int = Field(1, ge=1)  # validate every N epochs (when val_config is set)
+    patience: int = Field(5, ge=1)  # stop after N validations without improvement
+
+
+Synthesizer = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class TaskData:
+    """What one task trains on; built by the trainer."""
+
+    features: list[torch.Tensor]  # per embedder output: (N, C, h, w), this task's training tiles (context-fused)
+    tiles: np.ndarray | None  # (N, H, W, 3) uint8 training tiles, when the detector sets needs_tiles
+    embedder: nn.Module  # the frozen embedder (to embed tiles with synthetic anomalies)
+    synthesizer: Synthesizer  # tile, rng -> (tile with an anomaly, its bool mask); always applies
+    validate: Callable[["Detector"], dict] | None  # metrics of the current state on held-out tiles; None without val_config
+    seed: int = 0
 
 
 class Detector(ABC):
     name: ClassVar[str]
+    Config: ClassVar[type[DetectorConfig]]
+    needs_tiles: ClassVar[bool] = False  # fit reads TaskData.tiles
+    head_kind: ClassVar[str] = "onnx"  # "knn": the runtime may search a faiss index instead of the graph
+    postprocess: ClassVar[dict] = {}  # PostprocessSpec options HiAD applies for this detector
 
-    @abstractmethod
-    def fit(self, embeddings: torch.Tensor, progress: bool = False) -> None:
-        """Learn from this task's training embeddings (N, D, h, w)."""
-
-    @abstractmethod
-    def score(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Per-position anomaly scores (B, h, w) for embeddings (B, D, h, w)."""
-
-    @abstractmethod
-    def head(self) -> nn.Module:
-        """An exportable module computing `score` (embedding input, score-grid output)."""
-
-    @abstractmethod
-    def head_spec(self) -> dict[str, Any]:
-        """JSON description of the head for the manifest (kind and its parameters)."""
-
-    @abstractmethod
-    def state(self) -> dict[str, torch.Tensor]:
-        """Tensors to checkpoint (safetensors)."""
+    def __init__(self, config: DetectorConfig, seed: int = 0):
+        self.config = config
+        self.seed = seed
 
     @classmethod
     @abstractmethod
-    def from_state(cls, config: Any, state: dict[str, torch.Tensor]) -> "Detector":
+    def build_embedder(cls, config: DetectorConfig, pretrained: bool = True) -> nn.Module:
+        """Frozen, eval-mode module: uint8 (B, H, W, 3) RGB -> tuple of float32 (B, C, h, w)."""
+
+    @abstractmethod
+    def fit(self, data: TaskData, progress: bool = False) -> dict:
+        """Learn this task; returns a JSON-able training record (epochs, selected epoch, metrics, ...)."""
+
+    @abstractmethod
+    def head(self) -> nn.Module:
+        """Exportable eval-mode module: forward(*features) -> (B, h, w) scores, higher = more anomalous."""
+
+    @torch.no_grad()
+    def score(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.head()(*features)
+
+    @abstractmethod
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every learned tensor, for safetensors."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, config: DetectorConfig, state: dict[str, torch.Tensor]) -> "Detector":
         """Rebuild a fitted detector from its config and `state()`."""
+
+    def head_params(self) -> dict[str, Any]:
+        """JSON facts about the head for the manifest (sizes, parameters a runtime path needs)."""
+        return {}
+
+    def native_artifacts(self, folder: Path, stem: str, options: dict) -> tuple[dict[str, str], dict[str, Any]]:
+        """Files for a native runtime path, written into `folder` as `stem*`: (role -> file name, params)."""
+        return {}, {}

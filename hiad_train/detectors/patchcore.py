@@ -1,51 +1,88 @@
-"""PatchCore (Roth et al. 2022) as one HiAD task's detector: a coreset memory bank + k-NN distance."""
+"""PatchCore (Roth et al. 2022, https://arxiv.org/abs/2106.08265) as one HiAD task's detector:
+a coreset memory bank of locally aware patch embeddings, scored by k-NN distance."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
-from hiad_train.config import PatchCoreConfig
-from hiad_train.detectors.base import Detector
-from hiad_train.detectors.coreset import greedy_coreset
-from hiad_train.detectors.knn import KnnHead
+from hiad_train.components.coreset import greedy_coreset
+from hiad_train.components.knn import KnnHead
+from hiad_train.components.patch_embedding import PatchEmbedder
+from hiad_train.detectors.base import Detector, DetectorConfig, TaskData
+from hiad_train.detectors.registry import register_detector
+from hiad_train.embedders import BackboneFeatures
 
 
+class PatchCoreConfig(DetectorConfig):
+    """HiAD's PatchCore keys, plus the coreset's projection."""
+
+    merge_size: int = Field(3, ge=1)
+    percentage: float = Field(0.1, gt=0, le=1)
+    pretrain_embed_dimension: int = Field(1024, ge=1)
+    target_embed_dimension: int = Field(128, ge=1)
+    anomaly_scorer_num_nn: int = Field(1, ge=1)
+    coreset_projection_dim: int = Field(64, ge=1)
+
+    @field_validator("merge_size")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 != 1:
+            raise ValueError("merge_size must be odd (a centred neighbourhood)")
+        return v
+
+
+@register_detector
 class PatchCore(Detector):
     name = "patchcore"
+    Config = PatchCoreConfig
+    head_kind = "knn"
 
     def __init__(self, config: PatchCoreConfig, seed: int = 0, memory_bank: torch.Tensor | None = None):
-        self.config = config
-        self.seed = seed
+        super().__init__(config, seed)
         self.memory_bank = memory_bank
 
-    def fit(self, embeddings: torch.Tensor, progress: bool = False) -> None:
+    @classmethod
+    def build_embedder(cls, config: PatchCoreConfig, pretrained: bool = True) -> nn.Module:
+        features = BackboneFeatures.create(config, pretrained)
+        return PatchEmbedder(features, config.merge_size, config.pretrain_embed_dimension, config.target_embed_dimension).eval()
+
+    def fit(self, data: TaskData, progress: bool = False) -> dict:
+        (embeddings,) = data.features
         features = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
-        picked = greedy_coreset(
-            features, self.config.percentage, self.config.coreset_projection_dim, seed=self.seed, progress=progress
-        )
+        picked = greedy_coreset(features, self.config.percentage, self.config.coreset_projection_dim, seed=self.seed, progress=progress)
         self.memory_bank = features[picked].contiguous()
+        return {"bank_size": int(self.memory_bank.shape[0]), "training_patches": int(features.shape[0])}
 
     def head(self) -> nn.Module:
         if self.memory_bank is None:
             raise RuntimeError("PatchCore is not fitted")
         return KnnHead(self.memory_bank, self.config.anomaly_scorer_num_nn).eval()
 
-    @torch.no_grad()
-    def score(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.head()(embeddings)
+    @property
+    def k(self) -> int:
+        return min(self.config.anomaly_scorer_num_nn, int(self.memory_bank.shape[0]))
 
-    def head_spec(self) -> dict[str, Any]:
-        return {
-            "kind": "knn",
-            "k": min(self.config.anomaly_scorer_num_nn, int(self.memory_bank.shape[0])),
-            "metric": "l2",
-            "reduce": "mean of the k exact L2 distances",
-            "bank_size": int(self.memory_bank.shape[0]),
-            "dim": int(self.memory_bank.shape[1]),
-        }
+    def head_params(self) -> dict[str, Any]:
+        n, d = self.memory_bank.shape
+        return {"k": self.k, "metric": "l2", "reduce": "mean of the k exact L2 distances", "bank_size": int(n), "dim": int(d), "bytes": int(n * d * 4)}
+
+    def native_artifacts(self, folder: Path, stem: str, options: dict) -> tuple[dict[str, str], dict[str, Any]]:
+        """A faiss index of the bank (`options['index']`, an index_factory string) and the bank as .npy
+        for exact re-ranking of what the index returns."""
+        from hiad_export.indexes import build_index, write_index
+
+        factory, search = options.get("index", "Flat"), options.get("search_params", "")
+        bank = self.memory_bank.numpy().astype(np.float32)
+        np.save(folder / f"{stem}_bank.npy", bank, allow_pickle=False)
+        write_index(build_index(bank, factory, self.seed), folder / f"{stem}.faiss")
+        params = {"index_factory": factory, "search_params": search, "exact": factory.strip().lower() == "flat"}
+        return {"index": f"{stem}.faiss", "bank": f"{stem}_bank.npy"}, params
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"memory_bank": self.memory_bank}

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hiad_train.embedders import BackboneFeatures
+
 
 def adaptive_pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
     """The (n_in, n_out) matrix of F.adaptive_avg_pool1d from length n_in to n_out."""
@@ -36,33 +38,20 @@ def folded_projections(
 
 
 class PatchEmbedder(nn.Module):
-    """RGB uint8 NHWC tiles -> PatchCore embeddings (B, D, h, w); normalization is inside the graph."""
+    """RGB uint8 NHWC tiles -> (PatchCore embeddings (B, D, h, w),); normalization is inside the graph."""
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        mean: Sequence[float],
-        std: Sequence[float],
-        merge_size: int,
-        pretrain_embed_dimension: int,
-        target_embed_dimension: int,
-    ):
+    def __init__(self, features: BackboneFeatures, merge_size: int, pretrain_embed_dimension: int, target_embed_dimension: int):
         super().__init__()
-        self.backbone = backbone
+        self.features = features
         self.merge_size = merge_size
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-        channels = backbone.feature_info.channels()
         self.projections = nn.ParameterList(
             nn.Parameter(w, requires_grad=False)
-            for w in folded_projections(channels, merge_size, pretrain_embed_dimension, target_embed_dimension)
+            for w in folded_projections(features.channels, merge_size, pretrain_embed_dimension, target_embed_dimension)
         )
-        self.reduction = backbone.feature_info.reduction()[0]
         self.dim = target_embed_dimension
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = (image.permute(0, 3, 1, 2).float() - self.mean) / self.std
-        features = self.backbone(x)
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
+        features = self.features(image)
         pad = self.merge_size // 2
         grid = features[0].shape[-2:]
         out = None
@@ -71,13 +60,7 @@ class PatchEmbedder(nn.Module):
             if e.shape[-2:] != grid:
                 e = F.interpolate(e, size=grid, mode="bilinear", align_corners=False)
             out = e if out is None else out + e
-        return out
-
-    def grid_size(self, tile_size: tuple[int, int]) -> tuple[int, int]:
-        """Feature grid (w, h) for a tile (w, h), by running the backbone once on zeros."""
-        with torch.no_grad():
-            e = self.forward(torch.zeros(1, tile_size[1], tile_size[0], 3, dtype=torch.uint8))
-        return int(e.shape[-1]), int(e.shape[-2])
+        return (out,)
 
 
 def reference_embedding(features: Sequence[torch.Tensor], merge_size: int, pretrain_dim: int, target_dim: int):

@@ -1,0 +1,87 @@
+"""Scoring heads by kind: the embedder's outputs (each (B, C, h, w)) -> anomaly scores (B, h, w).
+
+Every head has a portable path, its ONNX graph (what a C program runs). A kind may add a native fast
+path: 'knn' searches a faiss index (any index_factory type) and re-ranks the neighbours it returns with
+exact L2 distances against the bank, so it agrees with the graph to float rounding. This table knows
+head kinds, never detectors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+try:
+    import faiss
+except ImportError as e:  # the base package pulls neither build on purpose
+    raise ImportError("hiad_runtime needs faiss: pip install 'hiad-deploy[cpu]' (or '[gpu]' on a CUDA box)") from e
+
+from hiad_runtime.bundle import BundleError, HeadSpec
+from hiad_runtime.sessions import SessionFactory
+
+HEAD_PATHS = ("native", "onnx")  # native: a kind's fast path where it has one, else its graph
+
+
+class Head(Protocol):
+    def __call__(self, features: Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+class OnnxHead:
+    """Any head, run as its exported graph."""
+
+    def __init__(self, root: Path, spec: HeadSpec, sessions: SessionFactory):
+        self.session = sessions.create(root / spec.graph.file)
+        self.names = [t.name for t in spec.graph.inputs]
+
+    def __call__(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        feeds = {n: np.ascontiguousarray(f, np.float32) for n, f in zip(self.names, features, strict=True)}
+        return self.session.run(None, feeds)[0]
+
+
+def exact_knn_distance(queries: np.ndarray, bank: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Mean of |q - b| over each query's neighbour indices (M, k) -> (M,)."""
+    diff = queries[:, None, :] - bank[indices]
+    return np.sqrt(np.einsum("mkd,mkd->mk", diff, diff)).mean(1)
+
+
+class FaissKnnHead:
+    """k-NN via a faiss index, distances recomputed exactly for the neighbours it returns."""
+
+    def __init__(self, root: Path, spec: HeadSpec, sessions: SessionFactory):
+        index_path, bank_path = root / spec.files["index"], root / spec.files["bank"]
+        try:
+            self.index = faiss.read_index(str(index_path))
+            self.bank = np.load(bank_path, allow_pickle=False)
+        except (RuntimeError, ValueError, OSError) as e:
+            raise BundleError(f"{index_path.parent}: cannot load k-NN index or bank ({e})") from e
+        if self.bank.shape != (self.index.ntotal, self.index.d) or self.bank.dtype != np.float32:
+            raise BundleError(f"{bank_path}: bank {self.bank.shape} does not match index ({self.index.ntotal}, {self.index.d})")
+        if spec.params.get("search_params"):
+            faiss.ParameterSpace().set_index_parameters(self.index, spec.params["search_params"])
+        self.k = int(spec.params["k"])
+
+    def __call__(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        (embedding,) = features
+        b, d, h, w = embedding.shape
+        queries = np.ascontiguousarray(embedding.transpose(0, 2, 3, 1).reshape(-1, d), dtype=np.float32)
+        _, idx = self.index.search(queries, self.k)
+        idx = np.where(idx < 0, 0, idx)  # approximate indexes may return fewer than k
+        return exact_knn_distance(queries, self.bank, idx).reshape(b, h, w).astype(np.float32)
+
+
+NATIVE: dict[str, Callable[[Path, HeadSpec, SessionFactory], Head]] = {"knn": FaissKnnHead}
+
+
+def has_native_path(spec: HeadSpec) -> bool:
+    return spec.kind in NATIVE
+
+
+def load_head(root: Path, spec: HeadSpec, sessions: SessionFactory, path: str = "native") -> Head:
+    """The kind's native path when asked for and available, else the ONNX graph."""
+    if path not in HEAD_PATHS:
+        raise ValueError(f"head path {path!r} is not one of {HEAD_PATHS}")
+    if path == "native" and spec.kind in NATIVE:
+        return NATIVE[spec.kind](root, spec, sessions)
+    return OnnxHead(root, spec, sessions)

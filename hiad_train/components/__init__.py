@@ -1,0 +1,1 @@
+"""Maths shared by detectors, one concept per module (k-NN, coreset, Gaussian statistics, flows, ...)."""

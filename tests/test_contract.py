@@ -1,0 +1,60 @@
+"""The detector contract, proven for every registered detector: a tiny real training on real EL
+images, a real export (which itself refuses to publish past parity), and the torch-free runtime's
+maps and scores against PyTorch's on every head path that applies.
+
+Adding a detector = its module + one ROWS entry (tiny settings: 128 px tiles, a few steps)."""
+
+import numpy as np
+import pytest
+
+from hiad_export.writer import write_bundle
+from hiad_runtime.heads import HEAD_PATHS
+from hiad_runtime.inspector import Inspector
+from hiad_train.checkpoint import load_checkpoint, save_checkpoint
+from hiad_train.detectors import DETECTORS, EpochConfig
+from hiad_train.trainer import HRTrainer
+
+from conftest import tiny_config
+
+TOLERANCE = 1e-4  # of the PyTorch map's range
+
+ROWS = {  # detector -> its `patch:` section for the tiny run
+    "patchcore": {"target_embed_dimension": 64, "percentage": 0.1},
+}
+
+VALIDATION = {"anomaly_syn_fn": {"name": "random_box", "p": 0.5}, "val_sample_ratio": 0.25, "max_patch_number": 200}
+
+
+def test_every_registered_detector_has_a_contract_row():
+    assert set(ROWS) == set(DETECTORS)
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_train_export_runtime_parity(name, train_samples, test_samples, parity_images, tmp_path):
+    config = tiny_config(detector=name, patch=ROWS[name], tasks={"generator": "neighborhood", "num_groups_width": 2, "num_groups_height": 1},
+                         val_config=VALIDATION)
+    model = HRTrainer(config, progress=False).fit(train_samples)
+    assert len(model.tasks) == 2 and set(model.training) == {"task_0", "task_1"}
+    if issubclass(DETECTORS[name].Config, EpochConfig):  # the validation set chose the epoch
+        record = model.training["task_0"]
+        assert 1 <= record["epochs_run"] <= config.patch.total_epochs and "selection_metrics" in record
+
+    checkpoint = save_checkpoint(model, tmp_path / "ckpt")
+    loaded = load_checkpoint(checkpoint)
+    image = test_samples[0].image((256, 256))
+    np.testing.assert_array_equal(loaded.predict(image)[0], model.predict(image)[0])
+
+    manifest = write_bundle(loaded, tmp_path / "bundle", parity_images)
+    assert manifest.detector == name and manifest.tasks[0].training == model.training["task_0"]
+    paths = [p for p in HEAD_PATHS if p in manifest.parity]
+    assert "onnx" in paths and all(manifest.parity[p]["passed"] for p in paths)
+    for path in paths:
+        inspector = Inspector.load(tmp_path / "bundle", head_path=path)
+        for sample in test_samples:
+            image = sample.image((256, 256))
+            ref_map, ref_score = loaded.predict(image)
+            result = inspector.predict(image)
+            span = max(float(ref_map.max() - ref_map.min()), 1e-6)
+            assert np.abs(result.anomaly_map - ref_map).max() <= TOLERANCE * span, path
+            assert abs(result.score - ref_score) <= TOLERANCE * span, path
+            assert 0.0 <= result.score <= 1.0  # normalized by the validation set
