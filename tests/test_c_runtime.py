@@ -123,3 +123,19 @@ def test_memory_does_not_grow_over_200_predictions(bundle_dir, c_build, ort_libr
     assert rc == 0, err
     r = json.loads(out)
     assert r["rss_kb_end"] <= r["rss_kb_warm"] + 8 * 1024, r  # after the first 20: at most 8 MiB of drift
+
+
+def test_the_documented_example_compiles_as_written_and_runs(bundle_dir, c_build, ort_library, tmp_path):
+    doc = (C_DIR.parent / "docs" / "bundle.md").read_text()
+    source = doc.split("## Running a bundle from C", 1)[1].split("```c\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "example.c").write_text(source)
+    libs = subprocess.run(["pkg-config", "--libs", "jansson", "libcrypto"], capture_output=True, text=True, check=True).stdout.split()
+    cc = subprocess.run(
+        ["cc", "-std=c11", "-Wall", "-Werror", str(tmp_path / "example.c"), f"-I{C_DIR / 'include'}", f"-I{BUILD / 'deps' / 'include'}",
+         str(BUILD / "libhiad.a"), *libs, "-ldl", "-lpthread", "-lm", "-o", str(tmp_path / "example")],
+        capture_output=True, text=True,
+    )
+    assert cc.returncode == 0, cc.stderr
+    done = subprocess.run([str(tmp_path / "example"), str(bundle_dir)], capture_output=True, text=True,
+                          env={"HIAD_ORT_LIBRARY": str(ort_library)})
+    assert done.returncode == 0 and done.stdout.startswith("score "), done.stderr

@@ -105,3 +105,22 @@ def test_what_the_graph_cannot_express_is_named(unsupported_bundle):
     with pytest.raises(BundleError, match="no pipeline graph: " + why):
         Inspector.load(out, engine="pipeline")
     assert Inspector.load(out).predict(np.zeros((320, 320, 3), np.uint8)).anomaly_map.shape == (320, 320)
+
+
+def test_predict_cli_runs_the_pipeline_engine(bundle_dir, elpv_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from hiad_runtime.cli import app
+
+    runner = CliRunner()
+    for engine in ("tiles", "pipeline"):
+        done = runner.invoke(app, ["predict", str(bundle_dir), str(elpv_root / "test"), "--out", str(tmp_path / engine), "--engine", engine])
+        assert done.exit_code == 0, done.output
+    tiles = [json.loads(x) for x in (tmp_path / "tiles" / "results.jsonl").read_text().splitlines()]
+    pipe = [json.loads(x) for x in (tmp_path / "pipeline" / "results.jsonl").read_text().splitlines()]
+    assert len(pipe) == len(tiles) == 4
+    for a, b in zip(tiles, pipe):
+        ma, mb = np.load(tmp_path / "tiles" / a["map"]), np.load(tmp_path / "pipeline" / b["map"])
+        assert np.abs(ma - mb).max() <= TOLERANCE * (ma.max() - ma.min())
+    bench = runner.invoke(app, ["bench", str(bundle_dir), "--engine", "pipeline", "--repeat", "2"])
+    assert bench.exit_code == 0 and "pipeline" in bench.output
