@@ -6,7 +6,7 @@
 set -euo pipefail
 out=${1:?usage: setup.sh BUILD_DIR}
 ORT_DEB=libonnxruntime-dev
-DEV_PACKAGES=(libpng-dev libjpeg-dev libjansson-dev libssl-dev pkg-config)
+DEV_PACKAGES=(libpng-dev libjpeg-dev libjansson-dev libssl-dev)
 
 missing=()
 for p in "${DEV_PACKAGES[@]}"; do
