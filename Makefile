@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := models/demo
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean c
 
 $(BIN)/hiad-train: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,5 +29,9 @@ bench: $(BIN)/hiad-train
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_runtime.py
 
+# The C library and hiad-infer (c/): installs missing -dev packages and ONNX Runtime's C header itself.
+c:
+	$(MAKE) -C c
+
 clean:
-	rm -rf $(VENV) data models/demo
+	rm -rf $(VENV) data models/demo c/build

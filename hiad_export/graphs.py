@@ -21,7 +21,15 @@ OPSET = 17
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
-def _export(module: nn.Module, examples: tuple, path: Path, inputs: list[str], outputs: list[str], fold: bool = True) -> None:
+def _export(
+    module: nn.Module,
+    examples: tuple,
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    fold: bool = True,
+    metadata: dict[str, str] | None = None,
+) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # The TorchScript-based exporter: deterministic, fast, and it keeps the graph free of the
@@ -39,9 +47,13 @@ def _export(module: nn.Module, examples: tuple, path: Path, inputs: list[str], o
         )
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
+    if metadata:
+        onnx.helper.set_model_props(model, metadata)
     size = sum(t.ByteSize() for t in model.graph.initializer)
     if size > EXTERNAL_DATA_BYTES:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+    elif metadata:
+        onnx.save_model(model, str(path))
 
 
 def feature_names(count: int) -> list[str]:

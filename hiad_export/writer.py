@@ -22,6 +22,7 @@ from tqdm import tqdm
 from hiad_export import __version__
 from hiad_export.graphs import build_engine, export_embedder, export_head, tensorrt_status
 from hiad_export.parity import DEFAULT_TOLERANCE, ParityError, measure
+from hiad_export.pipeline import bundle_identity, export_pipeline
 from hiad_runtime.bundle import (
     MANIFEST,
     SCHEMA,
@@ -124,12 +125,24 @@ def _build_engines(tmp: Path, fields: dict, opts: ExportOptions) -> dict:
     return {**fields, "embedders": embedders}
 
 
-def _manifest(model: HRModel, tmp: Path, fields: dict, parity: dict | None) -> Manifest:
-    files = {
+def _files(tmp: Path) -> dict:
+    return {
         str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(tmp.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
+
+
+def _add_pipeline(model: HRModel, tmp: Path, fields: dict, opts: ExportOptions) -> dict:
+    """The whole-image graph, named after the files written so far; a note says why when it cannot be built."""
+    pipeline = export_pipeline(model, tmp, bundle_identity(_files(tmp)))
+    if pipeline.unsupported:
+        opts.notes.append(f"pipeline graph skipped: {pipeline.unsupported}")
+    return {**fields, "pipeline": pipeline}
+
+
+def _manifest(model: HRModel, tmp: Path, fields: dict, parity: dict | None) -> Manifest:
+    files = _files(tmp)
     return Manifest(
         schema=SCHEMA,
         schema_version=SCHEMA_VERSION,
@@ -153,9 +166,10 @@ def _write_manifest(path: Path, manifest: Manifest) -> None:
 
 
 def check_parity(model: HRModel, root: Path, images: Sequence[np.ndarray], opts: ExportOptions) -> dict:
-    """Run PyTorch and every runtime head path that applies on `images`; raise ParityError past the
-    tolerance. A native path whose artifacts are approximate (params `exact: false`, e.g. an IVF
-    index) is measured and recorded, not enforced: its deviation is the accuracy it trades."""
+    """Run PyTorch and every runtime path that applies (ONNX heads, native heads, the pipeline graph)
+    on `images`; raise ParityError past the tolerance. A native path whose artifacts are approximate
+    (params `exact: false`, e.g. an IVF index) is measured and recorded, not enforced: its deviation
+    is the accuracy it trades."""
     if not images:
         raise ParityError("parity needs at least one held-back image")
     reference = [model.predict(im) for im in tqdm(images, desc="parity: pytorch", leave=False)]
@@ -165,6 +179,8 @@ def check_parity(model: HRModel, root: Path, images: Sequence[np.ndarray], opts:
     if native:
         exact = all(h.params.get("exact", True) for h in native)
         reports.append(measure(reference, Inspector(bundle, head_path="native"), images, "native", opts.tolerance, exact))
+    if bundle.manifest.pipeline and bundle.manifest.pipeline.graph:
+        reports.append(measure(reference, Inspector(bundle, engine="pipeline"), images, "pipeline", opts.tolerance, True))
     failed = [r for r in reports if r.enforced and not r.passed]
     if failed:
         lines = [f"{r.path}: max relative map diff {r.max_rel_map_diff:.2e}, score diff {r.max_rel_score_diff:.2e}" for r in failed]
@@ -176,7 +192,7 @@ def write_bundle(model: HRModel, out: str | Path, parity_images: Sequence[np.nda
     opts = opts or ExportOptions()
     out = Path(out)
     with atomic_directory(out) as tmp:
-        fields = _build_engines(tmp, _write_graphs(model, tmp, opts), opts)
+        fields = _add_pipeline(model, tmp, _build_engines(tmp, _write_graphs(model, tmp, opts), opts), opts)
         _write_manifest(tmp / MANIFEST, _manifest(model, tmp, fields, None))
         parity = check_parity(model, tmp, parity_images, opts)
         parity["notes"] = list(opts.notes)

@@ -118,6 +118,17 @@ class RoutingSpec:
 
 
 @dataclass(frozen=True, config=STRICT)
+class PipelineSpec:
+    """The whole-image graph: `image` uint8 (batch, H, W, 3) at image_size -> `anomaly_map`, `score`
+    (+ `decision`, `mask` with thresholds). `metadata` is also in the graph (a C caller reads it
+    there); `unsupported` says, instead of a graph, which step the graph cannot express."""
+
+    graph: GraphSpec | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    unsupported: str | None = None
+
+
+@dataclass(frozen=True, config=STRICT)
 class FileInfo:
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     bytes: Annotated[int, Field(ge=0)]
@@ -141,6 +152,7 @@ class Manifest:
     thresholds: dict | None = None  # {"image": float|None, "pixel": float|None} on the output scale
     validation: dict | None = None  # metrics on the synthetic-anomaly validation set
     parity: dict | None = None
+    pipeline: PipelineSpec | None = None  # the whole-image graph, or why there is none
     files: dict[str, FileInfo] = field(default_factory=dict)  # relative path -> sha256 and size
 
     def to_dict(self) -> dict:
@@ -158,6 +170,7 @@ class Manifest:
         refs = [f for e in self.embedders.values() for f in (e.graph.file, e.graph.engine)]
         refs += [f for h in self.heads() for f in (h.graph.file, *h.files.values())]
         refs += [self.routing.centres] if self.routing else []
+        refs += [self.pipeline.graph.file] if self.pipeline and self.pipeline.graph else []
         return [r for r in refs if r]
 
     @property

@@ -19,6 +19,12 @@ from hiad_runtime.results import OutputError, ResultsFolder, find_inputs, output
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hiad-deploy inspection runtime (torch-free).")
 
+class Engine(str, Enum):
+    """tiles: stage by stage (the head path applies); pipeline: the bundle's whole-image graph, one run per image."""
+
+    tiles = "tiles"
+    pipeline = "pipeline"
+
 
 class HeadPath(str, Enum):
     """How heads run: `native` uses a head kind's fast path (faiss for k-NN) where it has one."""
@@ -51,6 +57,7 @@ def predict(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="image-score threshold (overrides the bundle's)"),
     pixel_threshold: Optional[float] = typer.Option(None, "--pixel-threshold", help="pixel threshold (overrides the bundle's)"),
     head_path: HeadPath = typer.Option(HeadPath.native, "--head-path", help="native: a head kind's fast path (faiss for k-NN) where it has one; onnx: every head's exported graph"),
+    engine: Engine = typer.Option(Engine.tiles, "--engine", help="tiles: stage by stage; pipeline: the bundle's whole-image graph (what the C library runs)"),
     threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0 = all cores)"),
     batch: int = typer.Option(4, "--batch", min=1, help="tiles per ONNX Runtime call (4 keeps peak RSS under 600 MB at 512 px tiles)"),
     input_size: bool = typer.Option(False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"),
@@ -59,8 +66,10 @@ def predict(
     """Score images; one JSON line per image (written as soon as it is done), a float32 map per image."""
     from hiad_runtime.overlay import overlay, save_rgb
 
-    inspector = _load(bundle, head_path=head_path.value, threads=threads, batch_size=batch, image_threshold=threshold,
-                      pixel_threshold=pixel_threshold, max_pixels=max_pixels)
+    inspector = _load(
+        bundle, head_path=head_path.value, engine=engine.value, threads=threads, batch_size=batch,
+        image_threshold=threshold, pixel_threshold=pixel_threshold, max_pixels=max_pixels,
+    )
     files = find_inputs(inputs)
     if not files:
         _fail("no images found in the inputs")
@@ -136,6 +145,7 @@ def bench(
     repeat: int = typer.Option(10, "--repeat", min=1),
     warmup: int = typer.Option(1, "--warmup", min=0),
     head_path: HeadPath = typer.Option(HeadPath.native, "--head-path"),
+    engine: Engine = typer.Option(Engine.tiles, "--engine"),
     threads: int = typer.Option(0, "--threads", min=0),
     batch: int = typer.Option(4, "--batch", min=1),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
@@ -143,7 +153,8 @@ def bench(
     """Per-stage latency (median, p95), images/s and peak RSS. A benchmark that prints figures."""
     from hiad_runtime.inspector import STAGES
 
-    inspector = _load(bundle, head_path=head_path.value, threads=threads, batch_size=batch)
+    inspector = _load(bundle, head_path=head_path.value, engine=engine.value, threads=threads, batch_size=batch)
+    stages = ("decode", "pipeline") if engine is Engine.pipeline else STAGES
     size = inspector.tiling.image_size
     if images:
         try:
@@ -155,28 +166,29 @@ def bench(
         frames = [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)]
     for i in range(warmup):
         inspector.predict(frames[i % len(frames)])
-    per_stage = {s: [] for s in (*STAGES, "total")}
+    per_stage = {s: [] for s in (*stages, "total")}
     t_start = time.perf_counter()
     for i in range(repeat):
         t0 = time.perf_counter()
         r = inspector.predict(frames[i % len(frames)])
         per_stage["total"].append(time.perf_counter() - t0)
-        for s in STAGES:
+        for s in stages:
             per_stage[s].append(r.timings.get(s, 0.0))
     wall = time.perf_counter() - t_start
     figures = {
         "bundle": str(bundle),
         "image_size": list(size),
         "tiles": len(inspector.tiling.tiles),
-        "tasks": len(inspector.tasks),
+        "tasks": len(inspector.manifest.tasks),
         "head_path": head_path.value,
+        "engine": engine.value,
         "providers": inspector.providers_in_use,
         "repeat": repeat,
         "stages_ms": {s: {"median": float(np.median(v) * 1000), "p95": float(np.percentile(v, 95) * 1000)} for s, v in per_stage.items()},
         "images_per_s": repeat / wall,
         "peak_rss_mb": _peak_rss_mb(),
     }
-    typer.echo(f"{figures['tiles']} tiles, {figures['tasks']} tasks, head path {head_path.value}, providers={','.join(figures['providers'])}, {repeat} runs")
+    typer.echo(f"{figures['tiles']} tiles, {figures['tasks']} tasks, engine {engine.value}, head path {head_path.value}, providers={','.join(figures['providers'])}, {repeat} runs")
     typer.echo(f"{'stage':<9} {'median ms':>10} {'p95 ms':>10}")
     for s, v in figures["stages_ms"].items():
         typer.echo(f"{s:<9} {v['median']:>10.1f} {v['p95']:>10.1f}")

@@ -19,12 +19,14 @@ from hiad_runtime.bundle import Bundle, BundleError, EmbedderSpec
 from hiad_runtime.geometry import Box, Tile, context_crop, crop, split
 from hiad_runtime.heads import Head, load_head
 from hiad_runtime.image import ImageError, decode, load_image, resize_image, resize_map, size_warnings
+from hiad_runtime.pipeline import PipelineGraph
 from hiad_runtime.postprocess import finish, fuse_thumbnail, tile_maps_to_image
 from hiad_runtime.sessions import SessionFactory
 from hiad_runtime.tasks import route
 
 STAGES = ("decode", "tile", "backbone", "scoring", "post")
 MAX_PIXELS_FACTOR = 4  # default pixel budget of an input: this many times the bundle's image area
+ENGINES = ("tiles", "pipeline")  # stage by stage (faiss or ONNX heads), or the bundle's whole-image graph
 
 
 @dataclass
@@ -77,6 +79,7 @@ class Inspector:
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
         max_pixels: int | None = None,
+        engine: str = "tiles",
     ):
         m = bundle.manifest
         self.bundle = bundle
@@ -85,6 +88,15 @@ class Inspector:
         width, height = self.tiling.image_size
         self.max_pixels = max_pixels or MAX_PIXELS_FACTOR * width * height  # paths and bytes above it are refused
         self.sessions = SessionFactory(providers, threads)
+        thresholds = m.thresholds or {}
+        self.image_threshold = image_threshold if image_threshold is not None else thresholds.get("image")
+        self.pixel_threshold = pixel_threshold if pixel_threshold is not None else thresholds.get("pixel")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        # engine "pipeline": the whole-image graph does every stage below; nothing else is loaded.
+        self.pipeline = PipelineGraph(bundle, self.sessions) if engine == "pipeline" else None
+        if self.pipeline is not None:
+            return
         self.embedders = {name: Embedder(bundle.root, spec, self.sessions, batch_size) for name, spec in m.embedders.items()}
         self.tasks = m.tasks
         self.heads: dict[str, Head] = {t.name: load_head(bundle.root, t.head, self.sessions, head_path) for t in m.tasks}
@@ -95,9 +107,6 @@ class Inspector:
         if m.thumbnail is not None:
             self.thumbnail_head = load_head(bundle.root, m.thumbnail.head, self.sessions, head_path)
         self.normalization = {t.name: t.normalization for t in m.tasks if t.normalization is not None}
-        thresholds = m.thresholds or {}
-        self.image_threshold = image_threshold if image_threshold is not None else thresholds.get("image")
-        self.pixel_threshold = pixel_threshold if pixel_threshold is not None else thresholds.get("pixel")
 
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> "Inspector":
@@ -181,6 +190,12 @@ class Inspector:
             raise ImageError(f"{source}: {e}") from None
         timings["decode"] = time.perf_counter() - t0
 
+        if self.pipeline is not None:
+            t0 = time.perf_counter()
+            anomaly_map, score = self.pipeline(image)
+            timings["pipeline"] = time.perf_counter() - t0
+            return self._result(anomaly_map, score, input_size, timings)
+
         features = self.tile_embeddings(image, timings)
 
         t0 = time.perf_counter()
@@ -197,9 +212,13 @@ class Inspector:
         spec = self.manifest.postprocess
         merged = fuse_thumbnail(tile_maps_to_image(maps, self.tiling.tiles, self.tiling.image_size, spec), thumb)
         anomaly_map, score = finish(merged, spec)
+        result = self._result(anomaly_map, score, input_size, timings)
+        timings["post"] = time.perf_counter() - t0
+        return result
+
+    def _result(self, anomaly_map: np.ndarray, score: float, input_size, timings: dict) -> Result:
         decision = None if self.image_threshold is None else bool(score >= self.image_threshold)
         mask = None if self.pixel_threshold is None else anomaly_map >= self.pixel_threshold
-        timings["post"] = time.perf_counter() - t0
         return Result(score, anomaly_map, input_size, decision, mask, timings, size_warnings(input_size, self.tiling.image_size))
 
 

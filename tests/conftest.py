@@ -68,3 +68,31 @@ def bundle_dir(trained, parity_images, tmp_path_factory):
 
 def rng(seed=0):
     return np.random.default_rng(seed)
+
+
+# Fusion + thumbnail + spatial-clustering tasks + validation normalization and thresholds: the
+# configuration the pipeline graph and the C library are proven on besides the plain tiny bundle.
+CLUSTERED = dict(
+    ds_factors=[0, 1],
+    fusion_weights=[0.5, 0.5],
+    tasks={"generator": "spatial_clustering", "cluster_number": 2},
+    thumbnail={"thumbnail_size": 128, "target_embed_dimension": 64, "percentage": 0.1},
+    val_config={"anomaly_syn_fn": {"name": "random_box", "p": 0.5}, "val_sample_ratio": 0.25, "max_patch_number": 200,
+                "evaluators": ["image_auroc", "pixel_metrics"]},
+)
+
+
+@pytest.fixture(scope="session")
+def clustered_model(train_samples):
+    from hiad_train.trainer import HRTrainer
+
+    return HRTrainer(tiny_config(**CLUSTERED), progress=False).fit(train_samples)
+
+
+@pytest.fixture(scope="session")
+def clustered_bundle(clustered_model, parity_images, tmp_path_factory):
+    from hiad_export.writer import write_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "clustered"
+    write_bundle(clustered_model, out, parity_images)
+    return out
