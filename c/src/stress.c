@@ -1,6 +1,6 @@
 /* hiad-stress BUNDLE IMAGE N: N predictions on one image, for the tests' leak checks (run it under
  * AddressSanitizer) and memory-growth checks. Prints one JSON line: the resident set size (VmRSS)
- * after the first tenth of the predictions and after all of them, and the last score. */
+ * after the first tenth, after half and after all of the predictions, and the last score. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,17 +38,18 @@ int main(int argc, char **argv) {
     int n = atoi(argv[3]), warm = n / 10 > 0 ? n / 10 : 1, rc = 0;
     float *map = malloc(sizeof(float) * (size_t)image.width * (size_t)image.height);
     hiad_result r = {0, -1};
-    long rss_warm = -1;
+    long rss_warm = -1, rss_half = -1;
     for (int i = 0; i < n && rc == 0; i++) {
         rc = hiad_predict(h, image.rgb, image.width, image.height, (size_t)image.width * 3, &r, map);
         if (i + 1 == warm) rss_warm = vm_rss_kb();
+        if (i + 1 == n / 2) rss_half = vm_rss_kb();
     }
     if (rc) {
         hiad_last_error(h, error, sizeof error);
         fprintf(stderr, "error: %s\n", error);
     } else {
-        printf("{\"predictions\": %d, \"rss_kb_warm\": %ld, \"rss_kb_end\": %ld, \"score\": %.9g}\n", n, rss_warm,
-               vm_rss_kb(), r.score);
+        printf("{\"predictions\": %d, \"rss_kb_warm\": %ld, \"rss_kb_half\": %ld, \"rss_kb_end\": %ld, \"score\": %.9g}\n", n,
+               rss_warm, rss_half, vm_rss_kb(), r.score);
     }
     free(map);
     free(image.rgb);
