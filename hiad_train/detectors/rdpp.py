@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from hiad_train.backbones import create_backbone
 from hiad_train.components.cosine import cosine_distance, multiscale_cosine_distance
 from hiad_train.components.decoder import Decoder, stride_ratio
 from hiad_train.components.epochs import train_epochs
@@ -166,8 +165,8 @@ def projection_loss(
 
 def encoder_geometry(config: RDPPConfig) -> tuple[list[int], list[int]]:
     """Channels and strides of the configured backbone stages (from timm's feature_info, no weights loaded)."""
-    info = create_backbone(config.backbone_name, config.layers_to_extract_from, pretrained=False).feature_info
-    return list(info.channels()), list(info.reduction())
+    embedder = BackboneFeatures.create(config, pretrained=False)
+    return embedder.channels, embedder.reductions
 
 
 @register_detector
@@ -180,8 +179,7 @@ class RDPP(Detector):
     postprocess = {"tile_blur_sigma": 4.0}
 
     def __init__(self, config: RDPPConfig, seed: int = 0):
-        self.config = config
-        self.seed = seed
+        super().__init__(config, seed)
         self.channels, self.strides = encoder_geometry(config)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -190,7 +188,7 @@ class RDPP(Detector):
 
     @classmethod
     def build_embedder(cls, config: RDPPConfig, pretrained: bool = True) -> nn.Module:
-        return BackboneFeatures(config, pretrained=pretrained)
+        return BackboneFeatures.create(config, pretrained)
 
     def _check(self, features: Sequence[torch.Tensor]) -> None:
         got = [int(f.shape[1]) for f in features]
