@@ -11,7 +11,15 @@ from scipy.optimize import linear_sum_assignment, minimize
 
 from hiad_train.components.cosine import cosine_distance, multiscale_cosine_distance
 from hiad_train.components.decoder import Decoder
-from hiad_train.detectors.rdpp import RDPP, RDPPConfig, RDPPHead, distillation_loss, encoder_geometry, sinkhorn_plan, transport_cost
+from hiad_train.detectors.rdpp import (
+    RDPP,
+    RDPPConfig,
+    RDPPHead,
+    distillation_loss,
+    encoder_geometry,
+    sinkhorn_plan,
+    transport_cost,
+)
 
 
 def np_cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -32,12 +40,18 @@ def test_multiscale_map_sums_scales_resized_bilinearly_to_the_first_grid():
     coarse = [torch.randn(1, 6, 4, 5, generator=g) for _ in range(2)]
     got = multiscale_cosine_distance([fine[0], coarse[0]], [fine[1], coarse[1]]).numpy()[0]
     small = np_cosine_distance(coarse[0].numpy(), coarse[1].numpy())[0].astype(np.float32)
-    expected = np_cosine_distance(fine[0].numpy(), fine[1].numpy())[0] + cv2.resize(small, (10, 8), interpolation=cv2.INTER_LINEAR)
+    upsampled = cv2.resize(small, (10, 8), interpolation=cv2.INTER_LINEAR)  # half-pixel centres, as PyTorch's
+    expected = np_cosine_distance(fine[0].numpy(), fine[1].numpy())[0] + upsampled
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize(
-    "backbone, layers", [("tf_efficientnet_lite0", [1, 2, 3]), ("tf_efficientnet_lite0", [3]), ("resnet18", ["layer1", "layer2", "layer3"])]
+    "backbone, layers",
+    [
+        ("tf_efficientnet_lite0", [1, 2, 3]),
+        ("tf_efficientnet_lite0", [3]),
+        ("resnet18", ["layer1", "layer2", "layer3"]),
+    ],
 )
 def test_decoder_reproduces_the_encoder_shapes(backbone, layers):
     channels, strides = encoder_geometry(RDPPConfig(backbone_name=backbone, layers_to_extract_from=layers))

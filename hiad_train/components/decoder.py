@@ -54,7 +54,8 @@ class Decoder(nn.Module):
         sources = [(in_channels, in_stride)] + list(zip(channels, strides))[:0:-1]
         targets = list(zip(channels, strides))[::-1]
         self.blocks = nn.ModuleList(
-            DeconvBlock(c_in, c_out, stride_ratio(s_in, s_out)) for (c_in, s_in), (c_out, s_out) in zip(sources, targets)
+            DeconvBlock(c_in, c_out, stride_ratio(s_in, s_out))
+            for (c_in, s_in), (c_out, s_out) in zip(sources, targets)
         )
 
     def forward(self, embedding: torch.Tensor) -> list[torch.Tensor]:

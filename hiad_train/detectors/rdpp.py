@@ -70,7 +70,8 @@ class Bottleneck(nn.Module):
             steps = math.log2(stride_ratio(deep_s, s))
             if steps != int(steps):
                 raise ValueError(f"RD++ needs encoder strides that differ by powers of 2, got {list(strides)}")
-            self.align.append(nn.Sequential(*(conv_bn_relu(c if i == 0 else deep_c, deep_c, 2) for i in range(int(steps)))))
+            widths = [c] + [deep_c] * int(steps)
+            self.align.append(nn.Sequential(*(conv_bn_relu(a, b, 2) for a, b in zip(widths[:-1], widths[1:]))))
         c_cat, c_out = deep_c * len(channels), 2 * deep_c
         self.body = nn.Sequential(
             nn.Conv2d(c_cat, c_out, 3, 2, 1, bias=False),
@@ -223,9 +224,8 @@ class RDPP(Detector):
                 with torch.no_grad():
                     noisy = list(data.embedder(torch.from_numpy(noisy_tiles)))
                 projected_normal, projected_noisy = model.project(normal), model.project(noisy)
-                loss = distillation_loss(normal, model.reconstruct(projected_normal)) + cfg.weight_proj * projection_loss(
-                    noisy, projected_noisy, projected_normal, generator
-                )
+                distill = distillation_loss(normal, model.reconstruct(projected_normal))
+                loss = distill + cfg.weight_proj * projection_loss(noisy, projected_noisy, projected_normal, generator)
                 opt_proj.zero_grad()
                 opt_distill.zero_grad()
                 loss.backward()
