@@ -53,8 +53,8 @@ class SegmentationNet(nn.Module):
         super().__init__()
         width = segmentation_width(in_channels)
         self.res = residual_stage(in_channels, width)
+        kaiming_init(self.res)  # the head keeps PyTorch's default init (as DeSTSeg): He init would saturate the sigmoid
         self.head = nn.Sequential(ASPP(width), conv_bn_relu(width, width), nn.Conv2d(width, 1, 1))
-        kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.head(self.res(x)))
