@@ -10,6 +10,8 @@ from torchvision.ops import sigmoid_focal_loss
 
 from hiad_train.components.segmentation import SegmentationNet, focal_loss, segmentation_loss, segmentation_width
 from hiad_train.components.student import Student, encoder_widths, student_loss
+from hiad_train.config import ConfigError, load_config
+from hiad_train.detectors.destseg import DeSTSeg, DeSTSegConfig
 
 
 def test_encoder_widths_follow_the_teacher():
@@ -36,12 +38,12 @@ def test_student_loss_is_the_cosine_distance_and_training_lowers_it():
     assert float(student_loss([a, a], [a, 2 * a])) == pytest.approx(0.0, abs=1e-6)
 
     torch.manual_seed(0)
-    student = Student([16, 32], [4, 8])
-    images = torch.randn(4, 3, 32, 32)
-    teacher = [torch.randn(4, 16, 8, 8), torch.randn(4, 32, 4, 4)]
+    student = Student([8, 16], [4, 8])
+    images = torch.randn(4, 3, 16, 16)
+    teacher = [torch.randn(4, 8, 4, 4), torch.randn(4, 16, 2, 2)]
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
     losses = []
-    for _ in range(30):
+    for _ in range(20):
         optimizer.zero_grad()
         loss = student_loss(student(images, teacher), teacher)
         loss.backward()
@@ -79,3 +81,26 @@ def test_focal_and_l1_losses_on_a_hand_made_mask():
     # gamma down-weights pixels already classified well: the easy half loses more than the hard half.
     half = torch.where(torch.arange(8)[None, None, None, :] < 4, right, torch.full_like(mask, 0.5))
     assert float(focal_loss(half, mask, 4)) < float(focal_loss(half, mask, 0)) / 10
+
+
+def test_state_round_trip_and_embedder_outputs():
+    config = DeSTSegConfig(total_epochs=2, de_st_epochs=1)
+    embedder = DeSTSeg.build_embedder(config, pretrained=False)
+    with torch.no_grad():
+        features = embedder(torch.randint(0, 256, (2, 64, 96, 3), dtype=torch.uint8))
+    assert [tuple(f.shape) for f in features] == [(2, 40, 8, 12), (2, 112, 4, 6), (2, 3, 64, 96)]
+    detector = DeSTSeg(config, seed=3)
+    scores = detector.score(features)
+    assert scores.shape == (2, 8, 12)
+    restored = DeSTSeg.from_state(config, detector.state())
+    torch.testing.assert_close(restored.score(features), scores)
+
+
+def test_configs_load_and_stage_lengths_are_checked(tmp_path):
+    for name in ("destseg", "destseg_cpu"):
+        config = load_config(f"configs/{name}.yaml")
+        assert config.detector == "destseg" and config.patch.de_st_epochs < config.patch.total_epochs
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("image_size: 256\npatch_size: 128\ndetector: destseg\npatch: {total_epochs: 3, de_st_epochs: 3}\n")
+    with pytest.raises(ConfigError, match="de_st_epochs"):
+        load_config(bad)
