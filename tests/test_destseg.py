@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from hiad_train.components.segmentation import SegmentationNet, focal_loss, segmentation_loss, segmentation_width
@@ -104,3 +105,12 @@ def test_configs_load_and_stage_lengths_are_checked(tmp_path):
     bad.write_text("image_size: 256\npatch_size: 128\ndetector: destseg\npatch: {total_epochs: 3, de_st_epochs: 3}\n")
     with pytest.raises(ConfigError, match="de_st_epochs"):
         load_config(bad)
+
+
+def test_a_single_training_tile_is_refused():
+    from hiad_train.detectors import TaskData
+
+    config = DeSTSegConfig(total_epochs=2, de_st_epochs=1, batch_size=2)
+    data = TaskData([], np.zeros((1, 32, 32, 3), np.uint8), nn.Identity(), lambda tile, rng: (tile, tile[..., 0] > 0), None)
+    with pytest.raises(ValueError, match="at least 2 tiles"):
+        DeSTSeg(config).fit(data)

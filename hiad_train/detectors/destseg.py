@@ -38,7 +38,7 @@ class DeSTSegConfig(EpochConfig):
 
     total_epochs: int = Field(60, ge=2)
     de_st_epochs: int = Field(20, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=2)  # BatchNorm needs two tiles
     lr: float = Field(0.4, gt=0)
     lr_res: float = Field(0.1, gt=0)
     lr_seghead: float = Field(0.01, gt=0)
@@ -113,10 +113,13 @@ class DeSTSeg(Detector):
         return TeacherAndImage(BackboneFeatures.create(config, pretrained)).eval()
 
     def _batches(self, data: TaskData, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, tuple, torch.Tensor]]:
-        """Shuffled batches: (tile indices, embedder outputs of the tiles with anomalies, their masks)."""
+        """Shuffled batches: (tile indices, embedder outputs of the tiles with anomalies, their masks).
+
+        The remainder is spread over the batches (batch_size to 2 * batch_size - 1 tiles each), so
+        BatchNorm never sees a lone tile.
+        """
         order = rng.permutation(len(data.tiles))
-        for start in range(0, len(order), self.config.batch_size):
-            idx = order[start : start + self.config.batch_size]
+        for idx in np.array_split(order, max(1, len(order) // self.config.batch_size)):
             pairs = [data.synthesizer(data.tiles[i], rng) for i in idx]
             with torch.no_grad():
                 outputs = data.embedder(torch.from_numpy(np.stack([tile for tile, _ in pairs])))
@@ -124,8 +127,8 @@ class DeSTSeg(Detector):
             yield idx, outputs, masks
 
     def fit(self, data: TaskData, progress: bool = False) -> dict:
-        if data.tiles is None:
-            raise ValueError("DeSTSeg trains on tiles: TaskData.tiles is missing")
+        if data.tiles is None or len(data.tiles) < 2:
+            raise ValueError("DeSTSeg trains on batches of at least 2 tiles (BatchNorm): this task has fewer")
         cfg = self.config
         rng = np.random.default_rng(data.seed)
         clean_teacher = data.features[:-1]
@@ -140,7 +143,7 @@ class DeSTSeg(Detector):
         )
 
         def student_epoch(epoch: int) -> float:
-            self.net.train()
+            self.net.student.train()
             losses = []
             for idx, outputs, _ in self._batches(data, rng):
                 teacher = [f[idx] for f in clean_teacher]
