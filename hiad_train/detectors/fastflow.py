@@ -1,0 +1,118 @@
+"""FastFlow (Yu et al. 2021, https://arxiv.org/abs/2111.07677) as one HiAD task's detector.
+
+Per backbone scale, the features are layer-normalized (over channels and grid, with a learned
+per-position affine, as in the paper's CNN variant) and mapped by a 2-D normalizing flow to a
+standard normal; training minimizes the flows' negative log-likelihood on the task's cached
+features. The score follows HiAD (and anomalib): per scale, prob = exp(-0.5 * mean over channels
+of z^2), resized to the first scale's grid, and the anomaly map is minus the mean over scales.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import AliasChoices, Field
+from torch import nn
+
+from hiad_train.components.epochs import train_epochs
+from hiad_train.components.flow import Flow2d, gaussian_nll
+from hiad_train.detectors.base import Detector, EpochConfig, TaskData
+from hiad_train.detectors.registry import register_detector
+from hiad_train.embedders import BackboneFeatures
+
+
+class FastFlowConfig(EpochConfig):
+    """HiAD's FastFlow keys (`num_epochs` is read as `total_epochs`)."""
+
+    flow_step: int = Field(8, ge=1)
+    hidden_ratio: float = Field(1.0, gt=0)
+    conv3x3_only: bool = False
+    total_epochs: int = Field(300, ge=1, validation_alias=AliasChoices("total_epochs", "num_epochs"))
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+
+
+class FastFlowModel(nn.Module):
+    """Features of every scale -> latents (training) or the anomaly map (forward, exported)."""
+
+    def __init__(self, shapes: Sequence[tuple[int, int, int]], config: FastFlowConfig, seed: int = 0):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(list(shape)) for shape in shapes)
+        self.flows = nn.ModuleList(
+            Flow2d(shape[0], config.flow_step, config.hidden_ratio, config.conv3x3_only, seed=seed + i)
+            for i, shape in enumerate(shapes)
+        )
+
+    def latents(self, features: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(z, log|det|) per scale."""
+        return [flow(norm(f)) for f, norm, flow in zip(features, self.norms, self.flows)]
+
+    def nll(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Training loss: per-sample negative log-likelihood summed over scales, batch mean."""
+        return sum(gaussian_nll(z, log_det).mean() for z, log_det in self.latents(features))
+
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        grid = features[0].shape[-2:]
+        probs = []
+        for z, _ in self.latents(features):
+            prob = torch.exp(-0.5 * (z * z).mean(dim=1, keepdim=True))
+            probs.append(F.interpolate(prob, size=grid, mode="bilinear", align_corners=False))
+        return -torch.cat(probs, 1).mean(dim=1)
+
+
+@register_detector
+class FastFlow(Detector):
+    """2-D normalizing flows on frozen backbone features; anomaly = low likelihood."""
+
+    name = "fastflow"
+    Config = FastFlowConfig
+
+    def __init__(self, config: FastFlowConfig, seed: int = 0, model: FastFlowModel | None = None):
+        self.config = config
+        self.seed = seed
+        self.model = model
+
+    @classmethod
+    def build_embedder(cls, config: FastFlowConfig, pretrained: bool = True) -> nn.Module:
+        return BackboneFeatures.create(config, pretrained=pretrained)
+
+    def fit(self, data: TaskData, progress: bool = False) -> dict:
+        shapes = [tuple(f.shape[1:]) for f in data.features]
+        with torch.random.fork_rng():
+            torch.manual_seed(data.seed)
+            self.model = FastFlowModel(shapes, self.config, seed=data.seed)
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        generator = torch.Generator().manual_seed(data.seed)
+        n = data.features[0].shape[0]
+
+        def step(epoch: int) -> float:
+            self.model.train()
+            total = 0.0
+            for batch in torch.randperm(n, generator=generator).split(self.config.batch_size):
+                loss = self.model.nll([f[batch] for f in data.features])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(batch)
+            self.model.eval()
+            return total / n
+
+        return train_epochs(self, self.config, data, step, progress)
+
+    def head(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("FastFlow is not fitted")
+        return self.model.eval()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
+
+    @classmethod
+    def from_state(cls, config: FastFlowConfig, state: dict[str, torch.Tensor]) -> "FastFlow":
+        scales = sum(1 for key in state if key.startswith("norms.") and key.endswith(".weight"))
+        shapes = [tuple(state[f"norms.{i}.weight"].shape) for i in range(scales)]
+        model = FastFlowModel(shapes, config)
+        model.load_state_dict(state)
+        return cls(config, model=model.eval())
