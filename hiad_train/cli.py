@@ -1,8 +1,9 @@
-"""`hiad-train CONFIG.yaml --data DIR --out DIR [--eval]`, plus `hiad-train eval` and `hiad-train demo-data`."""
+"""`hiad-train CONFIG.yaml --data DIR --out DIR [--eval] [--ray ADDRESS]`, plus `hiad-train eval` and `hiad-train demo-data`."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from enum import Enum
@@ -58,9 +59,12 @@ def train(
     data: Path = typer.Option(..., "--data", exists=True, file_okay=False, help="class folder in MVTec-AD layout (train/, test/, ground_truth/) or with train.jsonl/test.jsonl"),
     out: Path = typer.Option(Path("models/run"), "--out", help="run folder; the checkpoint goes to OUT/checkpoint"),
     eval_: bool = typer.Option(False, "--eval", help="evaluate on the test split afterwards"),
+    ray_address: str | None = typer.Option(None, "--ray", help="train on Ray: 'local' (a Ray instance on this machine), 'auto' (the cluster this machine joined with `ray start`) or a cluster ADDRESS; needs the [ray] extra (docs/distributed.md)"),
+    ship_features: bool = typer.Option(False, "--ray-ship-features", help="with --ray: extract features here and ship them through Ray's object store (no storage shared by the nodes); by default workers read the images from their paths"),
 ) -> None:
     """Train one detector per task and write the checkpoint (atomically)."""
     from hiad_train.checkpoint import save_checkpoint
+    from hiad_train.executors import LocalExecutor, StageFailed
     from hiad_train.tasks import print_tasks
     from hiad_train.trainer import HRTrainer
     from hiad_runtime.overlay import save_rgb
@@ -70,9 +74,27 @@ def train(
         cfg = load_config(config)
     except ConfigError as e:
         _fail(str(e))
+    if ship_features and ray_address is None:
+        _fail("--ray-ship-features needs --ray")
     samples = _samples(data, "train")
+    executor = LocalExecutor() if ray_address is None else _ray_executor(ray_address, ship_features)
+    out.mkdir(parents=True, exist_ok=True)
+    log = logging.FileHandler(out / "train.log", mode="w")
+    log.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger("hiad_train").addHandler(log)
+    logging.getLogger("hiad_train").setLevel(logging.INFO)
     t0 = time.perf_counter()
-    model = HRTrainer(cfg).fit(samples)
+    try:
+        model = HRTrainer(cfg, executor=executor).fit(samples)
+    except StageFailed as e:
+        _fail(f"{e}; no checkpoint written")
+    finally:
+        logging.getLogger("hiad_train").removeHandler(log)
+        log.close()
+        if ray_address is not None:
+            import ray
+
+            ray.shutdown()
     seconds = time.perf_counter() - t0
     typer.echo(print_tasks(model.tasks, model.tiling) if model.routing is None else f"{len(model.tasks)} retrieval tasks (routed at inference)")
     held_out = model.validation["images"] if model.validation else 0
@@ -82,10 +104,23 @@ def train(
         typer.echo(f"validation ({held_out} held-out image(s), synthetic anomalies): {v}; thresholds {model.thresholds}")
     save_checkpoint(model, out / "checkpoint", data)
     save_rgb(out / "task_map.png", task_map(model.tasks, model.tiling, samples[0].image(model.tiling.image_size)))
-    (out / "train.json").write_text(json.dumps({"train_seconds": seconds, "train_images": len(samples)}, indent=1))
+    (out / "train.json").write_text(json.dumps({"train_seconds": seconds, "train_images": len(samples), "ray": ray_address,
+                                                "seconds": executor.seconds}, indent=1))
     typer.echo(f"checkpoint: {out / 'checkpoint'}")
     if eval_:
         _evaluate(model, data, out / "eval_torch")
+
+
+def _ray_executor(address: str, ship_features: bool):
+    try:
+        from hiad_train.distributed import RayExecutor, connect
+    except ImportError:
+        _fail("--ray needs Ray: pip install 'hiad-deploy[ray]'")
+    try:
+        connect(address)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        _fail(f"--ray {address}: cannot reach a Ray cluster ({e})")
+    return RayExecutor(ship_features)
 
 
 @app.command("eval")

@@ -113,6 +113,23 @@ class EvaluationConfig(Strict):
     overlays: bool = True
 
 
+class TaskResources(Strict):
+    """What one Ray task reserves on its node (used only with `hiad-train --ray`)."""
+
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    memory_mb: int | None = Field(None, ge=1)  # None = no memory reservation
+
+
+class DistributedConfig(Strict):
+    """How the work is cut into Ray tasks; results never depend on it (docs/distributed.md)."""
+
+    images_per_task: int = Field(4, ge=1)  # images per feature-extraction task
+    features: TaskResources = TaskResources()
+    fit: TaskResources = TaskResources()
+    max_retries: int = Field(2, ge=0)  # further attempts after a task's worker dies or it raises
+
+
 class TrainConfig(Strict):
     """A training run. `patch` (and `thumbnail`) are the chosen detector's section: `config_model`
     types them from the detector registry, so each detector's keys are validated by name."""
@@ -130,6 +147,7 @@ class TrainConfig(Strict):
     thumbnail: Any = None
     val_config: ValConfig | None = None
     evaluation: EvaluationConfig = EvaluationConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":

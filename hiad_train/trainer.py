@@ -1,5 +1,11 @@
 """HRTrainer (HiAD's training stage): decode each training image once, embed all its tiles in
-batches, form tasks, fit one detector per task (and the optional thumbnail detector), validate."""
+batches, form tasks, fit one detector per task (and the optional thumbnail detector), validate.
+
+The two naturally parallel stages, the feature pass over batches of images and the per-task fits,
+are `extract_features` and `fit_task`, run by an executor (hiad_train/executors.py): in this
+process, or on a Ray cluster. Each task's detector is seeded from the config seed alone and hands
+back its state as safetensors bytes, so where a task ran never changes the checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from tqdm import tqdm
 
 from hiad_runtime.geometry import Tiling, as_size, split
@@ -17,8 +25,9 @@ from hiad_runtime.postprocess import PostprocessSpec
 from hiad_train import tasks as generators
 from hiad_train.config import SynthesizerConfig, TrainConfig
 from hiad_train.data.samples import HRSample
-from hiad_train.detectors import TaskData, get_detector
+from hiad_train.detectors import DetectorConfig, TaskData, get_detector
 from hiad_train.evaluation import Evaluator, default_evaluators, evaluate
+from hiad_train.executors import LocalExecutor, Stage
 from hiad_train.model import HRModel, Thumbnail, embed
 from hiad_train.validation import TaskValidation, make_synthesizer, split_validation, validate
 
@@ -37,13 +46,80 @@ class Predictions:
     masks: list[np.ndarray]
 
 
+@dataclass
+class FeaturePass:
+    """What every feature-extraction task shares: the model so far (tiling, embedder, fusion) and what
+    else each image must yield."""
+
+    model: HRModel
+    keep_tiles: bool  # the detector trains on the tiles themselves
+    thumbnail_size: tuple[int, int] | None  # the image at this size, for the thumbnail detector
+
+
+@dataclass
+class ImageFeatures:
+    features: list[np.ndarray]  # per embedder output: (tiles, C, h, w), context-fused
+    tiles: np.ndarray | None  # (tiles, H, W, 3) uint8
+    thumbnail: np.ndarray | None  # the image at thumbnail size
+
+
+def extract_features(shared: FeaturePass, samples: list[HRSample]) -> list[ImageFeatures]:
+    """Decode each image once (from its path) and embed all its tiles."""
+    out = []
+    for sample in samples:
+        image = sample.image(shared.model.tiling.image_size)
+        out.append(ImageFeatures(
+            [f.numpy() for f in shared.model.tile_embeddings(image)],
+            split(image, shared.model.tiling.tiles) if shared.keep_tiles else None,
+            resize_image(image, shared.thumbnail_size) if shared.thumbnail_size is not None else None,
+        ))
+    return out
+
+
+@dataclass
+class FitShared:
+    """What every task fit shares."""
+
+    detector: str  # registry name
+    config: DetectorConfig
+    embedder: torch.nn.Module
+    synthesizer: object
+    seed: int
+    progress: bool  # the detector's own (epoch) progress bars
+
+
+@dataclass
+class TaskInputs:
+    """One task's own training data."""
+
+    features: list[torch.Tensor]
+    tiles: np.ndarray | None
+    validate: object  # TaskValidator or None
+
+
+@dataclass
+class FittedTask:
+    state: bytes  # safetensors of Detector.state()
+    record: dict  # the detector's training record
+
+
+def fit_task(shared: FitShared, task: TaskInputs) -> FittedTask:
+    """Fit one task's detector from the config seed alone, whatever ran before in this process."""
+    seed_everything(shared.seed)
+    detector = get_detector(shared.detector)(shared.config, seed=shared.seed)
+    data = TaskData(task.features, task.tiles, shared.embedder, shared.synthesizer, task.validate, shared.seed)
+    record = detector.fit(data, progress=shared.progress)
+    return FittedTask(save_tensors({k: v.detach().contiguous() for k, v in detector.state().items()}), record)
+
+
 class HRTrainer:
     """Trains an HRModel from a TrainConfig (https://github.com/cnulab/HiAD's training stage)."""
 
-    def __init__(self, config: TrainConfig, progress: bool = True):
+    def __init__(self, config: TrainConfig, progress: bool = True, executor: LocalExecutor | None = None):
         self.config = config
         self.progress = progress
         self.detector_cls = get_detector(config.detector)
+        self.executor = executor or LocalExecutor()
 
     def _plan_tasks(self, tiling: Tiling, embeddings: np.ndarray):
         """Tasks, optional retrieval centres, and per task the (image, tile) pairs it trains on."""
@@ -83,49 +159,53 @@ class HRTrainer:
         model = HRModel(
             cfg, tiling, [], self.detector_cls.build_embedder(cfg.patch), {}, PostprocessSpec(**self.detector_cls.postprocess)
         )
-        needs_tiles = self.detector_cls.needs_tiles
-        features: list[torch.Tensor] = []  # per embedder output: (images, tiles, C, h, w)
-        tiles, images = [], []
-        for n, sample in enumerate(tqdm(samples, desc="features", disable=not self.progress)):
-            image = sample.image(tiling.image_size)  # decoded once, shared by every task
-            for scale, f in enumerate(model.tile_embeddings(image)):
-                if n == 0:
-                    features.append(torch.empty((len(samples), *f.shape)))
-                features[scale][n] = f
-            if needs_tiles:
-                tiles.append(split(image, tiling.tiles))
-            if cfg.thumbnail is not None:
-                images.append(image)
+        features, tiles, thumbnails = self._feature_pass(model, samples)
         model.tasks, model.routing, pairs = self._plan_tasks(tiling, features[0].numpy())
         synthesizer = self._training_synthesizer()
         validation = TaskValidation.build(model, val_samples, cfg.val_config, cfg.seed) if val_samples else None
-        for task in tqdm(model.tasks, desc="tasks", disable=not self.progress):
+        inputs = []
+        for task in model.tasks:
             if not pairs[task.name]:
                 raise ValueError(f"{task.name} has no training tiles")
             rows = np.asarray(pairs[task.name])
-            data = TaskData(
+            inputs.append(TaskInputs(
                 features=[f[rows[:, 0], rows[:, 1]] for f in features],
-                tiles=np.stack([tiles[i][j] for i, j in rows]) if needs_tiles else None,
-                embedder=model.embedder,
-                synthesizer=synthesizer,
+                tiles=np.stack([tiles[i][j] for i, j in rows]) if tiles is not None else None,
                 validate=None if validation is None else validation.validator(task.name, model.postprocess),
-                seed=cfg.seed,
-            )
-            det = self.detector_cls(cfg.patch, seed=cfg.seed)
-            model.training[task.name] = det.fit(data, progress=self.progress)
-            model.detectors[task.name] = det
+            ))
+        shared = FitShared(cfg.detector, cfg.patch, model.embedder, synthesizer, cfg.seed, self.progress and self.executor.in_process)
+        stage = Stage("tasks", fit_task, shared, inputs, [t.name for t in model.tasks], cfg.distributed.fit, cfg.distributed.max_retries)
+        for task, fitted in zip(model.tasks, self.executor.fit(stage, self.progress)):
+            model.detectors[task.name] = self.detector_cls.from_state(cfg.patch, load_tensors(fitted.state))
+            model.training[task.name] = fitted.record
         if cfg.thumbnail is not None:
-            model.thumbnail = self._fit_thumbnail(images, synthesizer)
+            model.thumbnail = self._fit_thumbnail(np.stack(thumbnails), synthesizer)
         if val_samples:
             validate(model, val_samples, cfg.val_config, cfg.seed)
             model.postprocess = replace(model.postprocess, clip_to_unit=True)
         return model
 
-    def _fit_thumbnail(self, images: list[np.ndarray], synthesizer) -> Thumbnail:
+    def _feature_pass(self, model: HRModel, samples: Sequence[HRSample]):
+        """Per embedder output (images, tiles, C, h, w); the tiles (images, tiles, H, W, 3) when the detector
+        trains on them; the images at thumbnail size when there is a thumbnail branch."""
+        cfg = self.config
+        size = None if cfg.thumbnail is None else as_size(cfg.thumbnail.thumbnail_size, "thumbnail_size")
+        per_task = cfg.distributed.images_per_task
+        batches = [list(samples[i : i + per_task]) for i in range(0, len(samples), per_task)]
+        labels = [f"images {i}-{i + len(b) - 1}" for i, b in zip(range(0, len(samples), per_task), batches)]
+        stage = Stage("features", extract_features, FeaturePass(model, self.detector_cls.needs_tiles, size), batches, labels,
+                      cfg.distributed.features, cfg.distributed.max_retries)
+        images = [im for batch in self.executor.extract(stage, self.progress) for im in batch]
+        features = [torch.from_numpy(np.stack([im.features[s] for im in images])) for s in range(len(images[0].features))]
+        tiles = np.stack([im.tiles for im in images]) if images[0].tiles is not None else None
+        return features, tiles, [im.thumbnail for im in images]
+
+    def _fit_thumbnail(self, small: np.ndarray, synthesizer) -> Thumbnail:
+        """The thumbnail detector, fitted here (one detector: nothing to share out)."""
         cfg = self.config.thumbnail
         size = as_size(cfg.thumbnail_size, "thumbnail_size")
         embedder = self.detector_cls.build_embedder(cfg)
-        small = np.stack([resize_image(im, size) for im in images])
+        seed_everything(self.config.seed)  # as every task: independent of where the tasks ran
         data = TaskData(embed(embedder, small, self.config.batch_size), small if self.detector_cls.needs_tiles else None,
                         embedder, synthesizer, None, self.config.seed)
         det = self.detector_cls(cfg, seed=self.config.seed)

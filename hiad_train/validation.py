@@ -144,16 +144,26 @@ class TaskValidation:
         sizes = {n: [(m.shape[1], m.shape[0]) for m in ms] for n, ms in masks.items()}
         return cls(stacked, masks, sizes)
 
-    def validator(self, task: str, spec: PostprocessSpec):
+    def validator(self, task: str, spec: PostprocessSpec) -> "TaskValidator | None":
         """The TaskData.validate callback of one task (None when no validation tile reached it)."""
         if task not in self.features:
             return None
+        return TaskValidator(self.features[task], self.masks[task], self.sizes[task], spec)
 
-        def run(detector) -> dict:
-            grids = detector.score(self.features[task]).numpy()
-            return tile_metrics(grids, self.masks[task], self.sizes[task], spec)
 
-        return run
+@dataclass
+class TaskValidator:
+    """Validation metrics of a detector's current state on one task's held-out tiles; holds that task's
+    data only, so it travels light to wherever the task trains."""
+
+    features: list
+    masks: list[np.ndarray]
+    sizes: list[tuple[int, int]]
+    spec: PostprocessSpec
+
+    def __call__(self, detector) -> dict:
+        grids = detector.score(self.features).numpy()
+        return tile_metrics(grids, self.masks, self.sizes, self.spec)
 
 
 @dataclass

@@ -1,0 +1,119 @@
+"""Training on a Ray cluster (`hiad-train CONFIG ... --ray ADDRESS`, extra `[ray]`).
+
+`RayExecutor` runs the trainer's stages as Ray tasks: the feature pass by batches of images (each
+worker reads its images from their paths, which every node must see) and one detector fit per task.
+Each task reserves the resources of its config section `distributed`, is retried when its worker
+dies or it raises (at most `max_retries` times), and returns plain data: features as numpy arrays,
+a detector's state as safetensors bytes. With `ship_features`, the driver runs the feature pass
+itself and the fits receive the features through Ray's object store (no shared storage needed).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+
+import ray
+import torch
+
+from hiad_train.executors import LocalExecutor, Stage, StageFailed
+
+FAULT_ENV = "HIAD_FAULT"  # test-only fault injection: "<item label>:kill-once" or "<item label>:raise"
+
+
+def connect(address: str) -> None:
+    """'local' starts a Ray instance on this machine, 'auto' joins the cluster this machine is a node
+    of (`ray start`), anything else is a cluster address (`HOST:6379` or `ray://HOST:10001`)."""
+    ray.init(address=address, include_dashboard=False if address == "local" else None, log_to_driver=False)
+
+
+class RayExecutor(LocalExecutor):
+    """Runs the trainer's stages as Ray tasks on the cluster `connect` joined."""
+
+    in_process = False
+
+    def __init__(self, ship_features: bool = False):
+        super().__init__()
+        self.ship_features = ship_features
+
+    def extract(self, stage: Stage, progress: bool = False) -> list:
+        return LocalExecutor.run(self, stage, progress) if self.ship_features else self.run(stage, progress)
+
+    def run(self, stage: Stage, progress: bool = False) -> list:
+        """Every item as a Ray task; results in item order. The first item that fails for good fails the
+        stage (StageFailed with its label and the worker's error) and cancels the rest."""
+        from tqdm import tqdm
+
+        res = stage.resources
+        remote = ray.remote(_attempt)
+        options = dict(
+            num_cpus=res.num_cpus,
+            num_gpus=res.num_gpus,
+            memory=None if res.memory_mb is None else res.memory_mb << 20,
+            max_retries=stage.retries,
+            retry_exceptions=True,
+        )
+        shared = ray.put(stage.shared)
+        threads = max(1, int(res.num_cpus))
+        fault = _fault_from_env()
+        index = {
+            remote.options(**options, name=f"{stage.name}:{label}").remote(stage.work, shared, item, label, threads, fault): i
+            for i, (label, item) in enumerate(zip(stage.labels, stage.items))
+        }
+        results: list = [None] * len(index)
+        pending = list(index)
+        with tqdm(total=len(index), desc=stage.name, disable=not progress) as bar:
+            while pending:
+                (ref,), pending = ray.wait(pending, num_returns=1)
+                label = stage.labels[index[ref]]
+                try:
+                    result, seconds, host = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    for other in pending:
+                        ray.cancel(other, force=True)
+                    raise StageFailed(label, f"after {stage.retries + 1} attempt(s): {_worker_error(e)}") from None
+                results[index[ref]] = result
+                self.record(stage.name, label, seconds, host)
+                bar.update()
+        return results
+
+
+def _attempt(work, shared, item, label: str, threads: int, fault):
+    """One attempt of one item on a worker: (result, seconds, host)."""
+    torch.set_num_threads(threads)  # the task's CPU reservation, whatever the worker process had
+    _inject(fault, label)
+    start = time.perf_counter()
+    result = work(shared, item)
+    return result, time.perf_counter() - start, socket.gethostname()
+
+
+def _worker_error(error: ray.exceptions.RayError) -> str:
+    cause = getattr(error, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+
+
+def _fault_from_env() -> tuple[str, str, str] | None:
+    """HIAD_FAULT, read on the driver (test-only): which item fails, how, and the marker file that
+    lets `kill-once` kill only the first attempt (on a path the retry's node sees: the local cluster)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    label, _, mode = spec.rpartition(":")
+    if not label or mode not in {"kill-once", "raise"}:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected '<item label>:kill-once' or '<item label>:raise'")
+    return label, mode, os.path.join(tempfile.mkdtemp(prefix="hiad-fault-"), "attempted")
+
+
+def _inject(fault, label: str) -> None:
+    if fault is None or fault[0] != label:
+        return
+    _, mode, marker = fault
+    if mode == "raise":
+        raise RuntimeError(f"fault injected by {FAULT_ENV}")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)  # the worker dies mid-task, as when a node is lost
