@@ -77,7 +77,7 @@ def train(
     if ship_features and ray_address is None:
         _fail("--ray-ship-features needs --ray")
     samples = _samples(data, "train")
-    executor = LocalExecutor() if ray_address is None else _ray_executor(ray_address, ship_features)
+    executor, owns_ray = (LocalExecutor(), False) if ray_address is None else _ray_executor(ray_address, ship_features)
     out.mkdir(parents=True, exist_ok=True)
     log = logging.FileHandler(out / "train.log", mode="w")
     log.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -91,7 +91,7 @@ def train(
     finally:
         logging.getLogger("hiad_train").removeHandler(log)
         log.close()
-        if ray_address is not None:
+        if owns_ray:
             import ray
 
             ray.shutdown()
@@ -117,10 +117,10 @@ def _ray_executor(address: str, ship_features: bool):
     except ImportError:
         _fail("--ray needs Ray: pip install 'hiad-deploy[ray]'")
     try:
-        connect(address)
+        owns_ray = connect(address)
     except (ConnectionError, ValueError, RuntimeError) as e:
         _fail(f"--ray {address}: cannot reach a Ray cluster ({e})")
-    return RayExecutor(ship_features)
+    return RayExecutor(ship_features), owns_ray
 
 
 @app.command("eval")

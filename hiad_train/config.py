@@ -114,7 +114,8 @@ class EvaluationConfig(Strict):
 
 
 class TaskResources(Strict):
-    """What one Ray task reserves on its node (used only with `hiad-train --ray`)."""
+    """What one feature batch or task fit uses: PyTorch threads (int(num_cpus), here and on Ray, so that
+    results match bit for bit), and what its Ray task reserves on a node (with `hiad-train --ray`)."""
 
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)

@@ -23,10 +23,14 @@ from hiad_train.executors import LocalExecutor, Stage, StageFailed
 FAULT_ENV = "HIAD_FAULT"  # test-only fault injection: "<item label>:kill-once" or "<item label>:raise"
 
 
-def connect(address: str) -> None:
+def connect(address: str) -> bool:
     """'local' starts a Ray instance on this machine, 'auto' joins the cluster this machine is a node
-    of (`ray start`), anything else is a cluster address (`HOST:6379` or `ray://HOST:10001`)."""
-    ray.init(address=address, include_dashboard=False if address == "local" else None, log_to_driver=False)
+    of (`ray start`), anything else is a cluster address (`HOST:6379` or `ray://HOST:10001`).
+    Returns False when this process was already connected (then the caller must not shut Ray down)."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, include_dashboard=False if address == "local" else None)
+    return True
 
 
 class RayExecutor(LocalExecutor):
@@ -56,10 +60,9 @@ class RayExecutor(LocalExecutor):
             retry_exceptions=True,
         )
         shared = ray.put(stage.shared)
-        threads = max(1, int(res.num_cpus))
         fault = _fault_from_env()
         index = {
-            remote.options(**options, name=f"{stage.name}:{label}").remote(stage.work, shared, item, label, threads, fault): i
+            remote.options(**options, name=f"{stage.name}:{label}").remote(stage.work, shared, item, label, stage.threads, fault): i
             for i, (label, item) in enumerate(zip(stage.labels, stage.items))
         }
         results: list = [None] * len(index)
@@ -82,7 +85,7 @@ class RayExecutor(LocalExecutor):
 
 def _attempt(work, shared, item, label: str, threads: int, fault):
     """One attempt of one item on a worker: (result, seconds, host)."""
-    torch.set_num_threads(threads)  # the task's CPU reservation, whatever the worker process had
+    torch.set_num_threads(threads)  # as the local executor: the same sums, whatever the worker process had
     _inject(fault, label)
     start = time.perf_counter()
     result = work(shared, item)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import torch
 from tqdm import tqdm
 
 from hiad_train.config import TaskResources
@@ -33,6 +35,22 @@ class Stage:
     labels: list[str]
     resources: TaskResources
     retries: int = 0  # further attempts of an item whose worker dies or which raises (where the executor retries)
+
+    @property
+    def threads(self) -> int:
+        """PyTorch threads per item, wherever it runs: floating-point sums (a backward pass) can depend on
+        the thread count, so it is part of what is computed, not of where."""
+        return max(1, int(self.resources.num_cpus))
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class StageFailed(RuntimeError):
@@ -59,10 +77,11 @@ class LocalExecutor:
 
     def run(self, stage: Stage, progress: bool = False) -> list:
         results = []
-        for label, item in tqdm(list(zip(stage.labels, stage.items)), desc=stage.name, disable=not progress):
-            start = time.perf_counter()
-            results.append(stage.work(stage.shared, item))
-            self.record(stage.name, label, time.perf_counter() - start)
+        with torch_threads(stage.threads):
+            for label, item in tqdm(list(zip(stage.labels, stage.items)), desc=stage.name, disable=not progress):
+                start = time.perf_counter()
+                results.append(stage.work(stage.shared, item))
+                self.record(stage.name, label, time.perf_counter() - start)
         return results
 
     def record(self, stage: str, label: str, seconds: float, where: str = "this process") -> None:
