@@ -102,3 +102,25 @@ class Detector(ABC):
     def native_artifacts(self, folder: Path, stem: str, options: dict) -> tuple[dict[str, str], dict[str, Any]]:
         """Files for a native runtime path, written into `folder` as `stem*`: (role -> file name, params)."""
         return {}, {}
+
+
+class NetworkDetector(Detector):
+    """A detector whose learned state is one module, `self.net` (built in `__init__` from the config,
+    or left None until fitted); its head is that module."""
+
+    net: nn.Module | None = None
+
+    def head(self) -> nn.Module:
+        if self.net is None:
+            raise RuntimeError(f"{self.name} is not fitted")
+        return self.net.eval()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone().contiguous() for k, v in self.net.state_dict().items()}
+
+    @classmethod
+    def from_state(cls, config: DetectorConfig, state: dict[str, torch.Tensor]) -> "NetworkDetector":
+        detector = cls(config)
+        detector.net.load_state_dict(state)
+        detector.net.eval()
+        return detector
