@@ -20,6 +20,7 @@ TOLERANCE = 1e-4  # of the PyTorch map's range
 
 ROWS = {  # detector -> its `patch:` section for the tiny run
     "patchcore": {"target_embed_dimension": 64, "percentage": 0.1},
+    "padim": {"embed_dimension": 32},
 }
 
 VALIDATION = {"anomaly_syn_fn": {"name": "random_box", "p": 0.5}, "val_sample_ratio": 0.25, "max_patch_number": 200}

@@ -28,8 +28,8 @@ from hiad_train.detectors.base import Detector, DetectorConfig, TaskData
 from hiad_train.detectors.registry import register_detector
 from hiad_train.embedders import BackboneFeatures
 
-# The channel subset is drawn once per configuration with this seed, so every task, the
-# checkpoint and the exported embedder graph (where the indices are a constant) agree.
+# The channel subset is drawn once per configuration with this seed (build_embedder gets no run
+# seed); it is a buffer of the embedder, so the checkpoint and the exported graph store it.
 CHANNEL_SEED = 0
 # Positions whose statistics are computed at once (bounds fit's float64 working memory).
 POSITIONS_PER_CHUNK = 256
@@ -86,14 +86,13 @@ class PaDiM(Detector):
     Config: ClassVar[type[DetectorConfig]] = PaDiMConfig
 
     def __init__(self, config: PaDiMConfig, seed: int = 0):
-        self.config = config
-        self.seed = seed
+        super().__init__(config, seed)
         self.mean: torch.Tensor | None = None
         self.inverse_covariance: torch.Tensor | None = None
 
     @classmethod
     def build_embedder(cls, config: PaDiMConfig, pretrained: bool = True) -> nn.Module:
-        features = BackboneFeatures(config, pretrained=pretrained)
+        features = BackboneFeatures.create(config, pretrained)
         return PaDiMEmbedder(features, features.channels, config.embed_dimension).eval()
 
     def fit(self, data: TaskData, progress: bool = False) -> dict:
