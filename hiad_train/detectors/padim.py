@@ -74,7 +74,8 @@ class MahalanobisHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         b, c, h, w = features.shape
-        per_position = features.reshape(b, c, h * w).permute(2, 0, 1)  # (P, B, C)
+        # (P, B, C), made contiguous: the batched matmul on the strided view is 10x slower in PyTorch
+        per_position = features.reshape(b, c, h * w).permute(2, 0, 1).contiguous()
         return mahalanobis(per_position, self.mean, self.inverse_covariance).transpose(0, 1).reshape(b, h, w)
 
 
