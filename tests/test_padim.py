@@ -8,6 +8,9 @@ import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from hiad_train.components.gaussian import gaussian_statistics, mahalanobis, regularized_inverse
+from hiad_train.detectors import padim
+from hiad_train.detectors.base import TaskData
+from hiad_train.detectors.padim import PaDiM, PaDiMConfig, PaDiMEmbedder, channel_subset
 
 
 def test_statistics_equal_numpy_mean_and_cov():
@@ -52,8 +55,6 @@ class _FixedMaps(torch.nn.Module):
 
 
 def test_embedder_repeats_coarse_layers_and_keeps_a_seeded_channel_subset():
-    from hiad_train.detectors.padim import PaDiMEmbedder, channel_subset
-
     rng = np.random.default_rng(2)
     fine, coarse = rng.normal(size=(2, 3, 4, 6)), rng.normal(size=(2, 5, 2, 3))
     maps = (torch.tensor(fine, dtype=torch.float32), torch.tensor(coarse, dtype=torch.float32))
@@ -70,17 +71,14 @@ def test_embedder_repeats_coarse_layers_and_keeps_a_seeded_channel_subset():
 
 
 def test_fit_and_head_equal_a_per_position_numpy_reference(monkeypatch):
-    from hiad_train.detectors import padim
-    from hiad_train.detectors.base import TaskData
-    from hiad_train.detectors.padim import PaDiM, PaDiMConfig
-
     monkeypatch.setattr(padim, "POSITIONS_PER_CHUNK", 4)  # 15 positions: several chunks, a short last one
 
     rng = np.random.default_rng(3)
     train = rng.normal(size=(9, 6, 3, 5)).astype(np.float32)
     query = rng.normal(size=(2, 6, 3, 5)).astype(np.float32) * 1.5
     detector = PaDiM(PaDiMConfig(embed_dimension=6))
-    detector.fit(TaskData(features=[torch.from_numpy(train)], tiles=None, embedder=None, synthesizer=None, validate=None, seed=0))
+    data = TaskData(features=[torch.from_numpy(train)], tiles=None, embedder=None, synthesizer=None, validate=None)
+    detector.fit(data)
     restored = PaDiM.from_state(detector.config, detector.state())
     got = restored.score([torch.from_numpy(query)]).numpy()
     assert got.shape == (2, 3, 5)
