@@ -23,6 +23,7 @@ ROWS = {  # detector -> its `patch:` section for the tiny run
     "rdpp": {"layers_to_extract_from": [2, 3], "total_epochs": 1, "batch_size": 4},
     "destseg": {"total_epochs": 2, "de_st_epochs": 1, "batch_size": 4},
     "fastflow": {"flow_step": 2, "hidden_ratio": 0.5, "num_epochs": 2, "batch_size": 4},
+    "padim": {"embed_dimension": 32},
 }
 
 VALIDATION = {"anomaly_syn_fn": {"name": "random_box", "p": 0.5}, "val_sample_ratio": 0.25, "max_patch_number": 200}
