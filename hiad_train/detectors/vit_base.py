@@ -6,7 +6,7 @@ encoder-decoder cosine distance. Each detector supplies its block groups and its
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -106,3 +106,38 @@ class ViTReconstruction(Detector):
         detector.model.eval()
         return detector
 
+
+
+class FusedLayersConfig(ViTConfig):
+    """Dinomaly's and INP-Former's keys: encoder blocks averaged in groups (the reconstruction targets;
+    all of them averaged is the decoder's input), decoder blocks averaged in the same way, a noisy bottleneck."""
+
+    fuse_layer_encoder: list[list[int]] = [[0, 1, 2, 3], [4, 5, 6, 7]]  # indices into layers_to_extract_from
+    fuse_layer_decoder: list[list[int]] = [[0, 1, 2, 3], [4, 5, 6, 7]]  # indices into the decoder's blocks, last block first
+    decoder_depth: int = Field(8, ge=1)
+    bottleneck_dropout: float = Field(0.2, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _groups(self) -> "FusedLayersConfig":
+        for key, groups, count in (("fuse_layer_encoder", self.fuse_layer_encoder, len(self.layers_to_extract_from)),
+                                   ("fuse_layer_decoder", self.fuse_layer_decoder, self.decoder_depth)):
+            if not groups or any(not g or not all(0 <= i < count for i in g) for g in groups):
+                raise ValueError(f"{key}: {groups} needs non-empty groups of indices in 0..{count - 1}")
+        if len(self.fuse_layer_encoder) != len(self.fuse_layer_decoder):
+            raise ValueError(f"fuse_layer_encoder and fuse_layer_decoder need as many groups "
+                             f"({len(self.fuse_layer_encoder)} vs {len(self.fuse_layer_decoder)})")
+        return self
+
+    def encoder_block_groups(self) -> list[list[int]]:
+        return [[self.layers_to_extract_from[i] for i in g] for g in self.fuse_layer_encoder]
+
+
+def fused_input(groups: Sequence[torch.Tensor], sizes: Sequence[int]) -> torch.Tensor:
+    """The mean over every encoder block, from the group means and the groups' sizes."""
+    return sum(g * n for g, n in zip(groups, sizes)) / sum(sizes)
+
+
+def decoder_groups(outputs: Sequence[torch.Tensor], groups: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Decoder block outputs (first block first) -> per group, the mean of its blocks counted from the last."""
+    last_first = list(outputs)[::-1]
+    return [sum(last_first[i] for i in g) / len(g) for g in groups]
