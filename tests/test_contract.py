@@ -27,6 +27,8 @@ ROWS = {  # detector -> its `patch:` section for the tiny run
     "fastflow": {"flow_step": 2, "hidden_ratio": 0.5, "num_epochs": 2, "batch_size": 4},
     "dinomaly": {**TINY_VIT, "layers_to_extract_from": [0, 1, 2, 3], "fuse_layer_encoder": [[0, 1], [2, 3]],
                  "decoder_depth": 2, "fuse_layer_decoder": [[0], [1]], "total_epochs": 2, "batch_size": 4},
+    "inpformer": {**TINY_VIT, "layers_to_extract_from": [0, 1, 2, 3], "fuse_layer_encoder": [[0, 1], [2, 3]],
+                  "decoder_depth": 2, "fuse_layer_decoder": [[0], [1]], "num_prototypes": 3, "total_epochs": 2, "batch_size": 4},
     "vitad": {**TINY_VIT, "layers_to_extract_from": [0, 1, 2], "neck_layers": [3], "total_epochs": 2, "batch_size": 4},
 }
 
