@@ -23,8 +23,9 @@ class _Projections(nn.Module):
 
     def split(self, query: torch.Tensor, context: torch.Tensor):
         """(B, N, C), (B, M, C) -> q (B, h, N, d), k and v (B, h, M, d)."""
-        q = self.q(query).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
-        k, v = self.kv(context).unflatten(-1, (2, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        b = query.shape[0]  # reshape, not unflatten: unflatten exports a Mod that TensorRT rejects
+        q = self.q(query).reshape(b, -1, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(context).reshape(b, -1, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return q, k, v
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,4 +83,4 @@ def to_tokens(grid: torch.Tensor) -> torch.Tensor:
 
 def to_grid(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, h*w, C) -> (B, C, h, w)."""
-    return tokens.transpose(1, 2).unflatten(2, size)
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *size)
