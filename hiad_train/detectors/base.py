@@ -32,6 +32,9 @@ class DetectorConfig(Strict):
     layers_to_extract_from: list[Union[int, str]] = Field([2, 3], min_length=1)
     patch_size: SizeSpec | None = None  # HiAD repeats it here; must equal the top-level one if given
 
+    def check_tile_size(self, size: tuple[int, int]) -> None:
+        """Raise ValueError for a tile (width, height) this detector cannot embed (e.g. not whole ViT patches)."""
+
 
 class EpochConfig(DetectorConfig):
     """Keys of detectors trained over epochs; checkpoint selection uses the validation set."""
