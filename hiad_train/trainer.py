@@ -26,10 +26,11 @@ from hiad_train import tasks as generators
 from hiad_train.config import SynthesizerConfig, TrainConfig
 from hiad_train.data.samples import HRSample
 from hiad_train.detectors import DetectorConfig, TaskData, get_detector
+from hiad_train.detectors.base import Synthesizer
 from hiad_train.evaluation import Evaluator, default_evaluators, evaluate
 from hiad_train.executors import LocalExecutor, Stage
 from hiad_train.model import HRModel, Thumbnail, embed
-from hiad_train.validation import TaskValidation, make_synthesizer, split_validation, validate
+from hiad_train.validation import TaskValidation, TaskValidator, make_synthesizer, split_validation, validate
 
 
 def seed_everything(seed: int) -> None:
@@ -83,7 +84,7 @@ class FitShared:
     detector: str  # registry name
     config: DetectorConfig
     embedder: torch.nn.Module
-    synthesizer: object
+    synthesizer: Synthesizer
     seed: int
     progress: bool  # the detector's own (epoch) progress bars
 
@@ -94,7 +95,7 @@ class TaskInputs:
 
     features: list[torch.Tensor]
     tiles: np.ndarray | None
-    validate: object  # TaskValidator or None
+    validate: TaskValidator | None
 
 
 @dataclass
