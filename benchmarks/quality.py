@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +104,7 @@ HEADER = ("| set | config | image AUROC | pixel AUROC | pixel AP | AUPRO | false
 
 
 def row(r: dict) -> str:
-    f = partial(format, format_spec=".3f")
+    f = lambda x: f"{x:.3f}"  # noqa: E731
     pct = lambda x: "n/a" if np.isnan(x) else f"{x:.0%}"  # noqa: E731
     return (f"| {r['set']} | {r['config']} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | {f(r['pixel_ap'])} | {f(r['aupro'])} "
             f"| {pct(r['false_alarm'])} of {r['good']} | {pct(r['miss'])} of {r['defective']} | {pct(r['false_alarm_f1'])} "
