@@ -47,8 +47,10 @@ def _load(bundle: Path, **kwargs):
         _fail(str(e))
 
 
-def describe_threshold(kind: str, value: float | None, rule: dict | None, override: bool) -> str:
+def describe_threshold(kind: str, value: float | None, rule: dict | None, override: bool, clipped: bool) -> str:
     """One line saying what a threshold is and how it was set (the bundle's record of its rule)."""
+    if value is not None and clipped and value > 1:
+        return describe_threshold(kind, value, rule, override, False) + "; above the clipped range [0, 1]: never reached"
     if value is None:
         return f"{kind} threshold: none ({'no decisions' if kind == 'image' else 'no masks'}; --{'threshold' if kind == 'image' else 'pixel-threshold'} sets one)"
     head = f"{kind} threshold {value:.4g}"
@@ -92,8 +94,9 @@ def predict(
     if not files:
         _fail("no images found in the inputs")
     rules = (inspector.manifest.thresholds or {}).get("rules", {})
-    typer.echo(describe_threshold("image", inspector.image_threshold, rules.get("image"), threshold is not None))
-    typer.echo(describe_threshold("pixel", inspector.pixel_threshold, rules.get("pixel"), pixel_threshold is not None))
+    clipped = inspector.manifest.postprocess.clip_to_unit
+    typer.echo(describe_threshold("image", inspector.image_threshold, rules.get("image"), threshold is not None, clipped))
+    typer.echo(describe_threshold("pixel", inspector.pixel_threshold, rules.get("pixel"), pixel_threshold is not None, clipped))
     failures = 0
     try:
         with ResultsFolder(out, overwrite) as folder:

@@ -61,6 +61,7 @@ def train(
     eval_: bool = typer.Option(False, "--eval", help="evaluate on the test split afterwards"),
 ) -> None:
     """Train one detector per task and write the checkpoint (atomically)."""
+    from hiad_runtime.cli import describe_threshold
     from hiad_train.checkpoint import save_checkpoint
     from hiad_train.tasks import print_tasks
     from hiad_train.trainer import HRTrainer
@@ -80,7 +81,9 @@ def train(
     typer.echo(f"trained {len(model.tasks)} task(s) on {len(samples) - held_out} images in {seconds:.1f} s")
     if model.validation:
         v = {k: round(x, 4) if isinstance(x, float) else x for k, x in model.validation.items()}
-        typer.echo(f"validation ({held_out} held-out image(s), synthetic anomalies): {v}; thresholds {model.thresholds}")
+        typer.echo(f"validation ({held_out} held-out image(s), synthetic anomalies): {v}")
+        for kind in ("image", "pixel"):
+            typer.echo(describe_threshold(kind, model.thresholds[kind], model.thresholds["rules"][kind], False, True))
     save_checkpoint(model, out / "checkpoint", data)
     save_rgb(out / "task_map.png", task_map(model.tasks, model.tiling, samples[0].image(model.tiling.image_size)))
     (out / "train.json").write_text(json.dumps({"train_seconds": seconds, "train_images": len(samples)}, indent=1))
@@ -142,6 +145,7 @@ def calibrate_cmd(
 ) -> None:
     """Recompute thresholds (by false-alarm rate) and normalization from new images, without retraining."""
     from hiad_runtime.bundle import MANIFEST, BundleError
+    from hiad_runtime.cli import describe_threshold
     from hiad_runtime.image import ImageError, load_image, resize_image
     from hiad_runtime.results import find_inputs
     from hiad_train import calibration
@@ -177,10 +181,8 @@ def calibrate_cmd(
         _fail(str(e))
     for kind in ("image", "pixel"):
         rule = cal.thresholds["rules"][kind]
-        low, high = rule["rate_interval_90"]
-        missed = f", misses {rule['missed']} of {rule['defective_images']} defective" if "missed" in rule else ""
-        typer.echo(f"{kind} threshold {cal.thresholds[kind]:.4g}: flags {rule['flagged']} of {rule['images']} normal images, "
-                   f"false-alarm rate {low:.2%}-{high:.2%} (90%) for a target of {rate:.2%}{missed}")
+        missed = f"; misses {rule['missed']} of {rule['defective_images']} defective image(s)" if "missed" in rule else ""
+        typer.echo(describe_threshold(kind, cal.thresholds[kind], rule, False, True) + f"; flags {rule['flagged']} of them{missed}")
     typer.echo(f"calibrated: {target}")
 
 
