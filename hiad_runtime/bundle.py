@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 from dataclasses import asdict, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Annotated, Any, Literal, Union
+from typing import IO, Annotated, Literal, Union
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass

@@ -150,6 +150,16 @@ class TrainConfig(Strict):
         if self.patch is not None and self.patch.patch_size is not None and self.patch.patch_size != self.patch_size:
             raise ValueError(f"patch.patch_size {self.patch.patch_size} differs from patch_size {self.patch_size}")
         self._check_memory()
+        if self.patch is not None:
+            try:
+                self.patch.check_tile_size(as_size(self.patch_size))
+            except ValueError as e:
+                raise ValueError(f"patch_size: {e}") from None
+        if self.thumbnail is not None:
+            try:
+                self.thumbnail.check_tile_size(as_size(self.thumbnail.thumbnail_size))
+            except ValueError as e:
+                raise ValueError(f"thumbnail.thumbnail_size: {e}") from None
         try:  # the geometry itself: patch within the image, stride within the patch, ds_factors
             Tiling.create(self.image_size, self.patch_size, self.stride, self.ds_factors)
         except ValueError as e:

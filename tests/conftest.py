@@ -72,13 +72,14 @@ def rng(seed=0):
 
 # Fusion + thumbnail + spatial-clustering tasks + validation normalization and thresholds: the
 # configuration the pipeline graph and the C library are proven on besides the plain tiny bundle.
+# Every HiAD branch at once: fusion, thumbnail, clustering tasks, validation (normalization, thresholds).
 CLUSTERED = dict(
     ds_factors=[0, 1],
     fusion_weights=[0.5, 0.5],
     tasks={"generator": "spatial_clustering", "cluster_number": 2},
     thumbnail={"thumbnail_size": 128, "target_embed_dimension": 64, "percentage": 0.1},
     val_config={"anomaly_syn_fn": {"name": "random_box", "p": 0.5}, "val_sample_ratio": 0.25, "max_patch_number": 200,
-                "evaluators": ["image_auroc", "pixel_metrics"]},
+                "evaluators": ["image_auroc", "pixel_metrics", "aupro"]},
 )
 
 

@@ -18,11 +18,19 @@ from conftest import tiny_config
 
 TOLERANCE = 1e-4  # of the PyTorch map's range
 
+TINY_VIT = {"backbone_name": "vit_tiny_patch16_224", "allow_random_backbone": True}  # random, patch 16: 128 px tiles
+
 ROWS = {  # detector -> its `patch:` section for the tiny run
     "patchcore": {"target_embed_dimension": 64, "percentage": 0.1},
     "rdpp": {"layers_to_extract_from": [2, 3], "total_epochs": 1, "batch_size": 4},
     "destseg": {"total_epochs": 2, "de_st_epochs": 1, "batch_size": 4},
     "fastflow": {"flow_step": 2, "hidden_ratio": 0.5, "num_epochs": 2, "batch_size": 4},
+    "padim": {"embed_dimension": 32},
+    "dinomaly": {**TINY_VIT, "layers_to_extract_from": [0, 1, 2, 3], "fuse_layer_encoder": [[0, 1], [2, 3]],
+                 "decoder_depth": 2, "fuse_layer_decoder": [[0], [1]], "total_epochs": 2, "batch_size": 4},
+    "inpformer": {**TINY_VIT, "layers_to_extract_from": [0, 1, 2, 3], "fuse_layer_encoder": [[0, 1], [2, 3]],
+                  "decoder_depth": 2, "fuse_layer_decoder": [[0], [1]], "num_prototypes": 3, "total_epochs": 2, "batch_size": 4},
+    "vitad": {**TINY_VIT, "layers_to_extract_from": [0, 1, 2], "neck_layers": [3], "total_epochs": 2, "batch_size": 4},
 }
 
 VALIDATION = {"anomaly_syn_fn": {"name": "random_box", "p": 0.5}, "val_sample_ratio": 0.25, "max_patch_number": 200}

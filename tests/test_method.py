@@ -15,27 +15,6 @@ from conftest import tiny_config
 
 TOLERANCE = 1e-4
 
-FULL = dict(
-    ds_factors=[0, 1],
-    fusion_weights=[0.5, 0.5],
-    thumbnail={"thumbnail_size": 128, "target_embed_dimension": 64, "percentage": 0.1},
-    val_config={"anomaly_syn_fn": {"name": "random_box", "p": 0.5}, "val_sample_ratio": 0.25, "max_patch_number": 200,
-                "evaluators": ["image_auroc", "pixel_metrics", "aupro"]},
-)
-
-
-@pytest.fixture(scope="module")
-def full_model(train_samples):
-    return HRTrainer(tiny_config(**FULL), progress=False).fit(train_samples)
-
-
-@pytest.fixture(scope="module")
-def full_bundle(full_model, parity_images, tmp_path_factory):
-    out = tmp_path_factory.mktemp("full") / "bundle"
-    write_bundle(full_model, out, parity_images)
-    return out
-
-
 def _assert_parity(model, bundle, images, head_path):
     inspector = Inspector.load(bundle, head_path=head_path)
     for image in images:
@@ -48,37 +27,37 @@ def _assert_parity(model, bundle, images, head_path):
 
 
 @pytest.mark.parametrize("head_path", ["native", "onnx"])
-def test_fusion_thumbnail_and_normalization_parity(full_model, full_bundle, test_samples, head_path):
+def test_fusion_thumbnail_and_normalization_parity(clustered_model, clustered_bundle, test_samples, head_path):
     images = [s.image((256, 256)) for s in test_samples]
-    inspector = _assert_parity(full_model, full_bundle, images, head_path)
+    inspector = _assert_parity(clustered_model, clustered_bundle, images, head_path)
     m = inspector.manifest
     assert m.fusion_weights == [0.5, 0.5] and m.tiling["ds_factors"] == [0, 1]
     assert set(m.embedders) == {"patch", "thumbnail"} and m.thumbnail.size == [128, 128]
 
 
-def test_fusion_changes_the_embedding(full_model, trained, test_samples):
+def test_fusion_changes_the_embedding(clustered_model, trained, test_samples):
     image = test_samples[0].image((256, 256))
-    (fused,) = full_model.tile_embeddings(image)
+    (fused,) = clustered_model.tile_embeddings(image)
     (plain,) = trained.tile_embeddings(image)
     assert fused.shape == plain.shape  # the context's crop is resized to the tile's own grid
     assert not np.allclose(fused.numpy(), plain.numpy())
 
 
-def test_validation_normalizes_to_unit_range_and_thresholds_decide(full_model, full_bundle, test_samples):
-    v = full_model.validation
+def test_validation_normalizes_to_unit_range_and_thresholds_decide(clustered_model, clustered_bundle, test_samples):
+    v = clustered_model.validation
     assert v["patches"] == 4 and 0 < v["anomalous"] < 4  # 1 held-out image x 4 tiles, p = 0.5
     assert set(v) >= {"image_auroc", "pixel_auroc", "aupro"}
-    assert len(full_model.task_normalization) == 4
-    t = full_model.thresholds
+    assert len(clustered_model.task_normalization) == len(clustered_model.tasks) == 2
+    t = clustered_model.thresholds
     assert t["image"] is not None and t["pixel"] is not None  # by false-alarm rate: may lie above 1 (never reached)
     assert t["rules"]["image"]["rule"] == "false_alarm_rate" and t["rules"]["image"]["images"] == 1
-    inspector = Inspector.load(full_bundle)
+    inspector = Inspector.load(clustered_bundle)
     for s in test_samples:
         r = inspector.predict(str(s.image_path))
         assert 0.0 <= r.score <= 1.0 and r.anomaly_map.min() >= 0 and r.anomaly_map.max() <= 1
         assert r.decision == (r.score >= t["image"])
         assert r.mask.dtype == bool and r.mask.shape == (256, 256)
-    strict = Inspector.load(full_bundle, image_threshold=1.01)  # --threshold overrides the bundle's
+    strict = Inspector.load(clustered_bundle, image_threshold=1.01)  # --threshold overrides the bundle's
     assert strict.predict(str(test_samples[0].image_path)).decision is False
 
 

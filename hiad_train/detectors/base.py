@@ -32,6 +32,9 @@ class DetectorConfig(Strict):
     layers_to_extract_from: list[Union[int, str]] = Field([2, 3], min_length=1)
     patch_size: SizeSpec | None = None  # HiAD repeats it here; must equal the top-level one if given
 
+    def check_tile_size(self, size: tuple[int, int]) -> None:
+        """Raise ValueError for a tile (width, height) this detector cannot embed (e.g. not whole ViT patches)."""
+
 
 class EpochConfig(DetectorConfig):
     """Keys of detectors trained over epochs; checkpoint selection uses the validation set."""
@@ -102,3 +105,25 @@ class Detector(ABC):
     def native_artifacts(self, folder: Path, stem: str, options: dict) -> tuple[dict[str, str], dict[str, Any]]:
         """Files for a native runtime path, written into `folder` as `stem*`: (role -> file name, params)."""
         return {}, {}
+
+
+class NetworkDetector(Detector):
+    """A detector whose learned state is one module, `self.net` (built in `__init__` from the config,
+    or left None until fitted); its head is that module."""
+
+    net: nn.Module | None = None
+
+    def head(self) -> nn.Module:
+        if self.net is None:
+            raise RuntimeError(f"{self.name} is not fitted")
+        return self.net.eval()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone().contiguous() for k, v in self.net.state_dict().items()}
+
+    @classmethod
+    def from_state(cls, config: DetectorConfig, state: dict[str, torch.Tensor]) -> "NetworkDetector":
+        detector = cls(config)
+        detector.net.load_state_dict(state)
+        detector.net.eval()
+        return detector

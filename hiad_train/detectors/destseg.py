@@ -28,7 +28,7 @@ from torch import nn
 from hiad_train.components.epochs import train_epochs
 from hiad_train.components.segmentation import SegmentationNet, segmentation_loss
 from hiad_train.components.student import Student, student_loss
-from hiad_train.detectors.base import Detector, EpochConfig, TaskData
+from hiad_train.detectors.base import EpochConfig, NetworkDetector, TaskData
 from hiad_train.detectors.registry import register_detector
 from hiad_train.embedders import BackboneFeatures
 
@@ -96,7 +96,7 @@ class DeSTSegHead(nn.Module):
 
 
 @register_detector
-class DeSTSeg(Detector):
+class DeSTSeg(NetworkDetector):
     name = "destseg"
     Config = DeSTSegConfig
     needs_tiles = True
@@ -183,15 +183,4 @@ class DeSTSeg(Detector):
         self.net.eval()
         return {**stage2, "student_epochs": stage1["epochs_run"], "student_final_loss": stage1["final_loss"]}
 
-    def head(self) -> nn.Module:
-        return self.net.eval()
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
-
-    @classmethod
-    def from_state(cls, config: DeSTSegConfig, state: dict[str, torch.Tensor]) -> "DeSTSeg":
-        detector = cls(config)
-        detector.net.load_state_dict(state)
-        detector.net.eval()
-        return detector

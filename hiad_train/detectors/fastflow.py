@@ -18,7 +18,7 @@ from torch import nn
 
 from hiad_train.components.epochs import train_epochs
 from hiad_train.components.flow import Flow2d, gaussian_nll
-from hiad_train.detectors.base import Detector, EpochConfig, TaskData
+from hiad_train.detectors.base import EpochConfig, NetworkDetector, TaskData
 from hiad_train.detectors.registry import register_detector
 from hiad_train.embedders import BackboneFeatures
 
@@ -63,16 +63,15 @@ class FastFlowModel(nn.Module):
 
 
 @register_detector
-class FastFlow(Detector):
+class FastFlow(NetworkDetector):
     """2-D normalizing flows on frozen backbone features; anomaly = low likelihood."""
 
     name = "fastflow"
     Config = FastFlowConfig
 
-    def __init__(self, config: FastFlowConfig, seed: int = 0, model: FastFlowModel | None = None):
-        self.config = config
-        self.seed = seed
-        self.model = model
+    def __init__(self, config: FastFlowConfig, seed: int = 0, net: FastFlowModel | None = None):
+        super().__init__(config, seed)
+        self.net = net
 
     @classmethod
     def build_embedder(cls, config: FastFlowConfig, pretrained: bool = True) -> nn.Module:
@@ -82,32 +81,24 @@ class FastFlow(Detector):
         shapes = [tuple(f.shape[1:]) for f in data.features]
         with torch.random.fork_rng():
             torch.manual_seed(data.seed)
-            self.model = FastFlowModel(shapes, self.config, seed=data.seed)
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+            self.net = FastFlowModel(shapes, self.config, seed=data.seed)
+        optimizer = torch.optim.Adam(self.net.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
         generator = torch.Generator().manual_seed(data.seed)
         n = data.features[0].shape[0]
 
         def step(epoch: int) -> float:
-            self.model.train()
+            self.net.train()
             total = 0.0
             for batch in torch.randperm(n, generator=generator).split(self.config.batch_size):
-                loss = self.model.nll([f[batch] for f in data.features])
+                loss = self.net.nll([f[batch] for f in data.features])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 total += loss.item() * len(batch)
-            self.model.eval()
+            self.net.eval()
             return total / n
 
         return train_epochs(self, self.config, data, step, progress)
-
-    def head(self) -> nn.Module:
-        if self.model is None:
-            raise RuntimeError("FastFlow is not fitted")
-        return self.model.eval()
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
 
     @classmethod
     def from_state(cls, config: FastFlowConfig, state: dict[str, torch.Tensor]) -> "FastFlow":
@@ -115,4 +106,4 @@ class FastFlow(Detector):
         shapes = [tuple(state[f"norms.{i}.weight"].shape) for i in range(scales)]
         model = FastFlowModel(shapes, config)
         model.load_state_dict(state)
-        return cls(config, model=model.eval())
+        return cls(config, net=model.eval())

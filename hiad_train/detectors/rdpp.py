@@ -24,7 +24,7 @@ from torch import nn
 from hiad_train.components.cosine import cosine_distance, multiscale_cosine_distance
 from hiad_train.components.decoder import Decoder, stride_ratio
 from hiad_train.components.epochs import train_epochs
-from hiad_train.detectors.base import Detector, EpochConfig, TaskData
+from hiad_train.detectors.base import EpochConfig, NetworkDetector, TaskData
 from hiad_train.detectors.registry import register_detector
 from hiad_train.embedders import BackboneFeatures
 
@@ -171,7 +171,7 @@ def encoder_geometry(config: RDPPConfig) -> tuple[list[int], list[int]]:
 
 
 @register_detector
-class RDPP(Detector):
+class RDPP(NetworkDetector):
     """RD++: reverse distillation with a multi-projection layer; head = encoder vs decoder cosine maps."""
 
     name = "rdpp"
@@ -184,8 +184,8 @@ class RDPP(Detector):
         self.channels, self.strides = encoder_geometry(config)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            self.model = RDPPHead(self.channels, self.strides)
-        self.model.eval()
+            self.net = RDPPHead(self.channels, self.strides)
+        self.net.eval()
 
     @classmethod
     def build_embedder(cls, config: RDPPConfig, pretrained: bool = True) -> nn.Module:
@@ -199,7 +199,7 @@ class RDPP(Detector):
         deepest = features[-1].shape[-2:]
         if len(sides) > 1 or deepest[0] % 2 or deepest[1] % 2:
             raise ValueError(
-                f"RD++ needs tile sides that are multiples of {self.model.bottleneck.out_stride} px "
+                f"RD++ needs tile sides that are multiples of {self.net.bottleneck.out_stride} px "
                 f"(the bottleneck's stride); feature grids {[tuple(f.shape[-2:]) for f in features]}"
             )
 
@@ -208,7 +208,7 @@ class RDPP(Detector):
         self._check(data.features)
         if data.tiles is None:
             raise ValueError("RD++ trains on tiles with synthetic anomalies: TaskData.tiles is missing")
-        model, n = self.model, data.features[0].shape[0]
+        model, n = self.net, data.features[0].shape[0]
         rng = np.random.default_rng(data.seed)
         generator = torch.Generator().manual_seed(data.seed)
         distill_params = list(model.bottleneck.parameters()) + list(model.decoder.parameters())
@@ -237,15 +237,4 @@ class RDPP(Detector):
 
         return train_epochs(self, cfg, data, step, progress)
 
-    def head(self) -> nn.Module:
-        return self.model.eval()
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
-
-    @classmethod
-    def from_state(cls, config: RDPPConfig, state: dict[str, torch.Tensor]) -> "RDPP":
-        detector = cls(config)
-        detector.model.load_state_dict(state)
-        detector.model.eval()
-        return detector
