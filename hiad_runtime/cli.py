@@ -47,6 +47,26 @@ def _load(bundle: Path, **kwargs):
         _fail(str(e))
 
 
+def describe_threshold(kind: str, value: float | None, rule: dict | None, override: bool, clipped: bool) -> str:
+    """One line saying what a threshold is and how it was set (the bundle's record of its rule)."""
+    if value is not None and clipped and value > 1:
+        return describe_threshold(kind, value, rule, override, False) + "; above the clipped range [0, 1]: never reached"
+    if value is None:
+        return f"{kind} threshold: none ({'no decisions' if kind == 'image' else 'no masks'}; --{'threshold' if kind == 'image' else 'pixel-threshold'} sets one)"
+    head = f"{kind} threshold {value:.4g}"
+    if override:
+        return f"{head}: given on the command line"
+    rule = rule or {}
+    when = f", calibrated {rule['calibrated']}" if "calibrated" in rule else ""
+    if rule.get("rule") == "false_alarm_rate":
+        low, high = rule["rate_interval_90"]
+        return (f"{head}: false-alarm rate {rule['rate']:.2%} on {rule['images']} normal image(s) ({rule['tiles']} tiles"
+                f"{when}), achieved rate {low:.2%}-{high:.2%} (90% interval)")
+    if rule.get("rule") == "f1":
+        return f"{head}: best F1 on {rule['tiles']} validation tiles with synthetic anomalies ({rule['images']} image(s){when})"
+    return f"{head}: rule not recorded in this bundle"
+
+
 @app.command()
 def predict(
     bundle: Path = typer.Argument(..., exists=True, help="bundle folder or .tar"),
@@ -73,6 +93,10 @@ def predict(
     files = find_inputs(inputs)
     if not files:
         _fail("no images found in the inputs")
+    rules = (inspector.manifest.thresholds or {}).get("rules", {})
+    clipped = inspector.manifest.postprocess.clip_to_unit
+    typer.echo(describe_threshold("image", inspector.image_threshold, rules.get("image"), threshold is not None, clipped))
+    typer.echo(describe_threshold("pixel", inspector.pixel_threshold, rules.get("pixel"), pixel_threshold is not None, clipped))
     failures = 0
     try:
         with ResultsFolder(out, overwrite) as folder:

@@ -155,12 +155,28 @@ class Inspector:
         labels = route(keys, self.centres)
         return {t.name: [int(i) for i in np.flatnonzero(labels == k)] for k, t in enumerate(self.tasks)}
 
-    def thumbnail_map(self, image: np.ndarray) -> np.ndarray | None:
-        if self.thumbnail_head is None:
+    def raw_scores(self, image: np.ndarray, timings: dict | None = None) -> tuple[list[tuple[str, int, np.ndarray]], np.ndarray | None]:
+        """Every head's output before normalization, for an RGB image at image_size: (task, tile index,
+        score grid) per tile, and the thumbnail's grid (None without a thumbnail). Calibration reads these."""
+        timings = {} if timings is None else timings
+        features = self.tile_embeddings(image, timings)
+        t0 = time.perf_counter()
+        raw = []
+        for name, ids in self.assignments(features).items():
+            if ids:
+                raw += [(name, i, s) for i, s in zip(ids, self.heads[name]([f[ids] for f in features]))]
+        thumb = None
+        if self.thumbnail_head is not None:
+            thumb = self.thumbnail_head(self.embedders["thumbnail"](resize_image(image, tuple(self.manifest.thumbnail.size))[None]))[0]
+        timings["scoring"] = time.perf_counter() - t0
+        return raw, thumb
+
+    def thumbnail_map(self, scores: np.ndarray | None) -> np.ndarray | None:
+        """The thumbnail's raw grid normalized and brought to thumbnail size."""
+        if scores is None:
             return None
         spec = self.manifest.thumbnail
         size = tuple(spec.size)
-        scores = self.thumbnail_head(self.embedders["thumbnail"](resize_image(image, size)[None]))[0]
         if spec.normalization is not None:
             scores = spec.normalization(scores)
         return tile_maps_to_image([scores], [Tile(0, 0, 0, Box(0, 0, *size))], size, self.manifest.postprocess)
@@ -196,21 +212,15 @@ class Inspector:
             timings["pipeline"] = time.perf_counter() - t0
             return self._result(anomaly_map, score, input_size, timings)
 
-        features = self.tile_embeddings(image, timings)
-
-        t0 = time.perf_counter()
+        raw, thumb = self.raw_scores(image, timings)
         maps: list[np.ndarray | None] = [None] * len(self.tiling.tiles)
-        for name, ids in self.assignments(features).items():
-            if ids:
-                norm = self.normalization.get(name)
-                for i, s in zip(ids, self.heads[name]([f[ids] for f in features])):
-                    maps[i] = s if norm is None else norm(s)
-        thumb = self.thumbnail_map(image)
-        timings["scoring"] = time.perf_counter() - t0
+        for name, i, s in raw:
+            norm = self.normalization.get(name)
+            maps[i] = s if norm is None else norm(s)
 
         t0 = time.perf_counter()
         spec = self.manifest.postprocess
-        merged = fuse_thumbnail(tile_maps_to_image(maps, self.tiling.tiles, self.tiling.image_size, spec), thumb)
+        merged = fuse_thumbnail(tile_maps_to_image(maps, self.tiling.tiles, self.tiling.image_size, spec), self.thumbnail_map(thumb))
         anomaly_map, score = finish(merged, spec)
         result = self._result(anomaly_map, score, input_size, timings)
         timings["post"] = time.perf_counter() - t0

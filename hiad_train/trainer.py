@@ -4,7 +4,7 @@ batches, form tasks, fit one detector per task (and the optional thumbnail detec
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -118,7 +118,6 @@ class HRTrainer:
             model.thumbnail = self._fit_thumbnail(images, synthesizer)
         if val_samples:
             validate(model, val_samples, cfg.val_config, cfg.seed)
-            model.postprocess = replace(model.postprocess, clip_to_unit=True)
         return model
 
     def _fit_thumbnail(self, images: list[np.ndarray], synthesizer) -> Thumbnail:
