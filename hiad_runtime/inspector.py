@@ -1,8 +1,10 @@
 """Inspector: bundle -> predict(image) -> Result. The edge box's whole pipeline, torch-free.
 
-decode -> resize (recorded policy) -> tile (shared geometry) -> embed all tiles in batched ONNX
-Runtime calls (context windows once each, fused per feature scale) -> route (retrieval) -> score per
-task (each head by its kind's path) -> gather -> thumbnail max -> blur -> image score -> thresholds.
+decode -> resize (recorded policy) -> tile (shared geometry) -> per chunk of `stream_tiles` tiles:
+embed in batched calls (context windows once per chunk, fused per feature scale) -> route
+(retrieval) -> score per task (each head by its kind's path) -> add each tile's map into the image
+map in place -> thumbnail max -> blur -> image score -> thresholds. Chunks bound memory for images of
+any size (hiad_runtime/streaming.py); one chunk holding every tile is the all-at-once path.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from hiad_runtime.heads import Head, load_head
 from hiad_runtime.image import ImageError, decode, load_image, resize_image, resize_map
 from hiad_runtime.postprocess import finish, fuse_thumbnail, tile_maps_to_image
 from hiad_runtime.sessions import SessionFactory
+from hiad_runtime.streaming import MapAssembler, chunks, coverage
 from hiad_runtime.tasks import route
 
 STAGES = ("decode", "tile", "backbone", "scoring", "post")
@@ -44,7 +47,7 @@ class Embedder:
 
     def __init__(self, root: Path, spec: EmbedderSpec, sessions: SessionFactory, batch_size: int):
         self.spec = spec
-        self.session = sessions.create(root / spec.graph.file)
+        self.session = sessions.create(root / spec.graph.file, arena=True)
         self.batch_size = batch_size
 
     def __call__(self, tiles: np.ndarray) -> list[np.ndarray]:
@@ -65,6 +68,8 @@ def upsample_grid(embedding: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class Inspector:
+    """A bundle ready to score images (HiAD inference, https://github.com/cnulab/HiAD), torch-free."""
+
     def __init__(
         self,
         bundle: Bundle,
@@ -74,12 +79,16 @@ class Inspector:
         head_path: str = "native",
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
+        engine: str = "onnxruntime",
+        stream_tiles: int = 16,
     ):
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
         self.tiling = m.geometry
-        self.sessions = SessionFactory(providers, threads)
+        self.stream_tiles = stream_tiles
+        self.coverage = coverage(self.tiling.tiles, self.tiling.image_size)
+        self.sessions = SessionFactory(providers, threads, engine)
         self.embedders = {name: Embedder(bundle.root, spec, self.sessions, batch_size) for name, spec in m.embedders.items()}
         self.tasks = m.tasks
         self.heads: dict[str, Head] = {t.name: load_head(bundle.root, t.head, self.sessions, head_path) for t in m.tasks}
@@ -102,17 +111,22 @@ class Inspector:
     def providers_in_use(self) -> list[str]:
         return sorted(self.sessions.in_use)
 
+    @property
+    def precision(self) -> str:
+        """The embedders' precision as the bundle records it (e.g. 'int8'; 'fp32+fp16' if they differ)."""
+        return "+".join(sorted({e.precision for e in self.manifest.embedders.values()}))
+
     # -- stages ---------------------------------------------------------------------------------
-    def tile_embeddings(self, image: np.ndarray, timings: dict) -> list[np.ndarray]:
-        """Per feature scale, fused features (N_tiles, C, h, w) of every tile; each context window embedded once."""
+    def tile_embeddings(self, image: np.ndarray, timings: dict, ids: Sequence[int] | None = None) -> list[np.ndarray]:
+        """Per feature scale, fused features (N, C, h, w) of tiles `ids` (default all); each context window they use embedded once."""
         t0 = time.perf_counter()
-        tiles = self.tiling.tiles
+        tiles = [self.tiling.tiles[i] for i in ids] if ids is not None else list(self.tiling.tiles)
         patches = split(image, tiles)
         levels = []
         for level in range(1, len(self.tiling.ds_factors)):
-            windows = self.tiling.context_windows(level)
+            windows = list(dict.fromkeys(t.context[level - 1] for t in tiles))
             levels.append((windows, np.stack([resize_image(crop(image, w), self.tiling.patch_size) for w in windows])))
-        timings["tile"] = time.perf_counter() - t0
+        timings["tile"] = timings.get("tile", 0.0) + time.perf_counter() - t0
 
         t0 = time.perf_counter()
         embed = self.embedders["patch"]
@@ -124,7 +138,7 @@ class Inspector:
                 window_emb = dict(zip(windows, per_window[scale]))
                 for i, t in enumerate(tiles):
                     f[i] += np.float32(weights[level]) * self._context_part(window_emb, t, level, f.shape[-1], f.shape[-2])
-        timings["backbone"] = time.perf_counter() - t0
+        timings["backbone"] = timings.get("backbone", 0.0) + time.perf_counter() - t0
         return fused
 
     @staticmethod
@@ -133,13 +147,26 @@ class Inspector:
         up_w, up_h, ox, oy = context_crop(window, tile.main, (gw, gh))
         return upsample_grid(window_emb[window], (up_w, up_h))[:, oy : oy + gh, ox : ox + gw]
 
-    def assignments(self, features: list[np.ndarray]) -> dict[str, list[int]]:
+    def assignments(self, features: list[np.ndarray], ids: Sequence[int] | None = None) -> dict[str, list[int]]:
+        """Per task, the positions in `ids` (tile indices whose `features` these are; default all) that it scores."""
         if self.centres is None:
-            return {t.name: list(t.tiles) for t in self.tasks}
+            position = {tile: p for p, tile in enumerate(ids if ids is not None else range(len(self.tiling.tiles)))}
+            return {t.name: [position[i] for i in t.tiles if i in position] for t in self.tasks}
         keys = features[0].mean(axis=(2, 3))
         keys /= np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
         labels = route(keys, self.centres)
         return {t.name: [int(i) for i in np.flatnonzero(labels == k)] for k, t in enumerate(self.tasks)}
+
+    def score_chunk(self, image: np.ndarray, ids: list[int], assembler: MapAssembler, timings: dict) -> None:
+        """Embed, route and score tiles `ids`, adding each tile's (normalized) map to `assembler`."""
+        features = self.tile_embeddings(image, timings, ids)
+        t0 = time.perf_counter()
+        for name, positions in self.assignments(features, ids).items():
+            if positions:
+                norm = self.normalization.get(name)
+                for p, s in zip(positions, self.heads[name]([f[positions] for f in features])):
+                    assembler.add(ids[p], s if norm is None else norm(s))
+        timings["scoring"] = timings.get("scoring", 0.0) + time.perf_counter() - t0
 
     def thumbnail_map(self, image: np.ndarray) -> np.ndarray | None:
         if self.thumbnail_head is None:
@@ -165,22 +192,16 @@ class Inspector:
         image = resize_image(image, self.tiling.image_size)
         timings["decode"] = time.perf_counter() - t0
 
-        features = self.tile_embeddings(image, timings)
-
-        t0 = time.perf_counter()
-        maps: list[np.ndarray | None] = [None] * len(self.tiling.tiles)
-        for name, ids in self.assignments(features).items():
-            if ids:
-                norm = self.normalization.get(name)
-                for i, s in zip(ids, self.heads[name]([f[ids] for f in features])):
-                    maps[i] = s if norm is None else norm(s)
-        thumb = self.thumbnail_map(image)
-        timings["scoring"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
         spec = self.manifest.postprocess
-        merged = fuse_thumbnail(tile_maps_to_image(maps, self.tiling.tiles, self.tiling.image_size, spec), thumb)
-        anomaly_map, score = finish(merged, spec)
+        assembler = MapAssembler(self.tiling.tiles, self.tiling.image_size, spec, self.coverage)
+        for ids in chunks(len(self.tiling.tiles), self.stream_tiles):
+            self.score_chunk(image, ids, assembler, timings)
+        t0 = time.perf_counter()
+        thumb = self.thumbnail_map(image)
+        timings["scoring"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        anomaly_map, score = finish(fuse_thumbnail(assembler.result(), thumb), spec, in_place=True)
         decision = None if self.image_threshold is None else bool(score >= self.image_threshold)
         mask = None if self.pixel_threshold is None else anomaly_map >= self.pixel_threshold
         timings["post"] = time.perf_counter() - t0
