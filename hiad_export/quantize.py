@@ -30,6 +30,26 @@ class _TileReader:
         return next(self.batches, None)
 
 
+def shape_arithmetic(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that compute on tensor shapes (e.g. 'same' padding from the input size).
+
+    Quantizing them would round sizes (a 16-cell grid became 15), so they stay in float."""
+    constants = {t.name for t in model.graph.initializer}
+    shape_valued: set[str] = set()
+    names = []
+    for node in model.graph.node:  # topologically sorted in a valid ONNX graph
+        if node.op_type == "Constant":
+            constants.update(node.output)
+            continue
+        inputs = [i for i in node.input if i]
+        if node.op_type == "Shape" or (
+            any(i in shape_valued for i in inputs) and all(i in shape_valued or i in constants for i in inputs)
+        ):
+            shape_valued.update(node.output)
+            names.append(node.name)
+    return names
+
+
 def quantize_int8(source: Path, target: Path, calibration_tiles: np.ndarray, batch_size: int = 4) -> None:
     """Static int8 QDQ quantization of an embedder graph, calibrated on `calibration_tiles`."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -39,17 +59,18 @@ def quantize_int8(source: Path, target: Path, calibration_tiles: np.ndarray, bat
         raise ValueError("int8 quantization needs calibration tiles (the checkpoint's training images)")
     prepared = target.with_name(target.stem + ".prep.onnx")
     quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-    input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
+    graph = onnx.load(str(prepared))
     try:
         quantize_static(
             str(prepared),
             str(target),
-            _TileReader(input_name, calibration_tiles, batch_size),
+            _TileReader(graph.graph.input[0].name, calibration_tiles, batch_size),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=shape_arithmetic(graph),
         )
     finally:
         prepared.unlink(missing_ok=True)

@@ -23,6 +23,17 @@ class HeadPath(str, Enum):
     onnx = "onnx"
 
 
+class Engine(str, Enum):
+    """What runs the ONNX graphs: ONNX Runtime (its best providers present) or OpenVINO (Intel/AMD CPUs)."""
+
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
+
+
+ENGINE_HELP = "onnxruntime, or openvino (pip install 'hiad-deploy[openvino]') on the same ONNX files"
+STREAM_HELP = "tiles embedded and scored per chunk: bounds memory on large images (map built in place)"
+PREFETCH_HELP = "images decoded ahead on a worker thread while the current one is inferred (0 = none)"
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -59,22 +70,28 @@ def predict(
     threads: int = typer.Option(0, "--threads", help="ONNX Runtime intra-op threads (0 = all cores)"),
     batch: int = typer.Option(4, "--batch", help="tiles per ONNX Runtime call (4 keeps peak RSS under 600 MB at 512 px tiles)"),
     input_size: bool = typer.Option(False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"),
+    engine: Engine = typer.Option(Engine.onnxruntime, "--engine", help=ENGINE_HELP),
+    stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
+    prefetch: int = typer.Option(1, "--prefetch", min=0, help=PREFETCH_HELP),
 ) -> None:
     """Score images; one JSON line per image, a float32 map per image."""
     from hiad_runtime.overlay import overlay, save_rgb
+    from hiad_runtime.prefetch import prefetched
 
-    inspector = _load(bundle, head_path=head_path.value, threads=threads, batch_size=batch, image_threshold=threshold, pixel_threshold=pixel_threshold)
+    inspector = _load(bundle, head_path=head_path.value, threads=threads, batch_size=batch, image_threshold=threshold,
+                      pixel_threshold=pixel_threshold, engine=engine.value, stream_tiles=stream_tiles)
     files = _inputs(inputs)
     if not files:
         typer.secho("error: no images found in the inputs", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
+    t_start = time.perf_counter()
     with open(out / "results.jsonl", "w") as results:
-        for path, key in files:
-            t0 = time.perf_counter()
+        for (path, key), decoded in prefetched(files, lambda f: load_image(f[0]), prefetch):
+            t0 = time.perf_counter()  # with prefetch, latency counts only the wait for decoding
             try:
-                image = load_image(path)
+                image = decoded.result()
                 r = inspector.predict(image)
             except (ImageError, OSError) as e:
                 failures += 1
@@ -92,7 +109,9 @@ def predict(
             line = {"input": str(path), "score": r.score, "decision": r.decision, "latency_ms": round(latency, 2), "map": str(map_file.relative_to(out))}
             results.write(json.dumps(line) + "\n")
             typer.echo(f"{path}: score {r.score:.4f}" + ("" if r.decision is None else f" -> {'ANOMALOUS' if r.decision else 'ok'}") + f" ({latency:.0f} ms)")
-    typer.echo(f"providers: {', '.join(inspector.providers_in_use)}; results: {out / 'results.jsonl'}")
+    rate = len(files) / (time.perf_counter() - t_start)
+    typer.echo(f"{rate:.2f} images/s; embedder precision {inspector.precision}; engine {engine.value}; "
+               f"providers: {', '.join(inspector.providers_in_use)}; results: {out / 'results.jsonl'}")
     if failures:
         raise typer.Exit(1)
 
@@ -113,27 +132,37 @@ def bench(
     threads: int = typer.Option(0, "--threads"),
     batch: int = typer.Option(4, "--batch"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
+    engine: Engine = typer.Option(Engine.onnxruntime, "--engine", help=ENGINE_HELP),
+    stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
+    prefetch: int = typer.Option(0, "--prefetch", min=0, help="with IMAGES: decode each image from its file on every run, "
+                                 "N images ahead on a worker thread (throughput mode); 0: images decoded once beforehand"),
 ) -> None:
     """Per-stage latency (median, p95), images/s and peak RSS. A benchmark that prints figures."""
     from hiad_runtime.inspector import STAGES
+    from hiad_runtime.prefetch import prefetched
 
-    inspector = _load(bundle, head_path=head_path.value, threads=threads, batch_size=batch)
+    inspector = _load(bundle, head_path=head_path.value, threads=threads, batch_size=batch, engine=engine.value, stream_tiles=stream_tiles)
     size = inspector.tiling.image_size
     if images:
-        frames = [resize_image(load_image(f), size) for f, _ in _inputs(images)]
+        paths = [f for f, _ in _inputs(images)]
+        frames = [] if prefetch else [resize_image(load_image(f), size) for f in paths]
     else:
+        if prefetch:
+            raise typer.BadParameter("--prefetch decodes files: give IMAGES", param_hint="--prefetch")
         rng = np.random.default_rng(0)
         frames = [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)]
-    for i in range(warmup):
-        inspector.predict(frames[i % len(frames)])
+    runs = list(range(warmup + repeat))
+    source = prefetched(runs, lambda i: load_image(paths[i % len(paths)]), prefetch) if prefetch else ((i, None) for i in runs)
     per_stage = {s: [] for s in (*STAGES, "total")}
-    t_start = time.perf_counter()
-    for i in range(repeat):
+    for i, decoded in source:
+        if i == warmup:
+            t_start = time.perf_counter()
         t0 = time.perf_counter()
-        r = inspector.predict(frames[i % len(frames)])
-        per_stage["total"].append(time.perf_counter() - t0)
-        for s in STAGES:
-            per_stage[s].append(r.timings.get(s, 0.0))
+        r = inspector.predict(decoded.result() if decoded else frames[i % len(frames)])
+        if i >= warmup:
+            per_stage["total"].append(time.perf_counter() - t0)
+            for s in STAGES:
+                per_stage[s].append(r.timings.get(s, 0.0))
     wall = time.perf_counter() - t_start
     figures = {
         "bundle": str(bundle),
@@ -141,13 +170,19 @@ def bench(
         "tiles": len(inspector.tiling.tiles),
         "tasks": len(inspector.tasks),
         "head_path": head_path.value,
+        "engine": engine.value,
+        "precision": inspector.precision,
+        "stream_tiles": stream_tiles,
+        "prefetch": prefetch,
         "providers": inspector.providers_in_use,
         "repeat": repeat,
         "stages_ms": {s: {"median": float(np.median(v) * 1000), "p95": float(np.percentile(v, 95) * 1000)} for s, v in per_stage.items()},
         "images_per_s": repeat / wall,
         "peak_rss_mb": _peak_rss_mb(),
     }
-    typer.echo(f"{figures['tiles']} tiles, {figures['tasks']} tasks, head path {head_path.value}, providers={','.join(figures['providers'])}, {repeat} runs")
+    typer.echo(f"{figures['tiles']} tiles, {figures['tasks']} tasks, head path {head_path.value}, engine {engine.value}, "
+               f"embedder precision {inspector.precision}, providers={','.join(figures['providers'])}, {repeat} runs"
+               + (f", {prefetch} image(s) decoded ahead" if prefetch else ""))
     typer.echo(f"{'stage':<9} {'median ms':>10} {'p95 ms':>10}")
     for s, v in figures["stages_ms"].items():
         typer.echo(f"{s:<9} {v['median']:>10.1f} {v['p95']:>10.1f}")

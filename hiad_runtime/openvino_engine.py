@@ -25,7 +25,8 @@ class OpenVinoSession:
     """One ONNX graph compiled by OpenVINO for the CPU (latency hint: one image at a time)."""
 
     def __init__(self, path: Path, threads: int = 0):
-        config = {"PERFORMANCE_HINT": "LATENCY"}
+        # f32: OpenVINO may otherwise pick bf16/fp16 on CPUs that have them, and parity would not hold.
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads
         try:
