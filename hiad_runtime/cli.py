@@ -126,7 +126,7 @@ def _peak_rss_mb() -> float:
 def bench(
     bundle: Path = typer.Argument(...),
     images: Optional[List[Path]] = typer.Argument(None, help="images to run (default: one synthetic image at the bundle's size)"),
-    repeat: int = typer.Option(10, "--repeat"),
+    repeat: int = typer.Option(10, "--repeat", min=1),
     warmup: int = typer.Option(1, "--warmup"),
     head_path: HeadPath = typer.Option(HeadPath.native, "--head-path"),
     threads: int = typer.Option(0, "--threads"),
@@ -134,8 +134,8 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
     engine: Engine = typer.Option(Engine.onnxruntime, "--engine", help=ENGINE_HELP),
     stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
-    prefetch: int = typer.Option(0, "--prefetch", min=0, help="with IMAGES: decode each image from its file on every run, "
-                                 "N images ahead on a worker thread (throughput mode); 0: images decoded once beforehand"),
+    prefetch: int = typer.Option(0, "--prefetch", min=0, help="with IMAGES, each run decodes its image from the file: "
+                                 "inline (0) or N images ahead on a worker thread (throughput mode)"),
 ) -> None:
     """Per-stage latency (median, p95), images/s and peak RSS. A benchmark that prints figures."""
     from hiad_runtime.inspector import STAGES
@@ -145,24 +145,25 @@ def bench(
     size = inspector.tiling.image_size
     if images:
         paths = [f for f, _ in _inputs(images)]
-        frames = [] if prefetch else [resize_image(load_image(f), size) for f in paths]
+        load = lambda i: load_image(paths[i % len(paths)])  # noqa: E731
     else:
         if prefetch:
             raise typer.BadParameter("--prefetch decodes files: give IMAGES", param_hint="--prefetch")
-        rng = np.random.default_rng(0)
-        frames = [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)]
-    runs = list(range(warmup + repeat))
-    source = prefetched(runs, lambda i: load_image(paths[i % len(paths)]), prefetch) if prefetch else ((i, None) for i in runs)
+        frame = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        load = lambda i: frame  # noqa: E731
     per_stage = {s: [] for s in (*STAGES, "total")}
-    for i, decoded in source:
+    source = prefetched(range(warmup + repeat), load, prefetch)
+    for i in range(warmup + repeat):
         if i == warmup:
             t_start = time.perf_counter()
         t0 = time.perf_counter()
-        r = inspector.predict(decoded.result() if decoded else frames[i % len(frames)])
+        image = next(source)[1].result()
+        waited = time.perf_counter() - t0  # decoding the file inline, or waiting for the prefetching thread
+        r = inspector.predict(image)
         if i >= warmup:
             per_stage["total"].append(time.perf_counter() - t0)
             for s in STAGES:
-                per_stage[s].append(r.timings.get(s, 0.0))
+                per_stage[s].append(r.timings.get(s, 0.0) + (waited if s == "decode" else 0.0))
     wall = time.perf_counter() - t_start
     figures = {
         "bundle": str(bundle),
