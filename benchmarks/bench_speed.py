@@ -134,28 +134,35 @@ def section_prefetch(bundle: Path, test_dir: Path, work: Path, repeat: int) -> N
         print(f"| {depth} | {fig['images_per_s']:.2f} | {stage(fig, 'total'):.0f} | {load()} |")
 
 
-def section_large(data: Path, work: Path, repeat: int, image_2048: Path) -> dict:
-    """Train at 8192^2 on 2 demo modules upscaled 4x (256 tasks), export int8, stream; compare with 2048^2."""
+def section_large(data: Path, work: Path, repeat: int) -> None:
+    """The same 2 demo modules at 2048^2 and upscaled 4x to 8192^2 (16 vs 256 O2O tasks), fp32 exact
+    bundles, streamed 16 tiles at a time; latency per tile should not grow, nor memory with tiles."""
     import cv2
 
-    big = work / "elpv8k"
-    for split in ("train/good", "test/good"):
-        (big / split).mkdir(parents=True, exist_ok=True)
-    for i, f in enumerate(sorted((data / "train" / "good").glob("*.png"))[:2]):
-        cv2.imwrite(str(big / "train/good" / f"m{i}.png"), cv2.resize(cv2.imread(str(f)), (8192, 8192), interpolation=cv2.INTER_LINEAR))
-    test = big / "test/good/m.png"
-    cv2.imwrite(str(test), cv2.resize(cv2.imread(str(image_2048)), (8192, 8192), interpolation=cv2.INTER_LINEAR))
-    config = work / "large.yaml"
-    config.write_text((ROOT / "configs" / "demo.yaml").read_text().replace("image_size: 2048", "image_size: 8192")
-                      .replace("overlays: true", "overlays: false"))
-    t0 = time.perf_counter()
-    run(BIN / "hiad-train", config, "--data", big, "--out", work / "large")
-    train_s = time.perf_counter() - t0
-    bundle = export(work / "large" / "checkpoint", work / "large_int8", "--precision", "int8", "--calibration-images", "1", "--images", test)
-    fig_big = bench(bundle, test, "--repeat", max(2, repeat // 2), work=work, name="large")
-    print(f"\n### 8192^2 (256 tiles of 512, 256 O2O tasks, int8 embedder, exact Flat), streamed 16 tiles at a time")
-    print(f"training on 2 modules upscaled to 8192^2: {train_s:.0f} s ({load()})")
-    return fig_big
+    figures, train_s = {}, {}
+    for size in (2048, 8192):
+        root = work / f"elpv{size}"
+        for split in ("train/good", "test/good"):
+            (root / split).mkdir(parents=True, exist_ok=True)
+        for i, f in enumerate(sorted((data / "train" / "good").glob("*.png"))[:2]):
+            cv2.imwrite(str(root / "train/good" / f"m{i}.png"), cv2.resize(cv2.imread(str(f)), (size, size)))
+        test = root / "test/good/m.png"
+        cv2.imwrite(str(test), cv2.resize(cv2.imread(str(data / "test" / "defect" / "module_005.png")), (size, size)))
+        config = work / f"large{size}.yaml"
+        config.write_text((ROOT / "configs" / "demo.yaml").read_text().replace("image_size: 2048", f"image_size: {size}"))
+        t0 = time.perf_counter()
+        run(BIN / "hiad-train", config, "--data", root, "--out", work / f"large{size}")
+        train_s[size] = time.perf_counter() - t0
+        bundle = export(work / f"large{size}" / "checkpoint", work / f"large{size}_fp32", "--images", test)
+        figures[size] = (bench(bundle, test, "--repeat", repeat, work=work, name=f"large{size}"), load())
+    print(f"\n### Images larger than 2048^2: 2 demo modules at 2048^2 and at 8192^2 (fp32, exact Flat, streamed 16 tiles at a time, {repeat} runs)")
+    print("| image | tiles | train s (2 images) | decode ms | backbone ms | scoring ms | post ms | total ms | ms per tile | peak RSS MB | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for size, (fig, ld) in figures.items():
+        print(f"| {size}^2 | {fig['tiles']} | {train_s[size]:.0f} | {stage(fig, 'decode'):.0f} | {stage(fig, 'backbone'):.0f} | "
+              f"{stage(fig, 'scoring'):.0f} | {stage(fig, 'post'):.0f} | {stage(fig, 'total'):.0f} | "
+              f"{stage(fig, 'total') / fig['tiles']:.1f} | {fig['peak_rss_mb']:.0f} | {ld} |")
+    print(f"8192^2 total / (16 x 2048^2 total) = {stage(figures[8192][0], 'total') / (16 * stage(figures[2048][0], 'total')):.2f}")
 
 
 def section_accuracy(bundles: dict[str, Path], data: Path, work: Path) -> list:
@@ -177,7 +184,7 @@ def synthetic_accuracy(work: Path) -> list:
     return rows
 
 
-def training_contention(work: Path) -> None:
+def training_contention() -> None:
     print("\n### Training under contention (benchmarks/bench_train.py: 8 images at 2048^2, 16 O2O tasks)")
     print("| | wall s | features s | coreset s | load before |\n|---|---|---|---|---|")
     results = []
@@ -207,11 +214,17 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated: engines,arena,prefetch,large,accuracy,training")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    if not args.checkpoint.is_dir():
-        raise SystemExit(f"{args.checkpoint}: run `make demo` first (or pass --checkpoint)")
     work = Path(tempfile.mkdtemp(prefix="hiad-speed-"))
     image = args.data / "test" / "defect" / "module_005.png"
     print(f"{os.cpu_count()} CPUs; {load()} at start; work folder {work}")
+    if "training" not in skip:
+        training_contention()
+    if "large" not in skip:
+        section_large(args.data, work, args.repeat)
+    if skip >= {"engines", "arena", "prefetch", "accuracy"}:
+        return
+    if not args.checkpoint.is_dir():
+        raise SystemExit(f"{args.checkpoint}: run `make demo` first (or pass --checkpoint)")
     bundles = section_precision_engines(args.checkpoint, image, work, args.repeat)
     if "engines" not in skip:
         section_openvino_parity(bundles["fp32"], image)
@@ -219,23 +232,12 @@ def main() -> None:
         section_arena(bundles["fp32"], image, args.repeat)
     if "prefetch" not in skip:
         section_prefetch(bundles["int8"], args.data / "test", work, args.repeat)
-    if "large" not in skip:
-        small = bench(bundles["int8"], image, "--repeat", args.repeat, work=work, name="small_for_large")
-        big = section_large(args.data, work, args.repeat, image)
-        ratio = stage(big, "total") / (16 * stage(small, "total"))
-        print("| image | tiles | total ms | backbone ms | scoring ms | peak RSS MB | load |\n|---|---|---|---|---|---|---|")
-        for label, fig in (("2048^2", small), ("8192^2", big)):
-            print(f"| {label} | {fig['tiles']} | {stage(fig, 'total'):.0f} | {stage(fig, 'backbone'):.0f} | "
-                  f"{stage(fig, 'scoring'):.0f} | {fig['peak_rss_mb']:.0f} | {load()} |")
-        print(f"8192^2 total / (16 x 2048^2 total) = {ratio:.2f}")
     if "accuracy" not in skip:
         rows = section_accuracy(bundles, args.data, work) + synthetic_accuracy(work)
         print("\n### Accuracy of the int8 embedder (runtime predictions, `hiad-train eval-runtime`)")
         print("| data | embedder | image AUROC | pixel AUROC | AUPRO |\n|---|---|---|---|---|")
         for data, p, m in rows:
             print(f"| {data} | {p} | {m['image_auroc']:.4f} | {m['pixel_auroc']:.4f} | {m['aupro']:.4f} |")
-    if "training" not in skip:
-        training_contention(work)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from hiad_runtime.bundle import (
 from hiad_runtime.files import atomic_directory, sha256_file
 from hiad_runtime.geometry import split
 from hiad_runtime.heads import has_native_path
-from hiad_runtime.image import RESIZE_POLICY
+from hiad_runtime.image import RESIZE_POLICY, resize_image
 from hiad_runtime.inspector import Inspector
 from hiad_train.detectors import Detector
 from hiad_train.model import HRModel
@@ -113,8 +113,6 @@ def _write_graphs(model: HRModel, tmp: Path, opts: ExportOptions) -> dict:
 
 def _reduce_precision(model: HRModel, tmp: Path, fields: dict, opts: ExportOptions) -> dict:
     """Replace every embedder graph by its reduced-precision version (the fp32 file is removed)."""
-    if opts.precision == "fp32":
-        return fields
     tiles = calibration_tiles(opts.calibration, lambda im: split(im, model.tiling.tiles)) if opts.precision == "int8" else None
     embedders = {}
     for name, e in fields["embedders"].items():
@@ -129,8 +127,6 @@ def _resized(tiles: np.ndarray, size: list[int]) -> np.ndarray:
     """Calibration tiles at an embedder's input size (the thumbnail embedder's differs)."""
     if tiles.shape[1:3] == (size[1], size[0]):
         return tiles
-    from hiad_runtime.image import resize_image
-
     return np.stack([resize_image(t, tuple(size)) for t in tiles])
 
 
