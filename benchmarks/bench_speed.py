@@ -28,9 +28,9 @@ import json, resource, sys, time
 import numpy as np
 import hiad_runtime.inspector as ins
 from hiad_runtime.image import load_image
-arena = sys.argv[3] == "on"
+allowed = sys.argv[3] == "on"
 create = ins.SessionFactory.create
-ins.SessionFactory.create = lambda self, path, arena_=False: create(self, path, arena and arena_)
+ins.SessionFactory.create = lambda self, path, arena=False: create(self, path, allowed and arena)
 inspector = ins.Inspector.load(sys.argv[1])
 image = load_image(sys.argv[2])
 inspector.predict(image)
@@ -184,6 +184,35 @@ def synthetic_accuracy(work: Path) -> list:
     return rows
 
 
+CORESET_SNIPPET = """
+import contextlib, sys, time, torch
+import hiad_train.components.coreset as c
+threads = int(sys.argv[1])
+c.torch_threads = lambda n: contextlib.nullcontext()  # the loop runs on `threads` threads
+torch.set_num_threads(threads)
+x = torch.randn(32768, 128, generator=torch.Generator().manual_seed(0))
+c.greedy_coreset(x, 100 / 32768)
+t = time.perf_counter(); c.greedy_coreset(x, 1000 / 32768); print(1000 / (time.perf_counter() - t))
+"""
+
+
+def section_coreset() -> None:
+    """Picks/s of the coreset loop (32768 x 128 features) on 2 threads (before) and 1 (now), alone and with a competitor."""
+    print("\n### Coreset sampler under contention (picks/s, 32768 x 128 features, 1000 picks)")
+    print("| loop threads | alone | with one CPU-bound process | load |\n|---|---|---|---|")
+    for threads in (2, 1):
+        rates = []
+        for competitors in (0, 1):
+            procs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(competitors)]
+            try:
+                rates.append(float(run(BIN / "python", "-c", CORESET_SNIPPET, threads)))
+            finally:
+                for p in procs:
+                    p.kill()
+                    p.wait()
+        print(f"| {threads}{' (before)' if threads == 2 else ' (now)'} | {rates[0]:.0f} | {rates[1]:.0f} | {load()} |")
+
+
 def training_contention() -> None:
     print("\n### Training under contention (benchmarks/bench_train.py: 8 images at 2048^2, 16 O2O tasks)")
     print("| | wall s | features s | coreset s | load before |\n|---|---|---|---|---|")
@@ -218,6 +247,7 @@ def main() -> None:
     image = args.data / "test" / "defect" / "module_005.png"
     print(f"{os.cpu_count()} CPUs; {load()} at start; work folder {work}")
     if "training" not in skip:
+        section_coreset()
         training_contention()
     if "large" not in skip:
         section_large(args.data, work, args.repeat)
