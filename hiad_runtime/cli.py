@@ -164,6 +164,7 @@ def bench(
             per_stage["total"].append(time.perf_counter() - t0)
             for s in STAGES:
                 per_stage[s].append(r.timings.get(s, 0.0) + (waited if s == "decode" else 0.0))
+        del image, r  # large images: the next run must not meet this one's image and map still alive
     wall = time.perf_counter() - t_start
     figures = {
         "bundle": str(bundle),
