@@ -7,7 +7,12 @@
 #                    faiss-cpu, pydantic, pydantic-core (download commands: /work/.library/device/README.md)
 #   .gpu/bundle/     a 2048^2 bundle (e.g. `hiad-export models/demo/checkpoint --out .gpu/bundle --precision fp32`)
 #   .gpu/image.png   one 2048^2 test image (data/elpv/test/defect/module_005.png)
-# Prints the providers ONNX Runtime offers there and `hiad-runtime bench` figures per precision found.
+# Prints the providers ONNX Runtime offers there, then per provider found: stage medians and images/s.
+#
+# On this workplace's lent GPU machines it cannot run as is: their image has the CPU onnxruntime and
+# CUDA 13 libraries, and the onnxruntime-gpu 1.31.1 wheel alone is 256 MB (CUDA 12 build) against a
+# 64 MiB carry limit; the script then stops at the provider check and says why. Use a box with
+# `pip install 'hiad-deploy[gpu]'` done (it needs no .gpu/whl then).
 set -u
 REPEAT=${REPEAT:-20}
 if ls .gpu/whl/*.whl >/dev/null 2>&1; then
