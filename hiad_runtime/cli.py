@@ -72,7 +72,7 @@ def predict(
     input_size: bool = typer.Option(False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"),
     engine: Engine = typer.Option(Engine.onnxruntime, "--engine", help=ENGINE_HELP),
     stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
-    prefetch: int = typer.Option(1, "--prefetch", min=0, help=PREFETCH_HELP),
+    prefetch: int = typer.Option(0, "--prefetch", min=0, help=PREFETCH_HELP),
 ) -> None:
     """Score images; one JSON line per image, a float32 map per image."""
     from hiad_runtime.overlay import overlay, save_rgb
