@@ -89,10 +89,10 @@ def section_precision_engines(checkpoint: Path, image: Path, work: Path, repeat:
     rows = []
     for engine in engines:
         for p, b in bundles.items():
-            rows.append((p, engine, bench(b, image, "--repeat", repeat, "--engine", engine, work=work, name=f"{p}_{engine}"), load()))
+            rows.append((p, engine, bench(b, image, "--repeat", repeat, "--backend", engine, work=work, name=f"{p}_{engine}"), load()))
     fp32_backbone = stage(rows[0][2], "backbone")
-    print(f"\n### Precision x engine (2048^2, 16 tiles, O2O PatchCore, exact Flat k-NN, {repeat} runs, PNG decoded inline)")
-    print("| embedder | engine | decode ms | backbone ms | scoring ms | total ms | total / fp32-ORT backbone | peak RSS MB | load |")
+    print(f"\n### Precision x backend (2048^2, 16 tiles, O2O PatchCore, exact Flat k-NN, {repeat} runs, PNG decoded inline)")
+    print("| embedder | backend | decode ms | backbone ms | scoring ms | total ms | total / fp32-ORT backbone | peak RSS MB | load |")
     print("|---|---|---|---|---|---|---|---|---|")
     for p, engine, fig, ld in rows:
         print(f"| {p} | {engine} | {stage(fig, 'decode'):.0f} | {stage(fig, 'backbone'):.0f} | {stage(fig, 'scoring'):.0f} | "
@@ -107,7 +107,7 @@ def section_precision_engines(checkpoint: Path, image: Path, work: Path, repeat:
 def section_openvino_parity(bundle: Path, image: Path) -> None:
     snippet = (
         "import sys, numpy as np\nfrom hiad_runtime.inspector import Inspector\n"
-        "a = Inspector.load(sys.argv[1]).predict(sys.argv[2]); b = Inspector.load(sys.argv[1], engine='openvino').predict(sys.argv[2])\n"
+        "a = Inspector.load(sys.argv[1]).predict(sys.argv[2]); b = Inspector.load(sys.argv[1], backend='openvino').predict(sys.argv[2])\n"
         "print(f'{np.abs(a.anomaly_map - b.anomaly_map).max() / np.ptp(a.anomaly_map):.2e} {abs(a.score - b.score) / np.ptp(a.anomaly_map):.2e}')"
     )
     try:

@@ -23,14 +23,14 @@ class HeadPath(str, Enum):
     onnx = "onnx"
 
 
-class Engine(str, Enum):
+class Backend(str, Enum):
     """What runs the ONNX graphs: ONNX Runtime (its best providers present) or OpenVINO (Intel/AMD CPUs)."""
 
     onnxruntime = "onnxruntime"
     openvino = "openvino"
 
 
-ENGINE_HELP = "onnxruntime, or openvino (pip install 'hiad-deploy[openvino]') on the same ONNX files"
+BACKEND_HELP = "onnxruntime, or openvino (pip install 'hiad-deploy[openvino]') on the same ONNX files"
 STREAM_HELP = "tiles embedded and scored per chunk: bounds memory on large images (map built in place)"
 PREFETCH_HELP = "images decoded ahead on a worker thread while the current one is inferred (0 = none)"
 
@@ -70,7 +70,7 @@ def predict(
     threads: int = typer.Option(0, "--threads", help="ONNX Runtime intra-op threads (0 = all cores)"),
     batch: int = typer.Option(4, "--batch", help="tiles per ONNX Runtime call (4 keeps peak RSS under 600 MB at 512 px tiles)"),
     input_size: bool = typer.Option(False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"),
-    engine: Engine = typer.Option(Engine.onnxruntime, "--engine", help=ENGINE_HELP),
+    backend: Backend = typer.Option(Backend.onnxruntime, "--backend", help=BACKEND_HELP),
     stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
     prefetch: int = typer.Option(0, "--prefetch", min=0, help=PREFETCH_HELP),
 ) -> None:
@@ -79,7 +79,7 @@ def predict(
     from hiad_runtime.prefetch import prefetched
 
     inspector = _load(bundle, head_path=head_path.value, threads=threads, batch_size=batch, image_threshold=threshold,
-                      pixel_threshold=pixel_threshold, engine=engine.value, stream_tiles=stream_tiles)
+                      pixel_threshold=pixel_threshold, backend=backend.value, stream_tiles=stream_tiles)
     files = _inputs(inputs)
     if not files:
         typer.secho("error: no images found in the inputs", fg=typer.colors.RED, err=True)
@@ -110,7 +110,7 @@ def predict(
             results.write(json.dumps(line) + "\n")
             typer.echo(f"{path}: score {r.score:.4f}" + ("" if r.decision is None else f" -> {'ANOMALOUS' if r.decision else 'ok'}") + f" ({latency:.0f} ms)")
     rate = len(files) / (time.perf_counter() - t_start)
-    typer.echo(f"{rate:.2f} images/s; embedder precision {inspector.precision}; engine {engine.value}; "
+    typer.echo(f"{rate:.2f} images/s; embedder precision {inspector.precision}; backend {backend.value}; "
                f"providers: {', '.join(inspector.providers_in_use)}; results: {out / 'results.jsonl'}")
     if failures:
         raise typer.Exit(1)
@@ -132,7 +132,7 @@ def bench(
     threads: int = typer.Option(0, "--threads"),
     batch: int = typer.Option(4, "--batch"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
-    engine: Engine = typer.Option(Engine.onnxruntime, "--engine", help=ENGINE_HELP),
+    backend: Backend = typer.Option(Backend.onnxruntime, "--backend", help=BACKEND_HELP),
     stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
     prefetch: int = typer.Option(0, "--prefetch", min=0, help="with IMAGES, each run decodes its image from the file: "
                                  "inline (0) or N images ahead on a worker thread (throughput mode)"),
@@ -141,7 +141,7 @@ def bench(
     from hiad_runtime.inspector import STAGES
     from hiad_runtime.prefetch import prefetched
 
-    inspector = _load(bundle, head_path=head_path.value, threads=threads, batch_size=batch, engine=engine.value, stream_tiles=stream_tiles)
+    inspector = _load(bundle, head_path=head_path.value, threads=threads, batch_size=batch, backend=backend.value, stream_tiles=stream_tiles)
     size = inspector.tiling.image_size
     if images:
         paths = [f for f, _ in _inputs(images)]
@@ -172,7 +172,7 @@ def bench(
         "tiles": len(inspector.tiling.tiles),
         "tasks": len(inspector.tasks),
         "head_path": head_path.value,
-        "engine": engine.value,
+        "backend": backend.value,
         "precision": inspector.precision,
         "stream_tiles": stream_tiles,
         "prefetch": prefetch,
@@ -182,7 +182,7 @@ def bench(
         "images_per_s": repeat / wall,
         "peak_rss_mb": _peak_rss_mb(),
     }
-    typer.echo(f"{figures['tiles']} tiles, {figures['tasks']} tasks, head path {head_path.value}, engine {engine.value}, "
+    typer.echo(f"{figures['tiles']} tiles, {figures['tasks']} tasks, head path {head_path.value}, backend {backend.value}, "
                f"embedder precision {inspector.precision}, providers={','.join(figures['providers'])}, {repeat} runs"
                + (f", {prefetch} image(s) decoded ahead" if prefetch else ""))
     typer.echo(f"{'stage':<9} {'median ms':>10} {'p95 ms':>10}")

@@ -79,7 +79,7 @@ class Inspector:
         head_path: str = "native",
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
-        engine: str = "onnxruntime",
+        backend: str = "onnxruntime",
         stream_tiles: int = 16,
     ):
         m = bundle.manifest
@@ -88,7 +88,7 @@ class Inspector:
         self.tiling = m.geometry
         self.stream_tiles = stream_tiles
         self.coverage = coverage(self.tiling.tiles, self.tiling.image_size)
-        self.sessions = SessionFactory(providers, threads, engine)
+        self.sessions = SessionFactory(providers, threads, backend)
         self.embedders = {name: Embedder(bundle.root, spec, self.sessions, batch_size) for name, spec in m.embedders.items()}
         self.tasks = m.tasks
         self.heads: dict[str, Head] = {t.name: load_head(bundle.root, t.head, self.sessions, head_path) for t in m.tasks}

@@ -1,5 +1,5 @@
 """Inference sessions, created once per graph: ONNX Runtime (tuned options, best providers present) or,
-with engine 'openvino', OpenVINO on the same ONNX files.
+with backend 'openvino', OpenVINO on the same ONNX files.
 
 Memory arena: ONNX Runtime's CPU arena keeps each session's peak allocation for reuse. It is on for
 embedders (one or two sessions, and they run about 1.5x faster with it) and off for heads (one per
@@ -19,7 +19,7 @@ from hiad_runtime.bundle import BundleError
 
 # Best first; only those this onnxruntime build offers are used.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-ENGINES = ("onnxruntime", "openvino")
+BACKENDS = ("onnxruntime", "openvino")
 
 
 def available_providers(requested: Sequence[str] | None = None) -> list[str]:
@@ -34,11 +34,11 @@ def available_providers(requested: Sequence[str] | None = None) -> list[str]:
 class SessionFactory:
     """Creates sessions with one set of options; records which providers each session really uses."""
 
-    def __init__(self, providers: Sequence[str] | None = None, intra_op_threads: int = 0, engine: str = "onnxruntime"):
-        if engine not in ENGINES:
-            raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
-        self.engine = engine
-        self.providers = available_providers(providers) if engine == "onnxruntime" else []
+    def __init__(self, providers: Sequence[str] | None = None, intra_op_threads: int = 0, backend: str = "onnxruntime"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+        self.backend = backend
+        self.providers = available_providers(providers) if backend == "onnxruntime" else []
         self.threads = intra_op_threads
         self.in_use: set[str] = set()
 
@@ -55,8 +55,8 @@ class SessionFactory:
 
     def create(self, path: Path, arena: bool = False):
         """A session for one graph; `arena` for the few hot, large-activation graphs (embedders)."""
-        if self.engine == "openvino":
-            from hiad_runtime.openvino_engine import OpenVinoSession
+        if self.backend == "openvino":
+            from hiad_runtime.openvino_backend import OpenVinoSession
 
             session = OpenVinoSession(path, self.threads)
         else:

@@ -89,21 +89,21 @@ def test_streamed_tiles_give_the_all_at_once_map(many_tiles_bundle, test_samples
         assert streamed.score == pytest.approx(whole.score, rel=1e-5)
 
 
-def test_openvino_engine_matches_onnxruntime(bundle_dir, test_samples):
+def test_openvino_backend_matches_onnxruntime(bundle_dir, test_samples):
     pytest.importorskip("openvino")
     image = test_samples[-1].image((256, 256))
     for head_path in ("onnx", "native"):
         ort_result = Inspector.load(bundle_dir, head_path=head_path).predict(image)
-        ov = Inspector.load(bundle_dir, head_path=head_path, engine="openvino")
+        ov = Inspector.load(bundle_dir, head_path=head_path, backend="openvino")
         assert ov.providers_in_use == ["OpenVINO:CPU"]
         ov_result = ov.predict(image)
         assert _rel_diff(ov_result.anomaly_map, ort_result.anomaly_map) <= TOLERANCE
         assert abs(ov_result.score - ort_result.score) <= TOLERANCE * np.ptp(ort_result.anomaly_map)
 
 
-def test_unknown_engine_is_named(bundle_dir):
-    with pytest.raises(ValueError, match="engine 'tensorflow'"):
-        Inspector.load(bundle_dir, engine="tensorflow")
+def test_unknown_backend_is_named(bundle_dir):
+    with pytest.raises(ValueError, match="backend 'tensorflow'"):
+        Inspector.load(bundle_dir, backend="tensorflow")
 
 
 def test_prefetch_keeps_order_and_hands_errors_to_their_item():

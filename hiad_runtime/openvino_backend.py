@@ -1,8 +1,8 @@
-"""OpenVINO as an engine for the bundle's ONNX graphs (Intel/AMD CPUs): the same files, read directly.
+"""OpenVINO as a backend for the bundle's ONNX graphs (Intel/AMD CPUs): the same files, read directly.
 
 `pip install 'hiad-deploy[openvino]'`. A compiled model is wrapped to answer like an ONNX Runtime
 session (`run(None, feeds) -> [outputs]`, `get_providers()`), so embedders and heads do not care
-which engine runs them.
+which backend runs them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 try:
     import openvino as ov
 except ImportError as e:
-    raise ImportError("--engine openvino needs OpenVINO: pip install 'hiad-deploy[openvino]'") from e
+    raise ImportError("--backend openvino needs OpenVINO: pip install 'hiad-deploy[openvino]'") from e
 
 from hiad_runtime.bundle import BundleError
 
