@@ -73,6 +73,7 @@ class EmbedderSpec:
 
     graph: GraphSpec
     tile_size: list[Annotated[int, Field(ge=1)]]  # [width, height]
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"  # of the graph's weights/activations; I/O types never change
 
 
 @dataclass(frozen=True, config=STRICT)
