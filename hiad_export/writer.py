@@ -23,6 +23,7 @@ from hiad_export import __version__
 from hiad_export.graphs import build_engine, export_embedder, export_head, tensorrt_status
 from hiad_export.parity import DEFAULT_TOLERANCE, ParityError, measure
 from hiad_export.pipeline import bundle_identity, export_pipeline
+from hiad_export.quantize import calibration_tiles, reduce_precision
 from hiad_runtime.bundle import (
     MANIFEST,
     SCHEMA,
@@ -38,8 +39,9 @@ from hiad_runtime.bundle import (
     ThumbnailSpec,
 )
 from hiad_runtime.files import atomic_directory, remove_stale, sha256_file
+from hiad_runtime.geometry import split
 from hiad_runtime.heads import has_native_path
-from hiad_runtime.image import RESIZE_POLICY
+from hiad_runtime.image import RESIZE_POLICY, resize_image
 from hiad_runtime.inspector import Inspector
 from hiad_train.detectors import Detector
 from hiad_train.model import HRModel
@@ -51,6 +53,8 @@ class ExportOptions:
     formats: Sequence[str] = ("onnx",)
     tolerance: float = DEFAULT_TOLERANCE
     archive: bool = False
+    precision: str = "fp32"  # embedder graphs: fp32, fp16 or int8 (heads stay fp32)
+    calibration: Sequence[np.ndarray] = ()  # int8: training images at the model's image size
     notes: list[str] = field(default_factory=list)  # what was skipped and why
 
 
@@ -110,6 +114,25 @@ def _write_graphs(model: HRModel, tmp: Path, opts: ExportOptions) -> dict:
     return {"embedders": embedders, "tasks": tasks, "thumbnail": thumbnail, "routing": routing}
 
 
+def _reduce_precision(model: HRModel, tmp: Path, fields: dict, opts: ExportOptions) -> dict:
+    """Replace every embedder graph by its reduced-precision version (the fp32 file is removed)."""
+    tiles = calibration_tiles(opts.calibration, lambda im: split(im, model.tiling.tiles)) if opts.precision == "int8" else None
+    embedders = {}
+    for name, e in fields["embedders"].items():
+        source = tmp / e.graph.file
+        reduced = reduce_precision(source, opts.precision, None if tiles is None else _resized(tiles, e.tile_size))
+        source.unlink()
+        embedders[name] = replace(e, graph=replace(e.graph, file=str(reduced.relative_to(tmp))), precision=opts.precision)
+    return {**fields, "embedders": embedders}
+
+
+def _resized(tiles: np.ndarray, size: list[int]) -> np.ndarray:
+    """Calibration tiles at an embedder's input size (the thumbnail embedder's differs)."""
+    if tiles.shape[1:3] == (size[1], size[0]):
+        return tiles
+    return np.stack([resize_image(t, tuple(size)) for t in tiles])
+
+
 def _build_engines(tmp: Path, fields: dict, opts: ExportOptions) -> dict:
     if "trt" not in opts.formats:
         return fields
@@ -165,21 +188,26 @@ def _write_manifest(path: Path, manifest: Manifest) -> None:
     path.write_text(json.dumps(manifest.to_dict(), indent=1))
 
 
-def check_parity(model: HRModel, root: Path, images: Sequence[np.ndarray], opts: ExportOptions) -> dict:
+def check_parity(
+    model: HRModel, root: Path, images: Sequence[np.ndarray], opts: ExportOptions, reference: list | None = None, label: str = ""
+) -> dict:
     """Run PyTorch and every runtime path that applies (ONNX heads, native heads, the pipeline graph)
     on `images`; raise ParityError past the tolerance. A native path whose artifacts are approximate
     (params `exact: false`, e.g. an IVF index) is measured and recorded, not enforced: its deviation
-    is the accuracy it trades."""
+    is the accuracy it trades; so is a reduced-precision embedder (`label` names it: its reports are
+    keyed `int8:onnx`, ...)."""
     if not images:
         raise ParityError("parity needs at least one held-back image")
-    reference = [model.predict(im) for im in tqdm(images, desc="parity: pytorch", leave=False)]
+    reference = reference or [model.predict(im) for im in tqdm(images, desc="parity: pytorch", leave=False)]
     bundle = Bundle.load(root)
-    reports = [measure(reference, Inspector(bundle, head_path="onnx"), images, "onnx", opts.tolerance, True)]
+    reduced = any(e.precision != "fp32" for e in bundle.manifest.embedders.values())
+    key = f"{label}:" if label else ""
+    reports = [measure(reference, Inspector(bundle, head_path="onnx"), images, key + "onnx", opts.tolerance, not reduced)]
     native = [h for h in bundle.manifest.heads() if has_native_path(h)]
     if native:
-        exact = all(h.params.get("exact", True) for h in native)
-        reports.append(measure(reference, Inspector(bundle, head_path="native"), images, "native", opts.tolerance, exact))
-    if bundle.manifest.pipeline and bundle.manifest.pipeline.graph:
+        exact = all(h.params.get("exact", True) for h in native) and not reduced
+        reports.append(measure(reference, Inspector(bundle, head_path="native"), images, key + "native", opts.tolerance, exact))
+    if bundle.manifest.pipeline and bundle.manifest.pipeline.graph and not reduced:  # the graph holds the fp32 embedder
         reports.append(measure(reference, Inspector(bundle, engine="pipeline"), images, "pipeline", opts.tolerance, True))
     failed = [r for r in reports if r.enforced and not r.passed]
     if failed:
@@ -192,9 +220,15 @@ def write_bundle(model: HRModel, out: str | Path, parity_images: Sequence[np.nda
     opts = opts or ExportOptions()
     out = Path(out)
     with atomic_directory(out) as tmp:
-        fields = _add_pipeline(model, tmp, _build_engines(tmp, _write_graphs(model, tmp, opts), opts), opts)
+        fields = _add_pipeline(model, tmp, _write_graphs(model, tmp, opts), opts)
         _write_manifest(tmp / MANIFEST, _manifest(model, tmp, fields, None))
-        parity = check_parity(model, tmp, parity_images, opts)
+        reference = [model.predict(im) for im in tqdm(parity_images, desc="parity: pytorch", leave=False)]
+        parity = check_parity(model, tmp, parity_images, opts, reference)  # fp32: enforced
+        if opts.precision != "fp32":
+            fields = _reduce_precision(model, tmp, fields, opts)
+            _write_manifest(tmp / MANIFEST, _manifest(model, tmp, fields, None))
+            parity.update(check_parity(model, tmp, parity_images, opts, reference, opts.precision))  # recorded
+        fields = _build_engines(tmp, fields, opts)
         parity["notes"] = list(opts.notes)
         manifest = _manifest(model, tmp, fields, parity)
         _write_manifest(tmp / MANIFEST, manifest)

@@ -73,6 +73,7 @@ class EmbedderSpec:
 
     graph: GraphSpec
     tile_size: list[Annotated[int, Field(ge=1)]]  # [width, height]
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"  # of the graph's weights/activations; I/O types never change
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -149,7 +150,7 @@ class Manifest:
     postprocess: PostprocessSpec
     routing: RoutingSpec | None = None
     thumbnail: ThumbnailSpec | None = None
-    thresholds: dict | None = None  # {"image": float|None, "pixel": float|None} on the output scale
+    thresholds: dict | None = None  # {"image": float|None, "pixel": float|None, "rules": {how each was set}} on the output scale
     validation: dict | None = None  # metrics on the synthetic-anomaly validation set
     parity: dict | None = None
     pipeline: PipelineSpec | None = None  # the whole-image graph, or why there is none

@@ -19,6 +19,7 @@ from hiad_runtime.results import OutputError, ResultsFolder, find_inputs, output
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hiad-deploy inspection runtime (torch-free).")
 
+
 class Engine(str, Enum):
     """tiles: stage by stage (the head path applies); pipeline: the bundle's whole-image graph, one run per image."""
 
@@ -33,6 +34,18 @@ class HeadPath(str, Enum):
     onnx = "onnx"
 
 
+class Backend(str, Enum):
+    """What runs the ONNX graphs: ONNX Runtime (its best providers present) or OpenVINO (Intel/AMD CPUs)."""
+
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
+
+
+BACKEND_HELP = "onnxruntime, or openvino (pip install 'hiad-deploy[openvino]') on the same ONNX files"
+STREAM_HELP = "tiles embedded and scored per chunk: bounds memory on large images (map built in place)"
+PREFETCH_HELP = "images decoded ahead on a worker thread while the current one is inferred (0 = none)"
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -45,6 +58,26 @@ def _load(bundle: Path, **kwargs):
         return Inspector.load(bundle, **kwargs)
     except BundleError as e:
         _fail(str(e))
+
+
+def describe_threshold(kind: str, value: float | None, rule: dict | None, override: bool, clipped: bool) -> str:
+    """One line saying what a threshold is and how it was set (the bundle's record of its rule)."""
+    if value is not None and clipped and value > 1:
+        return describe_threshold(kind, value, rule, override, False) + "; above the clipped range [0, 1]: never reached"
+    if value is None:
+        return f"{kind} threshold: none ({'no decisions' if kind == 'image' else 'no masks'}; --{'threshold' if kind == 'image' else 'pixel-threshold'} sets one)"
+    head = f"{kind} threshold {value:.4g}"
+    if override:
+        return f"{head}: given on the command line"
+    rule = rule or {}
+    when = f", calibrated {rule['calibrated']}" if "calibrated" in rule else ""
+    if rule.get("rule") == "false_alarm_rate":
+        low, high = rule["rate_interval_90"]
+        return (f"{head}: false-alarm rate {rule['rate']:.2%} on {rule['images']} normal image(s) ({rule['tiles']} tiles"
+                f"{when}), achieved rate {low:.2%}-{high:.2%} (90% interval)")
+    if rule.get("rule") == "f1":
+        return f"{head}: best F1 on {rule['tiles']} validation tiles with synthetic anomalies ({rule['images']} image(s){when})"
+    return f"{head}: rule not recorded in this bundle"
 
 
 @app.command()
@@ -62,25 +95,35 @@ def predict(
     batch: int = typer.Option(4, "--batch", min=1, help="tiles per ONNX Runtime call (4 keeps peak RSS under 600 MB at 512 px tiles)"),
     input_size: bool = typer.Option(False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="refuse inputs declaring more pixels (default: 4x the bundle's image area)"),
+    backend: Backend = typer.Option(Backend.onnxruntime, "--backend", help=BACKEND_HELP),
+    stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
+    prefetch: int = typer.Option(0, "--prefetch", min=0, help=PREFETCH_HELP),
 ) -> None:
     """Score images; one JSON line per image (written as soon as it is done), a float32 map per image."""
     from hiad_runtime.overlay import overlay, save_rgb
+    from hiad_runtime.prefetch import prefetched
 
     inspector = _load(
         bundle, head_path=head_path.value, engine=engine.value, threads=threads, batch_size=batch,
         image_threshold=threshold, pixel_threshold=pixel_threshold, max_pixels=max_pixels,
+        backend=backend.value, stream_tiles=stream_tiles,
     )
     files = find_inputs(inputs)
     if not files:
         _fail("no images found in the inputs")
+    rules = (inspector.manifest.thresholds or {}).get("rules", {})
+    clipped = inspector.manifest.postprocess.clip_to_unit
+    typer.echo(describe_threshold("image", inspector.image_threshold, rules.get("image"), threshold is not None, clipped))
+    typer.echo(describe_threshold("pixel", inspector.pixel_threshold, rules.get("pixel"), pixel_threshold is not None, clipped))
     failures = 0
+    t_start = time.perf_counter()
     try:
         with ResultsFolder(out, overwrite) as folder:
             typer.echo(f"writing {folder.results_path} (holding {folder.lock_path} until done)")
-            for path, key in zip(files, output_keys(files)):
-                t0 = time.perf_counter()
+            for (path, key), decoded in prefetched(list(zip(files, output_keys(files))), lambda f: inspector.decode(f[0]), prefetch):
+                t0 = time.perf_counter()  # with prefetch, latency counts only the wait for decoding
                 try:
-                    image = inspector.decode(path)
+                    image = decoded.result()
                     r = inspector.predict(image)
                     latency = (time.perf_counter() - t0) * 1000
                     map_file = folder.map_path(key)
@@ -102,7 +145,9 @@ def predict(
                     typer.secho(f"warning: {path}: {w}", fg=typer.colors.YELLOW, err=True)
     except OutputError as e:
         _fail(str(e))
-    typer.echo(f"providers: {', '.join(inspector.providers_in_use)}; results: {out / 'results.jsonl'}")
+    rate = len(files) / (time.perf_counter() - t_start)
+    typer.echo(f"{rate:.2f} images/s; embedder precision {inspector.precision}; backend {backend.value}; "
+               f"providers: {', '.join(inspector.providers_in_use)}; results: {out / 'results.jsonl'}")
     if failures:
         raise typer.Exit(1)
 
@@ -149,31 +194,44 @@ def bench(
     threads: int = typer.Option(0, "--threads", min=0),
     batch: int = typer.Option(4, "--batch", min=1),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
+    backend: Backend = typer.Option(Backend.onnxruntime, "--backend", help=BACKEND_HELP),
+    stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
+    prefetch: int = typer.Option(0, "--prefetch", min=0, help="with IMAGES, each run decodes its image from the file: "
+                                 "inline (0) or N images ahead on a worker thread (throughput mode)"),
 ) -> None:
     """Per-stage latency (median, p95), images/s and peak RSS. A benchmark that prints figures."""
     from hiad_runtime.inspector import STAGES
+    from hiad_runtime.prefetch import prefetched
 
-    inspector = _load(bundle, head_path=head_path.value, engine=engine.value, threads=threads, batch_size=batch)
+    inspector = _load(bundle, head_path=head_path.value, engine=engine.value, threads=threads, batch_size=batch,
+                      backend=backend.value, stream_tiles=stream_tiles)
     stages = ("decode", "pipeline") if engine is Engine.pipeline else STAGES
     size = inspector.tiling.image_size
     if images:
+        paths = find_inputs(images)
+        load = lambda i: inspector.decode(paths[i % len(paths)])  # noqa: E731
+    else:
+        if prefetch:
+            raise typer.BadParameter("--prefetch decodes files: give IMAGES", param_hint="--prefetch")
+        frame = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        load = lambda i: frame  # noqa: E731
+    per_stage = {s: [] for s in (*stages, "total")}
+    source = prefetched(range(warmup + repeat), load, prefetch)
+    for i in range(warmup + repeat):
+        if i == warmup:
+            t_start = time.perf_counter()
+        t0 = time.perf_counter()
         try:
-            frames = [resize_image(inspector.decode(f), size) for f in find_inputs(images)]
+            image = next(source)[1].result()
         except ImageError as e:
             _fail(str(e))
-    else:
-        rng = np.random.default_rng(0)
-        frames = [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)]
-    for i in range(warmup):
-        inspector.predict(frames[i % len(frames)])
-    per_stage = {s: [] for s in (*stages, "total")}
-    t_start = time.perf_counter()
-    for i in range(repeat):
-        t0 = time.perf_counter()
-        r = inspector.predict(frames[i % len(frames)])
-        per_stage["total"].append(time.perf_counter() - t0)
-        for s in stages:
-            per_stage[s].append(r.timings.get(s, 0.0))
+        waited = time.perf_counter() - t0  # decoding the file inline, or waiting for the prefetching thread
+        r = inspector.predict(image)
+        if i >= warmup:
+            per_stage["total"].append(time.perf_counter() - t0)
+            for s in stages:
+                per_stage[s].append(r.timings.get(s, 0.0) + (waited if s == "decode" else 0.0))
+        del image, r  # large images: the next run must not meet this one's image and map still alive
     wall = time.perf_counter() - t_start
     figures = {
         "bundle": str(bundle),
@@ -182,13 +240,19 @@ def bench(
         "tasks": len(inspector.manifest.tasks),
         "head_path": head_path.value,
         "engine": engine.value,
+        "backend": backend.value,
+        "precision": inspector.precision,
+        "stream_tiles": stream_tiles,
+        "prefetch": prefetch,
         "providers": inspector.providers_in_use,
         "repeat": repeat,
         "stages_ms": {s: {"median": float(np.median(v) * 1000), "p95": float(np.percentile(v, 95) * 1000)} for s, v in per_stage.items()},
         "images_per_s": repeat / wall,
         "peak_rss_mb": _peak_rss_mb(),
     }
-    typer.echo(f"{figures['tiles']} tiles, {figures['tasks']} tasks, engine {engine.value}, head path {head_path.value}, providers={','.join(figures['providers'])}, {repeat} runs")
+    typer.echo(f"{figures['tiles']} tiles, {figures['tasks']} tasks, engine {engine.value}, head path {head_path.value}, "
+               f"backend {backend.value}, embedder precision {inspector.precision}, providers={','.join(figures['providers'])}, "
+               f"{repeat} runs" + (f", {prefetch} image(s) decoded ahead" if prefetch else ""))
     typer.echo(f"{'stage':<9} {'median ms':>10} {'p95 ms':>10}")
     for s, v in figures["stages_ms"].items():
         typer.echo(f"{s:<9} {v['median']:>10.1f} {v['p95']:>10.1f}")

@@ -88,7 +88,8 @@ def decode(data: bytes, source: str = "image", max_pixels: int | None = None) ->
         if raw is None:
             raise ImageError(f"{source}: not a readable image (corrupt or unsupported format)")
         if raw.ndim == 3 and raw.shape[2] >= 3:
-            raw = cv2.cvtColor(raw, cv2.COLOR_BGRA2RGBA if raw.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+            # In place: an 8192^2 image would otherwise hold a second 200 MB copy at its peak.
+            raw = cv2.cvtColor(raw, cv2.COLOR_BGRA2RGBA if raw.shape[2] == 4 else cv2.COLOR_BGR2RGB, dst=raw)
     except cv2.error as e:
         raise ImageError(f"{source}: cannot be decoded ({_cv_reason(e)})") from None
     return to_rgb8(raw, source)

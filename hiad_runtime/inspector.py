@@ -1,8 +1,11 @@
 """Inspector: bundle -> predict(image) -> Result. The edge box's whole pipeline, torch-free.
 
-decode -> resize (recorded policy) -> tile (shared geometry) -> embed all tiles in batched ONNX
-Runtime calls (context windows once each, fused per feature scale) -> route (retrieval) -> score per
-task (each head by its kind's path) -> gather -> thumbnail max -> blur -> image score -> thresholds.
+decode -> resize (recorded policy) -> tile (shared geometry) -> per chunk of `stream_tiles` tiles:
+embed in batched calls (context windows once per chunk, fused per feature scale) -> route
+(retrieval) -> score per task (each head by its kind's path) -> normalize -> add each tile's map into
+the image map in place -> thumbnail max -> blur -> image score -> thresholds. Chunks bound memory for
+images of any size (hiad_runtime/streaming.py). Engine "pipeline" runs the bundle's whole-image graph
+instead, one call per image.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -22,6 +25,7 @@ from hiad_runtime.image import ImageError, decode, load_image, resize_image, res
 from hiad_runtime.pipeline import PipelineGraph
 from hiad_runtime.postprocess import finish, fuse_thumbnail, tile_maps_to_image
 from hiad_runtime.sessions import SessionFactory
+from hiad_runtime.streaming import MapAssembler, chunks, coverage
 from hiad_runtime.tasks import route
 
 STAGES = ("decode", "tile", "backbone", "scoring", "post")
@@ -48,7 +52,7 @@ class Embedder:
 
     def __init__(self, root: Path, spec: EmbedderSpec, sessions: SessionFactory, batch_size: int):
         self.spec = spec
-        self.session = sessions.create(root / spec.graph.file)
+        self.session = sessions.create(root / spec.graph.file, arena=True)
         self.batch_size = batch_size
 
     def __call__(self, tiles: np.ndarray) -> list[np.ndarray]:
@@ -69,6 +73,8 @@ def upsample_grid(embedding: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class Inspector:
+    """A bundle ready to score images (HiAD inference, https://github.com/cnulab/HiAD), torch-free."""
+
     def __init__(
         self,
         bundle: Bundle,
@@ -80,6 +86,8 @@ class Inspector:
         pixel_threshold: float | None = None,
         max_pixels: int | None = None,
         engine: str = "tiles",
+        backend: str = "onnxruntime",
+        stream_tiles: int = 16,
     ):
         m = bundle.manifest
         self.bundle = bundle
@@ -87,7 +95,9 @@ class Inspector:
         self.tiling = m.geometry
         width, height = self.tiling.image_size
         self.max_pixels = max_pixels or MAX_PIXELS_FACTOR * width * height  # paths and bytes above it are refused
-        self.sessions = SessionFactory(providers, threads)
+        self.stream_tiles = stream_tiles
+        self.coverage = coverage(self.tiling.tiles, self.tiling.image_size)
+        self.sessions = SessionFactory(providers, threads, backend)
         thresholds = m.thresholds or {}
         self.image_threshold = image_threshold if image_threshold is not None else thresholds.get("image")
         self.pixel_threshold = pixel_threshold if pixel_threshold is not None else thresholds.get("pixel")
@@ -116,17 +126,22 @@ class Inspector:
     def providers_in_use(self) -> list[str]:
         return sorted(self.sessions.in_use)
 
+    @property
+    def precision(self) -> str:
+        """The embedders' precision as the bundle records it (e.g. 'int8'; 'fp32+fp16' if they differ)."""
+        return "+".join(sorted({e.precision for e in self.manifest.embedders.values()}))
+
     # -- stages ---------------------------------------------------------------------------------
-    def tile_embeddings(self, image: np.ndarray, timings: dict) -> list[np.ndarray]:
-        """Per feature scale, fused features (N_tiles, C, h, w) of every tile; each context window embedded once."""
+    def tile_embeddings(self, image: np.ndarray, timings: dict, ids: Sequence[int] | None = None) -> list[np.ndarray]:
+        """Per feature scale, fused features (N, C, h, w) of tiles `ids` (default all); each context window they use embedded once."""
         t0 = time.perf_counter()
-        tiles = self.tiling.tiles
+        tiles = [self.tiling.tiles[i] for i in ids] if ids is not None else list(self.tiling.tiles)
         patches = split(image, tiles)
         levels = []
         for level in range(1, len(self.tiling.ds_factors)):
-            windows = self.tiling.context_windows(level)
+            windows = list(dict.fromkeys(t.context[level - 1] for t in tiles))
             levels.append((windows, np.stack([resize_image(crop(image, w), self.tiling.patch_size) for w in windows])))
-        timings["tile"] = time.perf_counter() - t0
+        timings["tile"] = timings.get("tile", 0.0) + time.perf_counter() - t0
 
         t0 = time.perf_counter()
         embed = self.embedders["patch"]
@@ -138,7 +153,7 @@ class Inspector:
                 window_emb = dict(zip(windows, per_window[scale]))
                 for i, t in enumerate(tiles):
                     f[i] += np.float32(weights[level]) * self._context_part(window_emb, t, level, f.shape[-1], f.shape[-2])
-        timings["backbone"] = time.perf_counter() - t0
+        timings["backbone"] = timings.get("backbone", 0.0) + time.perf_counter() - t0
         return fused
 
     @staticmethod
@@ -147,20 +162,44 @@ class Inspector:
         up_w, up_h, ox, oy = context_crop(window, tile.main, (gw, gh))
         return upsample_grid(window_emb[window], (up_w, up_h))[:, oy : oy + gh, ox : ox + gw]
 
-    def assignments(self, features: list[np.ndarray]) -> dict[str, list[int]]:
+    def assignments(self, features: list[np.ndarray], ids: Sequence[int] | None = None) -> dict[str, list[int]]:
+        """Per task, the positions in `ids` (tile indices whose `features` these are; default all) that it scores."""
         if self.centres is None:
-            return {t.name: list(t.tiles) for t in self.tasks}
+            position = {tile: p for p, tile in enumerate(ids if ids is not None else range(len(self.tiling.tiles)))}
+            return {t.name: [position[i] for i in t.tiles if i in position] for t in self.tasks}
         keys = features[0].mean(axis=(2, 3))
         keys /= np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
         labels = route(keys, self.centres)
         return {t.name: [int(i) for i in np.flatnonzero(labels == k)] for k, t in enumerate(self.tasks)}
 
-    def thumbnail_map(self, image: np.ndarray) -> np.ndarray | None:
+    def tile_scores(self, image: np.ndarray, timings: dict) -> Iterator[tuple[str, int, np.ndarray]]:
+        """(task, tile index, raw score grid) for every tile, chunk by chunk (`stream_tiles` at a time)."""
+        for ids in chunks(len(self.tiling.tiles), self.stream_tiles):
+            features = self.tile_embeddings(image, timings, ids)
+            t0 = time.perf_counter()
+            for name, positions in self.assignments(features, ids).items():
+                if positions:
+                    scores = self.heads[name]([f[positions] for f in features])
+                    yield from ((name, ids[p], s) for p, s in zip(positions, scores))
+            timings["scoring"] = timings.get("scoring", 0.0) + time.perf_counter() - t0
+
+    def thumbnail_scores(self, image: np.ndarray) -> np.ndarray | None:
+        """The thumbnail head's raw grid (None without a thumbnail)."""
         if self.thumbnail_head is None:
+            return None
+        return self.thumbnail_head(self.embedders["thumbnail"](resize_image(image, tuple(self.manifest.thumbnail.size))[None]))[0]
+
+    def raw_scores(self, image: np.ndarray) -> tuple[list[tuple[str, int, np.ndarray]], np.ndarray | None]:
+        """Every head's output before normalization, for an RGB image at image_size: (task, tile index,
+        score grid) per tile, and the thumbnail's grid. Calibration reads these."""
+        return list(self.tile_scores(image, {})), self.thumbnail_scores(image)
+
+    def thumbnail_map(self, scores: np.ndarray | None) -> np.ndarray | None:
+        """The thumbnail's raw grid normalized and brought to thumbnail size."""
+        if scores is None:
             return None
         spec = self.manifest.thumbnail
         size = tuple(spec.size)
-        scores = self.thumbnail_head(self.embedders["thumbnail"](resize_image(image, size)[None]))[0]
         if spec.normalization is not None:
             scores = spec.normalization(scores)
         return tile_maps_to_image([scores], [Tile(0, 0, 0, Box(0, 0, *size))], size, self.manifest.postprocess)
@@ -196,22 +235,17 @@ class Inspector:
             timings["pipeline"] = time.perf_counter() - t0
             return self._result(anomaly_map, score, input_size, timings)
 
-        features = self.tile_embeddings(image, timings)
-
-        t0 = time.perf_counter()
-        maps: list[np.ndarray | None] = [None] * len(self.tiling.tiles)
-        for name, ids in self.assignments(features).items():
-            if ids:
-                norm = self.normalization.get(name)
-                for i, s in zip(ids, self.heads[name]([f[ids] for f in features])):
-                    maps[i] = s if norm is None else norm(s)
-        thumb = self.thumbnail_map(image)
-        timings["scoring"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
         spec = self.manifest.postprocess
-        merged = fuse_thumbnail(tile_maps_to_image(maps, self.tiling.tiles, self.tiling.image_size, spec), thumb)
-        anomaly_map, score = finish(merged, spec)
+        assembler = MapAssembler(self.tiling.tiles, self.tiling.image_size, spec, self.coverage)
+        for name, i, s in self.tile_scores(image, timings):
+            norm = self.normalization.get(name)
+            assembler.add(i, s if norm is None else norm(s))
+        t0 = time.perf_counter()
+        thumb = self.thumbnail_map(self.thumbnail_scores(image))
+        timings["scoring"] = timings.get("scoring", 0.0) + time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        anomaly_map, score = finish(fuse_thumbnail(assembler.result(), thumb), spec, in_place=True)
         result = self._result(anomaly_map, score, input_size, timings)
         timings["post"] = time.perf_counter() - t0
         return result

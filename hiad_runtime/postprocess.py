@@ -78,20 +78,22 @@ def fuse_thumbnail(high: np.ndarray, thumbnail_map: np.ndarray | None) -> np.nda
     return np.maximum(high, resize_map(np.asarray(thumbnail_map, np.float32), (high.shape[1], high.shape[0])))
 
 
-def gaussian_blur(anomaly_map: np.ndarray, sigma: float, truncate: float) -> np.ndarray:
+def gaussian_blur(anomaly_map: np.ndarray, sigma: float, truncate: float, in_place: bool = False) -> np.ndarray:
     """Equal to scipy.ndimage.gaussian_filter(map, sigma, truncate=truncate, mode='reflect')."""
     if sigma <= 0:
         return anomaly_map
     k = 2 * int(truncate * sigma + 0.5) + 1
-    return cv2.GaussianBlur(anomaly_map, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+    dst = anomaly_map if in_place else None
+    return cv2.GaussianBlur(anomaly_map, (k, k), dst=dst, sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
 
 
-def finish(anomaly_map: np.ndarray, spec: PostprocessSpec) -> tuple[np.ndarray, float]:
-    """Blur, image score, and the clip to [0, 1] of normalized outputs."""
-    anomaly_map = gaussian_blur(anomaly_map, spec.gaussian_sigma, spec.gaussian_truncate)
+def finish(anomaly_map: np.ndarray, spec: PostprocessSpec, in_place: bool = False) -> tuple[np.ndarray, float]:
+    """Blur, image score, and the clip to [0, 1] of normalized outputs. `in_place` reuses the map's
+    memory (large images: no second image-sized buffer)."""
+    anomaly_map = gaussian_blur(anomaly_map, spec.gaussian_sigma, spec.gaussian_truncate, in_place)
     score = image_score(anomaly_map, spec)
     if spec.clip_to_unit:
-        return np.clip(anomaly_map, 0.0, 1.0), float(np.clip(score, 0.0, 1.0))
+        return np.clip(anomaly_map, 0.0, 1.0, out=anomaly_map if in_place else None), float(np.clip(score, 0.0, 1.0))
     return anomaly_map, score
 
 

@@ -1,4 +1,5 @@
-"""`hiad-train CONFIG.yaml --data DIR --out DIR [--eval] [--ray ADDRESS]`, plus `hiad-train eval` and `hiad-train demo-data`."""
+"""`hiad-train CONFIG.yaml --data DIR --out DIR [--eval] [--ray ADDRESS]`, plus `hiad-train eval`, `eval-runtime`,
+`calibrate` and `demo-data`."""
 
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def train(
     ship_features: bool = typer.Option(False, "--ray-ship-features", help="with --ray: extract features here and ship them through Ray's object store (no storage shared by the nodes); by default workers read the images from their paths"),
 ) -> None:
     """Train one detector per task and write the checkpoint (atomically)."""
+    from hiad_runtime.cli import describe_threshold
     from hiad_train.checkpoint import save_checkpoint
     from hiad_train.executors import LocalExecutor, StageFailed
     from hiad_train.tasks import print_tasks
@@ -101,7 +103,9 @@ def train(
     typer.echo(f"trained {len(model.tasks)} task(s) on {len(samples) - held_out} images in {seconds:.1f} s")
     if model.validation:
         v = {k: round(x, 4) if isinstance(x, float) else x for k, x in model.validation.items()}
-        typer.echo(f"validation ({held_out} held-out image(s), synthetic anomalies): {v}; thresholds {model.thresholds}")
+        typer.echo(f"validation ({held_out} held-out image(s), synthetic anomalies): {v}")
+        for kind in ("image", "pixel"):
+            typer.echo(describe_threshold(kind, model.thresholds[kind], model.thresholds["rules"][kind], False, True))
     save_checkpoint(model, out / "checkpoint", data)
     save_rgb(out / "task_map.png", task_map(model.tasks, model.tiling, samples[0].image(model.tiling.image_size)))
     (out / "train.json").write_text(json.dumps({"train_seconds": seconds, "train_images": len(samples), "ray": ray_address,
@@ -165,6 +169,58 @@ def eval_runtime(
     (results / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
 
+@app.command("calibrate")
+def calibrate_cmd(
+    source: Path = typer.Argument(..., exists=True, file_okay=False, help="checkpoint folder or bundle folder"),
+    normal: Path = typer.Option(..., "--normal", exists=True, file_okay=False, help="normal (good) images from the line, searched recursively"),
+    defective: Path = typer.Option(None, "--defective", exists=True, file_okay=False, help="defective images: widen the normalization, misses reported"),
+    out: Path = typer.Option(None, "--out", help="where the calibrated copy is published (default: SOURCE, as its new version)"),
+    rate: float = typer.Option(0.01, "--rate", min=1e-6, max=0.5, help="target false-alarm rate on normal images"),
+    seed: int = typer.Option(0, "--seed", min=0, help="seed of the synthetic anomalies and the bootstrap"),
+) -> None:
+    """Recompute thresholds (by false-alarm rate) and normalization from new images, without retraining."""
+    from hiad_runtime.bundle import MANIFEST, BundleError
+    from hiad_runtime.cli import describe_threshold
+    from hiad_runtime.image import ImageError, load_image, resize_image
+    from hiad_runtime.results import find_inputs
+    from hiad_train import calibration
+    from hiad_train.config import SynthesizerConfig
+    from hiad_train.validation import make_synthesizer
+
+    try:
+        if (source / "checkpoint.json").is_file():
+            from hiad_train.checkpoint import CheckpointError, load_checkpoint
+
+            try:
+                model = load_checkpoint(source)
+            except CheckpointError as e:
+                _fail(str(e))
+            scorer, write = calibration.model_scorer(model), calibration.write_checkpoint
+            val = model.config.val_config
+        elif (source / MANIFEST).is_file():
+            from hiad_runtime.inspector import Inspector
+
+            scorer, write, val = calibration.bundle_scorer(Inspector.load(source)), calibration.write_bundle, None
+        else:
+            _fail(f"{source}: neither a checkpoint (checkpoint.json) nor a bundle ({MANIFEST})")
+        size = scorer.tiling.image_size
+        images = {name: [resize_image(load_image(f), size) for f in find_inputs([d])] if d else []
+                  for name, d in (("normal", normal), ("defective", defective))}
+        if not images["normal"]:
+            _fail(f"{normal}: no images found")
+        synthesizer = make_synthesizer(val.anomaly_syn_fn if val is not None else SynthesizerConfig())
+        cal = calibration.calibrate(scorer, images["normal"], images["defective"], synthesizer, rate, seed)
+        target = out or source
+        write(source.resolve(), target, cal)
+    except (BundleError, ImageError, OSError, ValueError) as e:
+        _fail(str(e))
+    for kind in ("image", "pixel"):
+        rule = cal.thresholds["rules"][kind]
+        missed = f"; misses {rule['missed']} of {rule['defective_images']} defective image(s)" if "missed" in rule else ""
+        typer.echo(describe_threshold(kind, cal.thresholds[kind], rule, False, True) + f"; flags {rule['flagged']} of them{missed}")
+    typer.echo(f"calibrated: {target}")
+
+
 @app.command("demo-data")
 def demo_data(
     out: Path = typer.Argument(Path("data"), help="parent folder; the dataset goes to OUT/elpv"),
@@ -188,7 +244,7 @@ def demo_data(
 
 def main() -> None:
     """`hiad-train CONFIG ...` is shorthand for `hiad-train train CONFIG ...`."""
-    if len(sys.argv) > 1 and sys.argv[1] not in {"train", "eval", "eval-runtime", "demo-data", "--help", "-h"}:
+    if len(sys.argv) > 1 and sys.argv[1] not in {"train", "eval", "eval-runtime", "calibrate", "demo-data", "--help", "-h"}:
         sys.argv.insert(1, "train")
     app()
 

@@ -99,6 +99,13 @@ class SynthesizerConfig(Strict):
     source_dir: str | None = None  # image_blending: anomaly-source images (default: scikit-image textures)
 
 
+class ThresholdConfig(Strict):
+    """How the image and pixel thresholds are set from the validation set."""
+
+    mode: Literal["false_alarm_rate", "f1"] = "false_alarm_rate"  # f1: best F1 on the synthetic anomalies
+    rate: float = Field(0.01, gt=0, lt=1)  # false_alarm_rate: share of normal images flagged (decision, any mask pixel)
+
+
 class ValConfig(Strict):
     """HiAD's val_config: a validation set of held-out training images with synthetic anomalies."""
 
@@ -106,6 +113,7 @@ class ValConfig(Strict):
     val_sample_ratio: float = Field(0.2, gt=0, lt=1)
     max_patch_number: int | None = Field(200, ge=1)
     evaluators: list[Literal["image_auroc", "pixel_metrics", "aupro"]] = ["image_auroc", "pixel_metrics"]
+    threshold: ThresholdConfig = ThresholdConfig()
 
 
 class EvaluationConfig(Strict):

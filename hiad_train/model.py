@@ -79,7 +79,7 @@ class HRModel:
     thumbnail: Thumbnail | None = None
     routing: np.ndarray | None = None  # retrieval centres (k, D); None = static tasks
     task_normalization: dict[str, Normalization] | None = None  # per task, from the validation set
-    thresholds: dict | None = None  # {'image': float, 'pixel': float}, F1-optimal on the validation set
+    thresholds: dict | None = None  # {"image", "pixel", "rules"}: see hiad_train/thresholds.py
     validation: dict | None = None  # validation-set metrics
     training: dict[str, dict] = field(default_factory=dict)  # per task, the detector's training record
 

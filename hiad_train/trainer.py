@@ -10,7 +10,7 @@ back its state as safetensors bytes, so where a task ran never changes the check
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -183,7 +183,6 @@ class HRTrainer:
             model.thumbnail = self._fit_thumbnail(np.stack(thumbnails), synthesizer)
         if val_samples:
             validate(model, val_samples, cfg.val_config, cfg.seed)
-            model.postprocess = replace(model.postprocess, clip_to_unit=True)
         return model
 
     def _feature_pass(self, model: HRModel, samples: Sequence[HRSample]):

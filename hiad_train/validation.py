@@ -1,20 +1,21 @@
 """The validation set: held-out training images with synthetic anomalies. It gives each task its
-min-max normalization (scores land in [0, 1]), F1-optimal image and pixel thresholds, validation
+min-max normalization (scores land in [0, 1]), the image and pixel thresholds (by false-alarm rate on
+the held-out images as they are, or F1 on their synthetic anomalies; see thresholds.py), validation
 metrics, and, for detectors trained over epochs, checkpoint selection with early stopping."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve
 
 from hiad_runtime.geometry import Tiling
 from hiad_runtime.postprocess import Normalization, PostprocessSpec, finish, tile_map
 from hiad_train.config import SynthesizerConfig, ValConfig
 from hiad_train.evaluation import aupro, evaluate, image_auroc, pixel_metrics
 from hiad_train.synthesis import SYNTHESIZERS
+from hiad_train.thresholds import f1_threshold, false_alarm_thresholds
 
 
 def make_synthesizer(cfg: SynthesizerConfig):
@@ -44,21 +45,25 @@ def synthesize_tiles(image: np.ndarray, tiling: Tiling, synthesizer, rng: np.ran
     return out, mask
 
 
-def f1_threshold(scores: np.ndarray, truth: np.ndarray) -> float | None:
-    """The threshold with the best F1 (predict anomalous when score >= threshold)."""
-    truth = np.asarray(truth, bool)
-    if not truth.any() or truth.all():
-        return None
-    precision, recall, thresholds = precision_recall_curve(truth, scores)
-    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-    return float(thresholds[int(np.argmax(f1))])
-
-
 EVALUATORS = {"image_auroc": image_auroc, "pixel_metrics": pixel_metrics, "aupro": aupro}
 
 
+def min_max_normalization(records: list, thumbs: list, tasks: list[str]) -> tuple[dict[str, Normalization], Normalization | None]:
+    """Per task, the min and max of its raw scores in `records` ((task, tile, grid, ...)); a task no
+    record reached gets those of all records. The thumbnail's from its raw grids (None without any)."""
+    all_values = np.concatenate([r[2].ravel() for r in records])
+    fallback = Normalization(float(all_values.min()), float(all_values.max()))
+    norms = {}
+    for task in tasks:
+        values = [r[2] for r in records if r[0] == task]
+        norms[task] = Normalization(float(min(v.min() for v in values)), float(max(v.max() for v in values))) if values else fallback
+    thumb = Normalization(float(min(t.min() for t in thumbs)), float(max(t.max() for t in thumbs))) if thumbs else None
+    return norms, thumb
+
+
 def validate(model, val_samples: list, cfg: ValConfig, seed: int = 0) -> None:
-    """Fill model.task_normalization, the thumbnail's normalization, model.thresholds, model.validation."""
+    """Fill model.task_normalization, the thumbnail's normalization (and clip outputs to [0, 1]),
+    model.thresholds (with the rule that set them) and model.validation."""
     rng = np.random.default_rng(seed)
     synth = make_synthesizer(cfg.anomaly_syn_fn)
     tiling = model.tiling
@@ -73,15 +78,11 @@ def validate(model, val_samples: list, cfg: ValConfig, seed: int = 0) -> None:
         keep = sorted(rng.choice(len(records), cfg.max_patch_number, replace=False))
         records = [records[k] for k in keep]
 
-    all_values = np.concatenate([g.ravel() for _, _, g, _ in records])
-    fallback = Normalization(float(all_values.min()), float(all_values.max()))
-    norms = {}
-    for task in model.tasks:
-        values = [g for name, _, g, _ in records if name == task.name]
-        norms[task.name] = Normalization(float(min(v.min() for v in values)), float(max(v.max() for v in values))) if values else fallback
+    norms, thumb_norm = min_max_normalization(records, thumbs, [t.name for t in model.tasks])
     model.task_normalization = norms
     if model.thumbnail is not None:
-        model.thumbnail.normalization = Normalization(float(min(t.min() for t in thumbs)), float(max(t.max() for t in thumbs)))
+        model.thumbnail.normalization = thumb_norm
+    model.postprocess = replace(model.postprocess, clip_to_unit=True)
 
     spec = model.postprocess
     maps, scores, masks = [], [], []
@@ -92,10 +93,17 @@ def validate(model, val_samples: list, cfg: ValConfig, seed: int = 0) -> None:
         scores.append(score)
         masks.append(m)
     labels = np.array([m.any() for m in masks])
-    model.thresholds = {
-        "image": f1_threshold(np.array(scores), labels),
-        "pixel": f1_threshold(np.concatenate([p.ravel() for p in maps]), np.concatenate([m.ravel() for m in masks])),
-    }
+    if cfg.threshold.mode == "f1":
+        rule = {"rule": "f1", "on": "validation tiles with synthetic anomalies", "images": len(val_samples),
+                "tiles": len(records), "anomalous_tiles": int(labels.sum())}
+        model.thresholds = {
+            "image": f1_threshold(np.array(scores), labels),
+            "pixel": f1_threshold(np.concatenate([p.ravel() for p in maps]), np.concatenate([m.ravel() for m in masks])),
+            "rules": {"image": rule, "pixel": rule},
+        }
+    else:  # the held-out images as they are (normal), through the whole model
+        normal_maps = [model.predict(s.image(tiling.image_size))[0] for s in val_samples]
+        model.thresholds = false_alarm_thresholds(normal_maps, tiling, spec, cfg.threshold.rate, seed)
     evaluators = [partial(EVALUATORS[e], resize=None) if e != "image_auroc" else EVALUATORS[e] for e in cfg.evaluators]
     metrics = evaluate(np.array(scores), labels.astype(int), maps, masks, evaluators)
     model.validation = {"images": len(val_samples), "patches": len(records), "anomalous": int(labels.sum()), **metrics}

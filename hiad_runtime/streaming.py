@@ -1,0 +1,52 @@
+"""Bounded-memory inference of images of any size: tiles flow through in chunks, the map is built in place.
+
+An 8192x8192 image has 256 tiles of 512; their features at once would take gigabytes. The Inspector
+embeds and scores `stream_tiles` tiles at a time and adds each tile's map into one image-sized
+buffer, so peak memory is the image, its map and one chunk's features, whatever the tile count.
+The result equals `postprocess.tile_maps_to_image` (gather: overlaps averaged), computed in place.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from hiad_runtime.geometry import Size, Tile
+from hiad_runtime.postprocess import PostprocessSpec, tile_map
+
+
+def chunks(count: int, size: int) -> Iterator[list[int]]:
+    """Tile indices 0..count-1 in consecutive runs of at most `size`."""
+    if size < 1:
+        raise ValueError(f"stream_tiles must be >= 1, got {size}")
+    for start in range(0, count, size):
+        yield list(range(start, min(start + size, count)))
+
+
+def coverage(tiles: Sequence[Tile], image_size: Size) -> np.ndarray | None:
+    """How many tiles cover each pixel (uint8), or None when every pixel is covered exactly once."""
+    width, height = image_size
+    counts = np.zeros((height, width), np.uint8)
+    for t in tiles:
+        counts[t.main.slices()] += 1
+    if counts.min() == 0:
+        raise ValueError("tiles do not cover the whole image")
+    return None if counts.max() == 1 else counts
+
+
+class MapAssembler:
+    """Adds tile maps into one float32 image map as they come; `result()` averages the overlaps."""
+
+    def __init__(self, tiles: Sequence[Tile], image_size: Size, spec: PostprocessSpec, counts: np.ndarray | None):
+        self.tiles, self.spec, self.counts = tiles, spec, counts
+        self.total = np.zeros((image_size[1], image_size[0]), np.float32)
+
+    def add(self, index: int, scores: np.ndarray) -> None:
+        t = self.tiles[index]
+        self.total[t.main.slices()] += tile_map(scores, (t.main.width, t.main.height), self.spec)
+
+    def result(self) -> np.ndarray:
+        if self.counts is not None:
+            np.divide(self.total, self.counts, out=self.total)
+        return self.total

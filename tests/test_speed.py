@@ -1,0 +1,139 @@
+"""Edge speed: reduced-precision embedders, streamed tiles on large images, OpenVINO, prefetching."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hiad_export.writer import write_bundle
+from hiad_runtime.bundle import Bundle
+from hiad_runtime.inspector import Inspector
+from hiad_runtime.prefetch import prefetched
+from tests.conftest import tiny_config
+
+TOLERANCE = 1e-4  # of the map's range, as the export's parity check
+
+
+def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / (b.max() - b.min()))
+
+
+def test_int8_export_calibrates_on_training_images_and_runtime_reports_it(trained, elpv_root, tmp_path):
+    from hiad_export.cli import app as export_app
+    from hiad_runtime.cli import app as runtime_app
+    from hiad_train.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(trained, tmp_path / "ckpt", data=elpv_root)
+    out = tmp_path / "int8"
+    result = CliRunner().invoke(export_app, [str(ckpt), "--out", str(out), "--precision", "int8", "--calibration-images", "2"])
+    assert result.exit_code == 0, result.output
+    assert "parity [onnx]" in result.output and "parity [int8:onnx]" in result.output
+
+    manifest = Bundle.load(out).manifest
+    assert manifest.embedders["patch"].precision == "int8"
+    assert manifest.embedders["patch"].graph.file == "embedder_patch.int8.onnx"
+    assert not (out / "embedder_patch.onnx").exists()  # only the graph the runtime runs ships
+    assert manifest.parity["onnx"]["enforced"] and manifest.parity["onnx"]["passed"]  # the fp32 path, exact
+    reduced = manifest.parity["int8:native"]
+    assert not reduced["enforced"] and reduced["max_rel_map_diff"] > 0  # recorded: what int8 costs
+
+    inspector = Inspector(Bundle.load(out))
+    assert inspector.precision == "int8"
+    image = next((elpv_root / "test" / "good").iterdir())
+    r = inspector.predict(str(image))
+    assert r.anomaly_map.shape == (256, 256) and np.isfinite(r.anomaly_map).all()
+
+    bench = CliRunner().invoke(runtime_app, ["bench", str(out), "--repeat", "1", "--json", str(tmp_path / "b.json")])
+    assert bench.exit_code == 0, bench.output
+    assert "embedder precision int8" in bench.output
+    assert json.loads((tmp_path / "b.json").read_text())["precision"] == "int8"
+
+
+def test_fp16_embedder_keeps_its_io_types_and_stays_close(bundle_dir, train_samples, tmp_path):
+    import onnxruntime as ort
+
+    from hiad_export.quantize import reduce_precision
+    from hiad_runtime.geometry import split
+
+    source = tmp_path / "embedder_patch.onnx"
+    source.write_bytes((bundle_dir / "embedder_patch.onnx").read_bytes())
+    target = reduce_precision(source, "fp16", None)
+    assert target.name == "embedder_patch.fp16.onnx"
+    tiles = split(train_samples[0].image((256, 256)), Bundle.load(bundle_dir).manifest.geometry.tiles)
+    fp32 = ort.InferenceSession(str(source)).run(None, {"image": tiles})[0]
+    fp16 = ort.InferenceSession(str(target)).run(None, {"image": tiles})[0]
+    assert fp16.dtype == np.float32 and fp16.shape == fp32.shape
+    assert 0 < _rel_diff(fp16, fp32) < 0.01
+
+
+@pytest.fixture(scope="module")
+def many_tiles_bundle(train_samples, test_samples, tmp_path_factory):
+    """9 overlapping tiles of 64 px with context windows: the large-image case, small enough to be fast."""
+    from hiad_train.trainer import HRTrainer
+
+    model = HRTrainer(tiny_config(image_size=160, patch_size=64, stride=48, ds_factors=[0, 1]), progress=False).fit(train_samples[:2])
+    out = tmp_path_factory.mktemp("bundles") / "many"
+    write_bundle(model, out, [test_samples[-1].image((160, 160))])
+    return out
+
+
+def test_streamed_tiles_give_the_all_at_once_map(many_tiles_bundle, test_samples):
+    bundle = Bundle.load(many_tiles_bundle)
+    assert len(bundle.manifest.geometry.tiles) == 9
+    image = test_samples[-1].image((160, 160))
+    whole = Inspector(bundle, stream_tiles=9).predict(image)
+    for chunk in (1, 4):
+        streamed = Inspector(bundle, stream_tiles=chunk).predict(image)
+        np.testing.assert_allclose(streamed.anomaly_map, whole.anomaly_map, rtol=1e-5, atol=1e-6 * whole.anomaly_map.max())
+        assert streamed.score == pytest.approx(whole.score, rel=1e-5)
+
+
+def test_openvino_backend_matches_onnxruntime(bundle_dir, test_samples):
+    pytest.importorskip("openvino")
+    image = test_samples[-1].image((256, 256))
+    for head_path in ("onnx", "native"):
+        ort_result = Inspector.load(bundle_dir, head_path=head_path).predict(image)
+        ov = Inspector.load(bundle_dir, head_path=head_path, backend="openvino")
+        assert ov.providers_in_use == ["OpenVINO:CPU"]
+        ov_result = ov.predict(image)
+        assert _rel_diff(ov_result.anomaly_map, ort_result.anomaly_map) <= TOLERANCE
+        assert abs(ov_result.score - ort_result.score) <= TOLERANCE * np.ptp(ort_result.anomaly_map)
+
+
+def test_unknown_backend_is_named(bundle_dir):
+    with pytest.raises(ValueError, match="backend 'tensorflow'"):
+        Inspector.load(bundle_dir, backend="tensorflow")
+
+
+def test_prefetch_keeps_order_and_hands_errors_to_their_item():
+    def load(i):
+        if i == 3:
+            raise OSError("unreadable 3")
+        return i * 10
+
+    for depth in (0, 1, 3):
+        seen = []
+        for item, future in prefetched(range(6), load, depth):
+            if item == 3:
+                with pytest.raises(OSError, match="unreadable 3"):
+                    future.result()
+            else:
+                seen.append(future.result())
+        assert seen == [0, 10, 20, 40, 50]
+
+
+def test_predict_and_bench_with_prefetch_report_images_per_second(bundle_dir, elpv_root, tmp_path):
+    from hiad_runtime.cli import app
+
+    result = CliRunner().invoke(app, ["predict", str(bundle_dir), str(elpv_root / "test"), "--out", str(tmp_path / "p"), "--prefetch", "2"])
+    assert result.exit_code == 0, result.output
+    assert "images/s" in result.output
+    lines = [json.loads(x) for x in (tmp_path / "p" / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all("score" in x for x in lines)
+
+    bench = CliRunner().invoke(app, ["bench", str(bundle_dir), str(elpv_root / "test"), "--repeat", "3", "--prefetch", "1",
+                                     "--json", str(tmp_path / "b.json")])
+    assert bench.exit_code == 0, bench.output
+    figures = json.loads((tmp_path / "b.json").read_text())
+    assert figures["prefetch"] == 1 and figures["images_per_s"] > 0 and len(figures["stages_ms"]) == 6
