@@ -9,7 +9,7 @@ DEMO := models/demo
 $(BIN)/hiad-train: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[cpu,train,serve,ray,test]'
+	$(BIN)/pip install -q -e '.[cpu,train,serve,ray,openvino,test]'
 	touch $@
 
 # Build the ELPV demo, train PatchCore (O2O), export a bundle (parity-checked), run the
