@@ -23,7 +23,7 @@ ROWS = {  # detector -> its `patch:` section for the tiny run
     "rdpp": {"layers_to_extract_from": [2, 3], "total_epochs": 1, "batch_size": 4},
     "destseg": {"total_epochs": 2, "de_st_epochs": 1, "batch_size": 4},
     "fastflow": {"flow_step": 2, "hidden_ratio": 0.5, "num_epochs": 2, "batch_size": 4},
-    "realnet": {"max_epoch": 2, "batch_size": 4, "init_bsn": 2, "num_res_blocks": 1, "channel_mult": [1, 2], "attention_mult": [2]},
+    "realnet": {"max_epoch": 1, "batch_size": 4, "init_bsn": 1, "num_res_blocks": 1, "channel_mult": [1], "attention_mult": []},
 }
 
 VALIDATION = {"anomaly_syn_fn": {"name": "random_box", "p": 0.5}, "val_sample_ratio": 0.25, "max_patch_number": 200}

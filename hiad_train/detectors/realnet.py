@@ -86,7 +86,10 @@ class ResidualStack(nn.Module):
     def __init__(self, channels: int, layers: int):
         super().__init__()
         self.units = nn.ModuleList(
-            nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(channels, channels, 1, bias=False))
+            nn.Sequential(
+                nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                nn.ReLU(), nn.Conv2d(channels, channels, 1, bias=False),
+            )
             for _ in range(layers)
         )
 
@@ -123,7 +126,9 @@ class RealNetHead(nn.Module):
         for s, p in enumerate(planes):  # AFS's choice; set by `fit`
             self.register_buffer(f"afs_{s}", torch.arange(p))
         self.unets = nn.ModuleList(
-            ReconstructionUNet(p, max(1, round(config.hide_channels_ratio * p)), config.num_res_blocks, config.channel_mult, config.attention_mult)
+            ReconstructionUNet(
+                p, max(1, round(config.hide_channels_ratio * p)), config.num_res_blocks, config.channel_mult, config.attention_mult
+            )
             for p in planes
         )
         self.modes = list(config.modes)
