@@ -123,3 +123,40 @@ def test_fit_refuses_grids_the_unet_cannot_halve_and_lone_tiles():
     data.tiles = data.tiles[:1]
     with pytest.raises(ValueError, match="at least 2 tiles"):
         RealNet(config).fit(data)
+
+
+class ColourAndNoise(nn.Module):
+    """A stand-in embedder with EfficientNet-Lite0's stage widths: per stage, the tile's pooled colour
+    in channels 0-2 (they change where a tile is painted), fixed noise in the rest (they never do)."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.noise = [torch.randn(1, c - 3, 1, 1, generator=generator) for c in (40, 112)]
+
+    def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        image = tiles.permute(0, 3, 1, 2).float() / 255
+        outputs = []
+        for pool, noise in zip((8, 16), self.noise):
+            colour = nn.functional.avg_pool2d(image, pool)
+            outputs.append(torch.cat([colour, noise.expand(len(tiles), -1, *colour.shape[-2:])], dim=1))
+        return tuple(outputs)
+
+
+def paint_square(tile: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    y, x = rng.integers(0, 16, size=2)
+    mask = np.zeros(tile.shape[:2], bool)
+    mask[y : y + 16, x : x + 16] = True
+    painted = tile.copy()
+    painted[mask] = 255
+    return painted, mask
+
+
+def test_afs_keeps_the_channels_a_synthetic_anomaly_changes():
+    tiles = np.random.default_rng(0).integers(0, 100, size=(6, 32, 32, 3), dtype=np.uint8)
+    embedder = ColourAndNoise()
+    with torch.no_grad():
+        features = list(embedder(torch.from_numpy(tiles)))
+    detector = RealNet(RealNetConfig(planes=[3, 3], mode_numbers=[2, 2], batch_size=2, init_bsn=4))
+    detector._choose_channels(TaskData(features, tiles, embedder, paint_square, None), np.random.default_rng(0))
+    assert detector.net.afs_0.tolist() == [0, 1, 2] and detector.net.afs_1.tolist() == [0, 1, 2]

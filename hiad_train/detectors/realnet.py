@@ -184,9 +184,9 @@ class RealNet(Detector):
     def build_embedder(cls, config: RealNetConfig, pretrained: bool = True) -> nn.Module:
         return BackboneFeatures.create(config, pretrained=pretrained)
 
-    def _batches(self, data: TaskData, rng: np.random.Generator, p: float) -> Iterator[tuple[list, list, torch.Tensor]]:
+    def _batches(self, data: TaskData, rng: np.random.Generator, p: float) -> Iterator[tuple[np.ndarray, list, list, torch.Tensor]]:
         """Shuffled batches (batch_size to 2 * batch_size - 1 tiles, so BatchNorm never sees a lone tile):
-        (features with anomalies in a share `p` of the tiles, clean features, masks (B, 1, H, W)).
+        (tile indices, features with anomalies in a share `p` of the tiles, clean features, masks (B, 1, H, W)).
 
         Tiles left clean keep their cached (context-fused) features; tiles with an anomaly are embedded
         again, without fusion (the contract offers no fused embedding of new tiles).
@@ -204,11 +204,14 @@ class RealNet(Detector):
                 for x, e in zip(inputs, embedded):
                     x[hit] = e
                 masks[hit] = torch.from_numpy(np.stack([mask for _, mask in pairs])).float()[:, None]
-            yield inputs, clean, masks
+            yield idx, inputs, clean, masks
 
     @torch.no_grad()
     def _choose_channels(self, data: TaskData, rng: np.random.Generator) -> None:
-        """AFS: sum each stage's channel errors over `init_bsn` batches of tiles that all have anomalies."""
+        """AFS: sum each stage's channel errors over `init_bsn` batches of tiles that all have anomalies.
+
+        The clean tiles are embedded again like the anomalous ones (without context fusion), so the
+        difference is the anomaly's alone."""
         errors = [torch.zeros(f.shape[1]) for f in data.features]
         batches = iter(())
         for _ in range(self.config.init_bsn):
@@ -216,7 +219,8 @@ class RealNet(Detector):
             if batch is None:
                 batches = self._batches(data, rng, p=1.0)
                 batch = next(batches)
-            anomalous, clean, masks = batch
+            idx, anomalous, _, masks = batch
+            clean = data.embedder(torch.from_numpy(data.tiles[idx]))
             for total, a, c in zip(errors, anomalous, clean):
                 total += afs_channel_errors(a, c, masks)
         for s, total in enumerate(errors):
@@ -241,7 +245,7 @@ class RealNet(Detector):
         def epoch(_: int) -> float:
             self.net.train()
             losses = []
-            for inputs, clean, masks in self._batches(data, rng, cfg.p):
+            for _, inputs, clean, masks in self._batches(data, rng, cfg.p):
                 kept, target = self.net.kept(inputs), self.net.kept(clean)
                 recon = self.net.reconstruct(kept)
                 logits = self.net.logits(kept, recon)
