@@ -31,6 +31,7 @@ ROWS = {  # detector -> its `patch:` section for the tiny run
     "inpformer": {**TINY_VIT, "layers_to_extract_from": [0, 1, 2, 3], "fuse_layer_encoder": [[0, 1], [2, 3]],
                   "decoder_depth": 2, "fuse_layer_decoder": [[0], [1]], "num_prototypes": 3, "total_epochs": 2, "batch_size": 4},
     "vitad": {**TINY_VIT, "layers_to_extract_from": [0, 1, 2], "neck_layers": [3], "total_epochs": 2, "batch_size": 4},
+    "realnet": {"max_epoch": 1, "batch_size": 4, "init_bsn": 1, "num_res_blocks": 1, "channel_mult": [1], "attention_mult": []},
 }
 
 VALIDATION = {"anomaly_syn_fn": {"name": "random_box", "p": 0.5}, "val_sample_ratio": 0.25, "max_patch_number": 200}
