@@ -28,7 +28,7 @@ from torch import nn
 from hiad_train.components.channel_selection import afs_channel_errors, select_channels, top_residual_channels
 from hiad_train.components.epochs import train_epochs
 from hiad_train.components.unet import ReconstructionUNet
-from hiad_train.detectors.base import Detector, EpochConfig, TaskData
+from hiad_train.detectors.base import EpochConfig, NetworkDetector, TaskData
 from hiad_train.detectors.registry import register_detector
 from hiad_train.embedders import BackboneFeatures
 
@@ -167,7 +167,7 @@ class RealNetHead(nn.Module):
 
 
 @register_detector
-class RealNet(Detector):
+class RealNet(NetworkDetector):
     """Reconstruct AFS-selected backbone channels; segment the top residual channels (RRS)."""
 
     name = "realnet"
@@ -261,16 +261,3 @@ class RealNet(Detector):
         record = train_epochs(self, cfg, data, epoch, progress)
         self.net.eval()
         return record
-
-    def head(self) -> nn.Module:
-        return self.net.eval()
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
-
-    @classmethod
-    def from_state(cls, config: RealNetConfig, state: dict[str, torch.Tensor]) -> "RealNet":
-        detector = cls(config)
-        detector.net.load_state_dict(state)
-        detector.net.eval()
-        return detector

@@ -15,7 +15,7 @@ from torch import nn
 
 from hiad_train.components.epochs import train_epochs
 from hiad_train.components.vit import ViTFeatures, vit_geometry
-from hiad_train.detectors.base import Detector, EpochConfig, TaskData
+from hiad_train.detectors.base import EpochConfig, NetworkDetector, TaskData
 
 
 class ViTConfig(EpochConfig):
@@ -46,7 +46,7 @@ class ViTConfig(EpochConfig):
                 )
 
 
-class ViTReconstruction(Detector):
+class ViTReconstruction(NetworkDetector):
     """A decoder learns to rebuild the frozen ViT's features of normal tiles; head = cosine distance map.
     Subclasses set `name`, `Config`, `postprocess` and define `block_groups` and `build_model`."""
 
@@ -56,8 +56,8 @@ class ViTReconstruction(Detector):
         super().__init__(config, seed)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            self.model = self.build_model(config, vit_geometry(config.backbone_name))
-        self.model.eval()
+            self.net = self.build_model(config, vit_geometry(config.backbone_name))
+        self.net.eval()
 
     @classmethod
     @abstractmethod
@@ -74,7 +74,7 @@ class ViTReconstruction(Detector):
         return ViTFeatures.create(config, cls.block_groups(config), pretrained)
 
     def fit(self, data: TaskData, progress: bool = False) -> dict:
-        cfg, model = self.config, self.model
+        cfg, model = self.config, self.net
         n = data.features[0].shape[0]
         generator = torch.Generator().manual_seed(data.seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
@@ -92,20 +92,6 @@ class ViTReconstruction(Detector):
             return float(np.mean(losses))
 
         return train_epochs(self, cfg, data, step, progress)
-
-    def head(self) -> nn.Module:
-        return self.model.eval()
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
-
-    @classmethod
-    def from_state(cls, config: ViTConfig, state: dict[str, torch.Tensor]) -> "ViTReconstruction":
-        detector = cls(config)
-        detector.model.load_state_dict(state)
-        detector.model.eval()
-        return detector
-
 
 
 class FusedLayersConfig(ViTConfig):
