@@ -30,6 +30,7 @@ def _export(
     fold: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> None:
+    before = set(path.parent.iterdir())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # The TorchScript-based exporter: deterministic, fast, and it keeps the graph free of the
@@ -45,8 +46,8 @@ def _export(
             do_constant_folding=fold,
             dynamo=False,
         )
+    onnx.checker.check_model(str(path))  # by path: graphs over protobuf's 2 GiB come with external data
     model = onnx.load(str(path))
-    onnx.checker.check_model(model)
     if metadata:
         onnx.helper.set_model_props(model, metadata)
     size = sum(t.ByteSize() for t in model.graph.initializer)
@@ -54,6 +55,8 @@ def _export(
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
     elif metadata:
         onnx.save_model(model, str(path))
+    for extra in set(path.parent.iterdir()) - before - {path, path.with_name(path.name + ".data")}:
+        extra.unlink()  # the exporter's own one-file-per-tensor external data, now folded into one file
 
 
 def feature_names(count: int) -> list[str]:
