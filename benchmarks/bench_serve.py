@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -78,12 +75,6 @@ def compare(calls: dict, bodies: list[bytes], clients: int, requests: int, round
     return figures
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def peak_rss_mb(pid: int) -> float:
     """VmHWM: the process's resident-set high-water mark (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -108,6 +99,7 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 1) // args.workers)  # as `serve` chooses for --threads 0
 
     from hiad_runtime.inspector import Inspector
+    from hiad_runtime.serve.launch import serving
 
     inspector = Inspector.load(args.bundle, threads=threads)
     pool = ThreadPoolExecutor(args.workers)  # first come, first served, as the service's queue
@@ -121,23 +113,9 @@ def main() -> None:
         inspector.predict(body)
         return time.perf_counter() - t0
 
-    port = free_port()
     log = Path(tempfile.mkstemp(prefix="hiad-bench-serve-", suffix=".log")[1])
-    cmd = [sys.executable, "-m", "hiad_runtime.cli", "serve", str(args.bundle), "--port", str(port)]
-    cmd += ["--workers", str(args.workers), "--max-queue", "64", "--threads", str(threads)]
-    with open(log, "w") as out:
-        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):  # at most 2 minutes
-            if server.poll() is not None:
-                raise SystemExit(f"server exited:\n{log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    options = ["--workers", str(args.workers), "--max-queue", "64", "--threads", str(threads)]
+    with serving(args.bundle, log, *options) as (url, server):
         local = threading.local()
 
         def service(body: bytes) -> float:
@@ -156,9 +134,6 @@ def main() -> None:
             figures = compare({"direct": direct, "service": service}, bodies, clients, args.requests, args.rounds)
             rows.append((clients, figures["direct"], figures["service"]))
         rss = peak_rss_mb(server.pid)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
     w, h = inspector.tiling.image_size
     print(f"bundle {args.bundle} ({w}x{h}, {len(inspector.tiling.tiles)} tiles), {len(bodies)} images, "

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import torch
 from tqdm import tqdm
 
+from hiad_train.components.threads import torch_threads
 from hiad_train.config import TaskResources
 
 logger = logging.getLogger(__name__)
@@ -41,16 +40,6 @@ class Stage:
         """PyTorch threads per item, wherever it runs: floating-point sums (a backward pass) can depend on
         the thread count, so it is part of what is computed, not of where."""
         return max(1, int(self.resources.num_cpus))
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class StageFailed(RuntimeError):

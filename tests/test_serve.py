@@ -7,14 +7,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -25,42 +23,11 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+from hiad_runtime.serve.launch import free_port, serving  # noqa: E402
+
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}  # the server runs this checkout's code
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serving(bundle: Path, log: Path, *options: str):
-    """Start `hiad-runtime serve` on a free port; yield (base url, process) once /readyz says ready."""
-    port = _free_port()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hiad_runtime.cli", "serve", str(bundle), "--port", str(port), *options],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):  # bounded: 120 s at most
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise AssertionError(f"server never became ready:\n{log.read_text()}")
-        yield url, proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _wait_until(condition, seconds: float = 60) -> None:
@@ -127,7 +94,7 @@ def server(bundle_dir, tmp_path_factory):
     token_file = folder / "token"
     token_file.write_text(TOKEN + "\n")
     options = ["--workers", "2", "--max-queue", "2", "--max-body-mb", "1", "--max-megapixels", "1", "--token-file", str(token_file)]
-    with serving(bundle_dir, folder / "server.log", *options) as (url, _):
+    with serving(bundle_dir, folder / "server.log", *options, env=ENV) as (url, _):
         yield url
 
 
@@ -238,7 +205,7 @@ def test_reload_under_load_and_a_tampered_bundle_is_refused(bundle_dir, images, 
     with_thresholds = _copy_with_thresholds(bundle_dir, tmp_path / "next", {"image": 5.0, "pixel": 8.0})
     tampered = _tampered(bundle_dir, tmp_path / "tampered")
     good = images[0].read_bytes()
-    with serving(served, tmp_path / "server.log", "--workers", "1", "--max-queue", "32") as (url, proc):
+    with serving(served, tmp_path / "server.log", "--workers", "1", "--max-queue", "32", env=ENV) as (url, proc):
         first = httpx.get(f"{url}/readyz").json()["bundle_id"]
         failures, seen, stop = [], set(), threading.Event()
 
@@ -293,12 +260,12 @@ def test_reload_under_load_and_a_tampered_bundle_is_refused(bundle_dir, images, 
 
 
 def test_timeout_answers_504_and_a_bad_bundle_stops_the_start(bundle_dir, images, tmp_path):
-    with serving(bundle_dir, tmp_path / "server.log", "--timeout", "0.000001") as (url, _):
+    with serving(bundle_dir, tmp_path / "server.log", "--timeout", "0.000001", env=ENV) as (url, _):
         r = httpx.post(f"{url}/v1/inspect", content=images[0].read_bytes(), timeout=60)
         assert r.status_code == 504 and "timeout" in r.json()["error"]
         assert httpx.get(f"{url}/healthz").status_code == 200
     tampered = _tampered(bundle_dir, tmp_path / "tampered")
-    out = subprocess.run([sys.executable, "-m", "hiad_runtime.cli", "serve", str(tampered), "--port", str(_free_port())], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "hiad_runtime.cli", "serve", str(tampered), "--port", str(free_port())], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "embedder_patch.onnx" in out.stderr
 
 

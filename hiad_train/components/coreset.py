@@ -11,22 +11,10 @@ slice and the sampler slows down by an order of magnitude (measured: 1,900 -> 56
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 from tqdm import tqdm
 
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with `count` intra-op threads, then restore the previous setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+from hiad_train.components.threads import torch_threads
 
 
 def greedy_coreset(
