@@ -6,7 +6,7 @@ tile crops -> context windows (integer downscales as exact uint8 area averages) 
 -> routing (argmin over the centres; every task's head scores every tile, the routed one is kept) or
 static tasks (each head on its own tiles) -> per-task normalization -> bilinear upsampling and overlap
 averaging -> thumbnail branch and max -> Gaussian blur (symmetric 'reflect' borders) -> block-mean
-image score -> clip -> thresholds. Thresholds, the schema version and the bundle's identity are the
+image score -> thresholds. Thresholds, the schema version and the bundle's identity are the
 graph's metadata. What cannot be expressed exactly raises `PipelineUnsupported` naming it.
 """
 
@@ -255,8 +255,6 @@ class Pipeline(nn.Module):
         if self.blur is not None:
             anomaly_map = self.blur(anomaly_map)
         score = self.image_score(anomaly_map)
-        if self.post.clip_to_unit:
-            anomaly_map, score = anomaly_map.clamp(0.0, 1.0), score.clamp(0.0, 1.0)
         out = [anomaly_map, score]
         if self.image_threshold is not None:
             out.append(score >= self.image_threshold)

@@ -33,7 +33,7 @@ from hiad_runtime.postprocess import Normalization, PostprocessSpec
 from hiad_runtime.tasks import Task
 
 SCHEMA = "hiad-bundle"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: normalized outputs are no longer clipped to [0, 1] (#11)
 MANIFEST = "manifest.json"
 STRICT = ConfigDict(extra="forbid")
 
@@ -175,6 +175,11 @@ class Manifest:
         return [r for r in refs if r]
 
     @property
+    def normalized(self) -> bool:
+        """Scores min-max normalized by validation: 0..1 spans what validation saw (not clipped)."""
+        return any(t.normalization is not None for t in self.tasks)
+
+    @property
     def geometry(self) -> Tiling:
         return Tiling.from_dict(self.tiling)
 
@@ -215,7 +220,7 @@ class Bundle:
         if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
             raise BundleError(f"{manifest_file}: not a {SCHEMA!r} manifest")
         if raw.get("schema_version") != SCHEMA_VERSION:
-            hint = " (written by an earlier hiad-export: re-export it from its checkpoint)" if raw.get("schema_version") == 1 else ""
+            hint = " (written by an earlier hiad-export: re-export it from its checkpoint)" if raw.get("schema_version") in (1, 2) else ""
             raise BundleError(
                 f"{manifest_file}: schema_version {raw.get('schema_version')} is not supported "
                 f"(this runtime reads {SCHEMA_VERSION}){hint}"

@@ -60,10 +60,8 @@ def _load(bundle: Path, **kwargs):
         _fail(str(e))
 
 
-def describe_threshold(kind: str, value: float | None, rule: dict | None, override: bool, clipped: bool) -> str:
+def describe_threshold(kind: str, value: float | None, rule: dict | None, override: bool) -> str:
     """One line saying what a threshold is and how it was set (the bundle's record of its rule)."""
-    if value is not None and clipped and value > 1:
-        return describe_threshold(kind, value, rule, override, False) + "; above the clipped range [0, 1]: never reached"
     if value is None:
         return f"{kind} threshold: none ({'no decisions' if kind == 'image' else 'no masks'}; --{'threshold' if kind == 'image' else 'pixel-threshold'} sets one)"
     head = f"{kind} threshold {value:.4g}"
@@ -112,9 +110,8 @@ def predict(
     if not files:
         _fail("no images found in the inputs")
     rules = (inspector.manifest.thresholds or {}).get("rules", {})
-    clipped = inspector.manifest.postprocess.clip_to_unit
-    typer.echo(describe_threshold("image", inspector.image_threshold, rules.get("image"), threshold is not None, clipped))
-    typer.echo(describe_threshold("pixel", inspector.pixel_threshold, rules.get("pixel"), pixel_threshold is not None, clipped))
+    typer.echo(describe_threshold("image", inspector.image_threshold, rules.get("image"), threshold is not None))
+    typer.echo(describe_threshold("pixel", inspector.pixel_threshold, rules.get("pixel"), pixel_threshold is not None))
     failures = 0
     t_start = time.perf_counter()
     try:
@@ -130,7 +127,7 @@ def predict(
                     np.save(map_file, (r.map_at_input_size() if input_size else r.anomaly_map).astype(np.float32), allow_pickle=False)
                     if overlays:
                         shown = resize_image(image, inspector.tiling.image_size)
-                        unit = inspector.manifest.postprocess.clip_to_unit  # normalized maps share one colour scale
+                        unit = inspector.manifest.normalized  # normalized maps share one colour scale; above 1 saturates
                         save_rgb(folder.overlay_path(key), overlay(shown, r.anomaly_map, r.mask, *((0.0, 1.0) if unit else (None, None))))
                 except (ImageError, OSError) as e:
                     failures += 1

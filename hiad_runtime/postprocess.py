@@ -1,7 +1,7 @@
 """From per-tile score maps to one image map and one image score, as HiAD post-processes.
 
 upsample each tile's map to the tile -> [per-tile blur] -> gather (overlaps averaged) -> [max with the
-thumbnail map] -> Gaussian blur -> image score (block-mean max, or top-k mean) -> [clip] -> [threshold].
+thumbnail map] -> Gaussian blur -> image score (block-mean max, or top-k mean) -> [threshold].
 A detector declares which of the optional steps HiAD applies for it; this module knows no detector.
 Training's PyTorch inference calls these same functions, so this step is identical on both sides.
 """
@@ -27,7 +27,6 @@ class PostprocessSpec:
     gaussian_sigma: Annotated[float, Field(ge=0)] = 4.0
     gaussian_truncate: Annotated[float, Field(gt=0)] = 4.0  # radius = int(truncate * sigma + 0.5), border 'reflect' (scipy)
     score_pool: Annotated[int, Field(ge=1)] = 16  # block_mean_max: max over non-overlapping pool x pool block means
-    clip_to_unit: bool = False  # tasks' scores are min-max normalized: clip map and score to [0, 1]
     tile_blur_sigma: Annotated[float, Field(ge=0)] = 0.0  # > 0: Gaussian blur of each tile's map (at tile size) before merging
     score_rule: Literal["block_mean_max", "top_k_mean"] = "block_mean_max"
     score_top_k: Annotated[int, Field(ge=1)] = 1  # top_k_mean: image score = mean of the k largest map values
@@ -44,8 +43,9 @@ class PostprocessSpec:
 class Normalization:
     """A task's min-max statistics from the validation set: (x - minimum) / (maximum - minimum).
 
-    Applied to the task's raw score grids before gathering; the final map and score are clipped to
-    [0, 1] (PostprocessSpec.clip_to_unit)."""
+    Applied to the task's raw score grids before gathering. Not clipped: validation scores span
+    [0, 1], and a new image may score above 1 (more anomalous than anything validation saw) or
+    below 0; a threshold by false-alarm rate can lie above 1 and must stay reachable."""
 
     minimum: float
     maximum: float
@@ -88,13 +88,10 @@ def gaussian_blur(anomaly_map: np.ndarray, sigma: float, truncate: float, in_pla
 
 
 def finish(anomaly_map: np.ndarray, spec: PostprocessSpec, in_place: bool = False) -> tuple[np.ndarray, float]:
-    """Blur, image score, and the clip to [0, 1] of normalized outputs. `in_place` reuses the map's
-    memory (large images: no second image-sized buffer)."""
+    """Blur and image score. `in_place` reuses the map's memory (large images: no second
+    image-sized buffer)."""
     anomaly_map = gaussian_blur(anomaly_map, spec.gaussian_sigma, spec.gaussian_truncate, in_place)
-    score = image_score(anomaly_map, spec)
-    if spec.clip_to_unit:
-        return np.clip(anomaly_map, 0.0, 1.0, out=anomaly_map if in_place else None), float(np.clip(score, 0.0, 1.0))
-    return anomaly_map, score
+    return anomaly_map, image_score(anomaly_map, spec)
 
 
 def image_score(anomaly_map: np.ndarray, spec: PostprocessSpec) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -46,7 +46,6 @@ class Calibration:
     task_normalization: dict[str, Normalization]
     thumbnail_normalization: Normalization | None
     thresholds: dict  # {"image", "pixel", "rules"}
-    postprocess: PostprocessSpec  # clip_to_unit on: normalized outputs
 
 
 def final_map(raw: Raw, norms: dict, thumb_norm: Normalization | None, scorer: RawScorer, spec: PostprocessSpec):
@@ -74,7 +73,7 @@ def calibrate(scorer: RawScorer, normal: list[np.ndarray], defective: list[np.nd
     records = [r for tiles, _ in seen + bad for r in tiles]
     thumbs = [t for _, t in seen + bad if t is not None]
     norms, thumb_norm = min_max_normalization(records, thumbs, scorer.tasks)
-    spec = replace(scorer.postprocess, clip_to_unit=True)
+    spec = scorer.postprocess
     maps = [final_map(raw, norms, thumb_norm, scorer, spec)[0] for raw in clean]
     thresholds = false_alarm_thresholds(maps, scorer.tiling, spec, rate, seed)
     rules = thresholds["rules"]
@@ -85,7 +84,7 @@ def calibrate(scorer: RawScorer, normal: list[np.ndarray], defective: list[np.nd
         finals = [final_map(raw, norms, thumb_norm, scorer, spec) for raw in bad]
         rules["image"].update(defective_images=len(bad), missed=int(sum(s < thresholds["image"] for _, s in finals)))
         rules["pixel"].update(defective_images=len(bad), missed=int(sum(m.max() < thresholds["pixel"] for m, _ in finals)))
-    return Calibration(norms, thumb_norm, thresholds, spec)
+    return Calibration(norms, thumb_norm, thresholds)
 
 
 def model_scorer(model) -> RawScorer:
@@ -112,7 +111,7 @@ def _copy_except(source: Path, target: Path, skip: set[str]) -> None:
 
 
 def write_checkpoint(source: Path, out: Path, cal: Calibration) -> None:
-    """The checkpoint with new normalization, thresholds and clipping in checkpoint.json; tensors copied."""
+    """The checkpoint with new normalization and thresholds in checkpoint.json; tensors copied."""
     from hiad_runtime.files import atomic_directory
 
     meta = json.loads((source / "checkpoint.json").read_text())
@@ -120,14 +119,13 @@ def write_checkpoint(source: Path, out: Path, cal: Calibration) -> None:
     if meta.get("thumbnail") is not None:
         meta["thumbnail"]["normalization"] = cal.thumbnail_normalization.to_dict()
     meta["thresholds"] = cal.thresholds
-    meta["postprocess"] = cal.postprocess.to_dict()
     with atomic_directory(out) as tmp:
         _copy_except(source, tmp, {"checkpoint.json"})
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=1))
 
 
 def write_bundle(source: Path, out: Path, cal: Calibration) -> None:
-    """The bundle with new normalization, thresholds and clipping in manifest.json, without the
+    """The bundle with new normalization and thresholds in manifest.json, without the
     whole-image graph (it holds the old ones); every other file copied byte for byte; verified."""
     from hiad_runtime.bundle import MANIFEST, Bundle, Manifest
     from hiad_runtime.files import atomic_directory
@@ -138,7 +136,6 @@ def write_bundle(source: Path, out: Path, cal: Calibration) -> None:
     if m.get("thumbnail") is not None:
         m["thumbnail"]["normalization"] = cal.thumbnail_normalization.to_dict()
     m["thresholds"] = cal.thresholds
-    m["postprocess"] = cal.postprocess.to_dict()
     dropped = set()
     if m.get("pipeline") and m["pipeline"].get("graph"):
         dropped.add(m["pipeline"]["graph"]["file"])

@@ -124,7 +124,7 @@ def load_checkpoint(path: str | Path) -> HRModel:
         tasks=tasks,
         embedder=embedder,
         detectors=detectors,
-        postprocess=PostprocessSpec.from_dict(meta["postprocess"]),
+        postprocess=PostprocessSpec.from_dict({k: v for k, v in meta["postprocess"].items() if k != "clip_to_unit"}),  # dropped in #11
         thumbnail=thumbnail,
     )
 

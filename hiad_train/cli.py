@@ -105,7 +105,7 @@ def train(
         v = {k: round(x, 4) if isinstance(x, float) else x for k, x in model.validation.items()}
         typer.echo(f"validation ({held_out} held-out image(s), synthetic anomalies): {v}")
         for kind in ("image", "pixel"):
-            typer.echo(describe_threshold(kind, model.thresholds[kind], model.thresholds["rules"][kind], False, True))
+            typer.echo(describe_threshold(kind, model.thresholds[kind], model.thresholds["rules"][kind], False))
     save_checkpoint(model, out / "checkpoint", data)
     save_rgb(out / "task_map.png", task_map(model.tasks, model.tiling, samples[0].image(model.tiling.image_size)))
     (out / "train.json").write_text(json.dumps({"train_seconds": seconds, "train_images": len(samples), "ray": ray_address,
@@ -217,7 +217,7 @@ def calibrate_cmd(
     for kind in ("image", "pixel"):
         rule = cal.thresholds["rules"][kind]
         missed = f"; misses {rule['missed']} of {rule['defective_images']} defective image(s)" if "missed" in rule else ""
-        typer.echo(describe_threshold(kind, cal.thresholds[kind], rule, False, True) + f"; flags {rule['flagged']} of them{missed}")
+        typer.echo(describe_threshold(kind, cal.thresholds[kind], rule, False) + f"; flags {rule['flagged']} of them{missed}")
     typer.echo(f"calibrated: {target}")
 
 

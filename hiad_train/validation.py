@@ -1,11 +1,11 @@
 """The validation set: held-out training images with synthetic anomalies. It gives each task its
-min-max normalization (scores land in [0, 1]), the image and pixel thresholds (by false-alarm rate on
+min-max normalization (validation scores span [0, 1]), the image and pixel thresholds (by false-alarm rate on
 the held-out images as they are, or F1 on their synthetic anomalies; see thresholds.py), validation
 metrics, and, for detectors trained over epochs, checkpoint selection with early stopping."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -62,7 +62,7 @@ def min_max_normalization(records: list, thumbs: list, tasks: list[str]) -> tupl
 
 
 def validate(model, val_samples: list, cfg: ValConfig, seed: int = 0) -> None:
-    """Fill model.task_normalization, the thumbnail's normalization (and clip outputs to [0, 1]),
+    """Fill model.task_normalization, the thumbnail's normalization,
     model.thresholds (with the rule that set them) and model.validation."""
     rng = np.random.default_rng(seed)
     synth = make_synthesizer(cfg.anomaly_syn_fn)
@@ -82,7 +82,6 @@ def validate(model, val_samples: list, cfg: ValConfig, seed: int = 0) -> None:
     model.task_normalization = norms
     if model.thumbnail is not None:
         model.thumbnail.normalization = thumb_norm
-    model.postprocess = replace(model.postprocess, clip_to_unit=True)
 
     spec = model.postprocess
     maps, scores, masks = [], [], []

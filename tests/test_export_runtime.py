@@ -18,7 +18,7 @@ TOLERANCE = 1e-4  # max |runtime map - PyTorch map| relative to the PyTorch map'
 
 def test_manifest_describes_everything_a_c_caller_needs(bundle_dir):
     m = json.loads((bundle_dir / "manifest.json").read_text())
-    assert m["schema"] == "hiad-bundle" and m["schema_version"] == 2 and m["detector"] == "patchcore"
+    assert m["schema"] == "hiad-bundle" and m["schema_version"] == 3 and m["detector"] == "patchcore"
     emb = m["embedders"]["patch"]
     assert emb["graph"]["inputs"] == [{"name": "image", "dtype": "uint8", "shape": ["batch", 128, 128, 3]}]
     assert emb["graph"]["outputs"] == [{"name": "feature_0", "dtype": "float32", "shape": ["batch", 64, 16, 16]}]
@@ -30,7 +30,7 @@ def test_manifest_describes_everything_a_c_caller_needs(bundle_dir):
     assert head["files"] == {"index": "tasks/task_0.faiss", "bank": "tasks/task_0_bank.npy"}
     assert head["params"]["index_factory"] == "Flat" and head["params"]["k"] == 1
     assert m["tasks"][0]["training"] == {"bank_size": 102, "training_patches": 1024}
-    assert m["postprocess"] == {"gaussian_sigma": 4.0, "gaussian_truncate": 4.0, "score_pool": 16, "clip_to_unit": False,
+    assert m["postprocess"] == {"gaussian_sigma": 4.0, "gaussian_truncate": 4.0, "score_pool": 16,
                                 "tile_blur_sigma": 0.0, "score_rule": "block_mean_max", "score_top_k": 1}
     for name, info in m["files"].items():
         assert len(info["sha256"]) == 64 and (bundle_dir / name).stat().st_size == info["bytes"]
@@ -94,11 +94,12 @@ def test_wrong_schema_version_and_corrupt_manifest(bundle_dir, tmp_path):
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="schema_version 99 is not supported"):
         Bundle.load(b)
-    m["schema_version"] = 1
-    (b / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="re-export it"):  # a v1 bundle: refused with what to do
-        Bundle.load(b)
-    m["schema_version"] = 2
+    for old in (1, 2):  # an earlier exporter's bundle: refused with what to do
+        m["schema_version"] = old
+        (b / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(BundleError, match="re-export it"):
+            Bundle.load(b)
+    m["schema_version"] = 3
     m["tasks"][0]["head"]["files"]["bank"] = "elsewhere.npy"  # a manifest pointing to an unverified file
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="elsewhere.npy"):

@@ -1,6 +1,9 @@
 """HiAD's method breadth through train, export and the torch-free runtime: fusion, thumbnail,
 validation (normalization, thresholds), clustering and retrieval tasks, synthesizers."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -43,22 +46,34 @@ def test_fusion_changes_the_embedding(clustered_model, trained, test_samples):
     assert not np.allclose(fused.numpy(), plain.numpy())
 
 
-def test_validation_normalizes_to_unit_range_and_thresholds_decide(clustered_model, clustered_bundle, test_samples):
+def test_validation_normalizes_to_unit_range_and_thresholds_decide(clustered_model, clustered_bundle, test_samples, tmp_path):
     v = clustered_model.validation
     assert v["patches"] == 4 and 0 < v["anomalous"] < 4  # 1 held-out image x 4 tiles, p = 0.5
     assert set(v) >= {"image_auroc", "pixel_auroc", "aupro"}
     assert len(clustered_model.task_normalization) == len(clustered_model.tasks) == 2
     t = clustered_model.thresholds
-    assert t["image"] is not None and t["pixel"] is not None  # by false-alarm rate: may lie above 1 (never reached)
+    assert t["image"] is not None and t["pixel"] is not None  # by false-alarm rate: may lie above 1
     assert t["rules"]["image"]["rule"] == "false_alarm_rate" and t["rules"]["image"]["images"] == 1
     inspector = Inspector.load(clustered_bundle)
-    for s in test_samples:
-        r = inspector.predict(str(s.image_path))
-        assert 0.0 <= r.score <= 1.0 and r.anomaly_map.min() >= 0 and r.anomaly_map.max() <= 1
+    results = [inspector.predict(str(s.image_path)) for s in test_samples]
+    for r in results:
         assert r.decision == (r.score >= t["image"])
         assert r.mask.dtype == bool and r.mask.shape == (256, 256)
-    strict = Inspector.load(clustered_bundle, image_threshold=1.01)  # --threshold overrides the bundle's
+        np.testing.assert_array_equal(r.mask, r.anomaly_map >= t["pixel"])
+    top = max(r.score for r in results)
+    strict = Inspector.load(clustered_bundle, image_threshold=top + 0.01)  # --threshold overrides the bundle's
     assert strict.predict(str(test_samples[0].image_path)).decision is False
+
+    # Not clipped: scaling every normalization so that the top image scores 2, a threshold of 1.5 is reached.
+    m = json.loads((clustered_bundle / "manifest.json").read_text())
+    for norm in [task["normalization"] for task in m["tasks"]] + ([m["thumbnail"]["normalization"]] if m["thumbnail"] else []):
+        norm["maximum"] = norm["minimum"] + (norm["maximum"] - norm["minimum"]) * top / 2
+    m["thresholds"]["image"] = 1.5
+    shutil.copytree(clustered_bundle, tmp_path / "scaled")
+    (tmp_path / "scaled" / "manifest.json").write_text(json.dumps(m))
+    scaled = [Inspector.load(tmp_path / "scaled").predict(str(s.image_path)) for s in test_samples]
+    assert max(r.score for r in scaled) == pytest.approx(2.0, rel=1e-4)
+    assert all(r.decision == (r.score >= 1.5) for r in scaled) and any(r.decision for r in scaled)
 
 
 def test_retrieval_routing_equals_training_assignment(train_samples, parity_images, tmp_path):

@@ -83,7 +83,7 @@ def test_graph_thresholds_give_decision_and_mask(clustered_model, clustered_bund
     t = clustered_model.thresholds
     np.testing.assert_array_equal(decision, score >= np.float32(t["image"]))
     np.testing.assert_array_equal(mask, amap >= np.float32(t["pixel"]))
-    assert amap.shape == (2, 256, 256) and amap.min() >= 0 and amap.max() <= 1
+    assert amap.shape == (2, 256, 256)
 
 
 @pytest.fixture(scope="module")

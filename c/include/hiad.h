@@ -17,7 +17,7 @@ extern "C" {
 #endif
 
 /* The manifest schema_version this library reads. */
-#define HIAD_SCHEMA_VERSION 2
+#define HIAD_SCHEMA_VERSION 3
 
 typedef struct hiad hiad_t;
 

@@ -110,7 +110,7 @@ def create_app(settings: ServeSettings, on_load_failure: Callable[[str], None] =
                 "latency_ms": {s: round(seconds.get(s, 0.0) * 1000, 3) for s in STAGES},
             }
             if want_map:
-                answer["map"] = map_png(result.anomaly_map, model.inspector.manifest.postprocess.clip_to_unit)
+                answer["map"] = map_png(result.anomaly_map)
             if want_mask:
                 answer["mask"] = mask_png(result.mask)
             return answer

@@ -56,10 +56,11 @@ def png_base64(array: np.ndarray) -> str:
     return base64.b64encode(encoded.tobytes()).decode("ascii")
 
 
-def map_png(anomaly_map: np.ndarray, unit_scale: bool) -> dict:
-    """The anomaly map as a 16-bit gray PNG with the range that maps 0..65535 back to scores."""
-    low, high = (0.0, 1.0) if unit_scale else (float(anomaly_map.min()), float(anomaly_map.max()))
-    scaled = (np.clip(anomaly_map, low, high) - low) / max(high - low, 1e-12)
+def map_png(anomaly_map: np.ndarray) -> dict:
+    """The anomaly map as a 16-bit gray PNG with the range that maps 0..65535 back to scores
+    (the map's own range: normalized scores are not bounded, so no fixed range is lossless)."""
+    low, high = float(anomaly_map.min()), float(anomaly_map.max())
+    scaled = (anomaly_map - low) / max(high - low, 1e-12)
     return {
         "png_base64": png_base64(np.round(scaled * 65535).astype(np.uint16)),
         "size": [anomaly_map.shape[1], anomaly_map.shape[0]],
