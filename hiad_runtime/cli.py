@@ -16,6 +16,7 @@ from hiad_runtime.bundle import MANIFEST, Bundle, BundleError
 from hiad_runtime.files import sha256_file
 from hiad_runtime.image import ImageError, resize_image
 from hiad_runtime.results import OutputError, ResultsFolder, find_inputs, output_keys
+from hiad_runtime.streaming import HEAD_MEMORY_MB
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hiad-deploy inspection runtime (torch-free).")
 
@@ -44,6 +45,8 @@ class Backend(str, Enum):
 BACKEND_HELP = "onnxruntime, or openvino (pip install 'hiad-deploy[openvino]') on the same ONNX files"
 STREAM_HELP = "tiles embedded and scored per chunk: bounds memory on large images (map built in place)"
 PREFETCH_HELP = "images decoded ahead on a worker thread while the current one is inferred (0 = none)"
+BATCH_HELP = "tiles per embedder call (1: fastest and smallest ONNX Runtime arena on CPU at 512 px tiles; more for GPU providers)"
+HEAD_MEMORY_HELP = "MB of task heads (their files) kept loaded; a bundle with more loads each chunk's heads as it goes (e.g. 256 O2O tasks at 8192^2)"
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -56,7 +59,7 @@ def _load(bundle: Path, **kwargs):
 
     try:
         return Inspector.load(bundle, **kwargs)
-    except BundleError as e:
+    except (BundleError, ValueError) as e:
         _fail(str(e))
 
 
@@ -90,11 +93,12 @@ def predict(
     head_path: HeadPath = typer.Option(HeadPath.native, "--head-path", help="native: a head kind's fast path (faiss for k-NN) where it has one; onnx: every head's exported graph"),
     engine: Engine = typer.Option(Engine.tiles, "--engine", help="tiles: stage by stage; pipeline: the bundle's whole-image graph (what the C library runs)"),
     threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0 = all cores)"),
-    batch: int = typer.Option(4, "--batch", min=1, help="tiles per ONNX Runtime call (4 keeps peak RSS under 600 MB at 512 px tiles)"),
+    batch: int = typer.Option(1, "--batch", min=1, help=BATCH_HELP),
     input_size: bool = typer.Option(False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="refuse inputs declaring more pixels (default: 4x the bundle's image area)"),
     backend: Backend = typer.Option(Backend.onnxruntime, "--backend", help=BACKEND_HELP),
     stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
+    head_memory: float = typer.Option(HEAD_MEMORY_MB, "--head-memory", help=HEAD_MEMORY_HELP),
     prefetch: int = typer.Option(0, "--prefetch", min=0, help=PREFETCH_HELP),
 ) -> None:
     """Score images; one JSON line per image (written as soon as it is done), a float32 map per image."""
@@ -104,7 +108,7 @@ def predict(
     inspector = _load(
         bundle, head_path=head_path.value, engine=engine.value, threads=threads, batch_size=batch,
         image_threshold=threshold, pixel_threshold=pixel_threshold, max_pixels=max_pixels,
-        backend=backend.value, stream_tiles=stream_tiles,
+        backend=backend.value, stream_tiles=stream_tiles, head_memory=head_memory,
     )
     files = find_inputs(inputs)
     if not files:
@@ -189,10 +193,11 @@ def bench(
     head_path: HeadPath = typer.Option(HeadPath.native, "--head-path"),
     engine: Engine = typer.Option(Engine.tiles, "--engine"),
     threads: int = typer.Option(0, "--threads", min=0),
-    batch: int = typer.Option(4, "--batch", min=1),
+    batch: int = typer.Option(1, "--batch", min=1, help=BATCH_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
     backend: Backend = typer.Option(Backend.onnxruntime, "--backend", help=BACKEND_HELP),
     stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
+    head_memory: float = typer.Option(HEAD_MEMORY_MB, "--head-memory", help=HEAD_MEMORY_HELP),
     prefetch: int = typer.Option(0, "--prefetch", min=0, help="with IMAGES, each run decodes its image from the file: "
                                  "inline (0) or N images ahead on a worker thread (throughput mode)"),
 ) -> None:
@@ -201,7 +206,7 @@ def bench(
     from hiad_runtime.prefetch import prefetched
 
     inspector = _load(bundle, head_path=head_path.value, engine=engine.value, threads=threads, batch_size=batch,
-                      backend=backend.value, stream_tiles=stream_tiles)
+                      backend=backend.value, stream_tiles=stream_tiles, head_memory=head_memory)
     stages = ("decode", "pipeline") if engine is Engine.pipeline else STAGES
     size = inspector.tiling.image_size
     if images:
@@ -240,6 +245,9 @@ def bench(
         "backend": backend.value,
         "precision": inspector.precision,
         "stream_tiles": stream_tiles,
+        "batch": batch,
+        "head_memory_mb": head_memory,
+        "head_loads": inspector.heads.loads if engine is Engine.tiles else None,  # heads read from the bundle, preload included
         "prefetch": prefetch,
         "providers": inspector.providers_in_use,
         "repeat": repeat,

@@ -3,13 +3,14 @@
 Every head has a portable path, its ONNX graph (what a C program runs). A kind may add a native fast
 path: 'knn' searches a faiss index (any index_factory type) and re-ranks the neighbours it returns with
 exact L2 distances against the bank, so it agrees with the graph to float rounding. This table knows
-head kinds, never detectors.
+head kinds, never detectors. `HeadCache` bounds the memory the heads of a many-task bundle hold.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -46,6 +47,11 @@ def exact_knn_distance(queries: np.ndarray, bank: np.ndarray, indices: np.ndarra
     return np.sqrt(np.einsum("mkd,mkd->mk", diff, diff)).mean(1)
 
 
+def flat_vectors(index: "faiss.IndexFlat") -> np.ndarray:
+    """The (ntotal, d) float32 vectors a Flat index holds, as a view (valid while `index` lives)."""
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+
+
 class FaissKnnHead:
     """k-NN via a faiss index, distances recomputed exactly for the neighbours it returns."""
 
@@ -53,7 +59,8 @@ class FaissKnnHead:
         index_path, bank_path = root / spec.files["index"], root / spec.files["bank"]
         try:
             self.index = faiss.read_index(str(index_path))
-            self.bank = np.load(bank_path, allow_pickle=False)
+            # A Flat index stores the bank itself: re-rank against its vectors instead of a second copy.
+            self.bank = flat_vectors(self.index) if isinstance(self.index, faiss.IndexFlat) else np.load(bank_path, allow_pickle=False)
         except (RuntimeError, ValueError, OSError) as e:
             raise BundleError(f"{index_path.parent}: cannot load k-NN index or bank ({e})") from e
         if self.bank.shape != (self.index.ntotal, self.index.d) or self.bank.dtype != np.float32:
@@ -78,10 +85,56 @@ def has_native_path(spec: HeadSpec) -> bool:
     return spec.kind in NATIVE
 
 
-def load_head(root: Path, spec: HeadSpec, sessions: SessionFactory, path: str = "native") -> Head:
-    """The kind's native path when asked for and available, else the ONNX graph."""
+def native(spec: HeadSpec, path: str) -> bool:
+    """Whether head path `path` runs this head by its kind's native path (else its ONNX graph)."""
     if path not in HEAD_PATHS:
         raise ValueError(f"head path {path!r} is not one of {HEAD_PATHS}")
-    if path == "native" and spec.kind in NATIVE:
-        return NATIVE[spec.kind](root, spec, sessions)
-    return OnnxHead(root, spec, sessions)
+    return path == "native" and spec.kind in NATIVE
+
+
+def load_head(root: Path, spec: HeadSpec, sessions: SessionFactory, path: str = "native") -> Head:
+    """The kind's native path when asked for and available, else the ONNX graph."""
+    return NATIVE[spec.kind](root, spec, sessions) if native(spec, path) else OnnxHead(root, spec, sessions)
+
+
+def head_files(spec: HeadSpec, path: str = "native") -> list[str]:
+    """The bundle files `load_head(..., spec, ..., path)` may read."""
+    return list(spec.files.values()) if native(spec, path) else [spec.graph.file]
+
+
+class HeadCache:
+    """Task heads by name, loaded on first use and kept while their files' bytes fit `budget`; the
+    least recently used are released first.
+
+    With a budget above the bundle's heads every head stays resident (`preload` loads them all up
+    front); below it (256 O2O heads of an 8192^2 image) each chunk loads the heads its tiles need and
+    the page cache makes reading them again cheap.
+    """
+
+    def __init__(self, load: Callable[[str], Head], sizes: Mapping[str, int], budget: int):
+        if budget <= 0:
+            raise ValueError(f"head memory budget must be > 0 bytes, got {budget}")
+        self.load, self.sizes, self.budget = load, dict(sizes), budget
+        self.heads: OrderedDict[str, Head] = OrderedDict()
+        self.loads = 0  # heads read from the bundle so far
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.sizes[name] for name in self.heads)
+
+    def __getitem__(self, name: str) -> Head:
+        if name in self.heads:
+            self.heads.move_to_end(name)
+            return self.heads[name]
+        while self.heads and self.resident_bytes + self.sizes[name] > self.budget:
+            self.heads.popitem(last=False)
+        head = self.heads[name] = self.load(name)
+        self.loads += 1
+        return head
+
+    def preload(self) -> None:
+        """Load heads in order while they fit: all of them when the budget allows."""
+        for name, size in self.sizes.items():
+            if self.resident_bytes + size > self.budget:
+                return
+            self[name]

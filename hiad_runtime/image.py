@@ -58,12 +58,12 @@ def to_rgb8(array: np.ndarray, source: str = "image") -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def declared_size(data: bytes, source: str = "image") -> tuple[int, int]:
-    """(width, height) from the image header alone (Pillow reads no pixel data for this)."""
+def declared_size(data: bytes | Path, source: str = "image") -> tuple[int, int]:
+    """(width, height) from the header of encoded bytes or a file alone (Pillow reads no pixel data for this)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
                 return im.size
     except Image.DecompressionBombError as e:
         raise ImageError(f"{source}: declares more pixels than the decoder allows ({e})") from None
@@ -87,22 +87,44 @@ def decode(data: bytes, source: str = "image", max_pixels: int | None = None) ->
         raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if raw is None:
             raise ImageError(f"{source}: not a readable image (corrupt or unsupported format)")
-        if raw.ndim == 3 and raw.shape[2] >= 3:
-            # In place: an 8192^2 image would otherwise hold a second 200 MB copy at its peak.
-            raw = cv2.cvtColor(raw, cv2.COLOR_BGRA2RGBA if raw.shape[2] == 4 else cv2.COLOR_BGR2RGB, dst=raw)
+        return _opencv_to_rgb8(raw, source)
     except cv2.error as e:
         raise ImageError(f"{source}: cannot be decoded ({_cv_reason(e)})") from None
-    return to_rgb8(raw, source)
 
 
 def load_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
-    """Read an image file to RGB uint8; the error names the file."""
+    """Read an image file to RGB uint8; the error names the file.
+
+    A file whose header Pillow reads is decoded into an array allocated from that header's size:
+    OpenCV's Python binding would otherwise copy what it decoded into a new array, two image-sized
+    buffers at the peak (400 MB at 8192^2; `decode` of bytes still pays it). Any other file, or one
+    over `max_pixels`, takes `decode`'s path and its messages."""
     path = Path(path)
+    try:
+        width, height = declared_size(path, str(path))
+        raw = None
+        if max_pixels is None or width * height <= max_pixels:
+            raw = cv2.imread(str(path), np.empty((height, width, 3), np.uint8), cv2.IMREAD_UNCHANGED)  # reallocated unless 8-bit 3-channel
+        if raw is not None and raw.size:
+            return _opencv_to_rgb8(raw, str(path))
+    except (ImageError, OSError, cv2.error):
+        pass
     try:
         data = path.read_bytes()
     except OSError as e:
         raise ImageError(f"{path}: cannot read file ({e.strerror or e})") from e
     return decode(data, str(path), max_pixels)
+
+
+def _opencv_to_rgb8(raw: np.ndarray, source: str) -> np.ndarray:
+    """What OpenCV decoded with IMREAD_UNCHANGED (BGR order) -> RGB uint8, the colours swapped in place
+    256 rows at a time (cvtColor's own in-place call copies the whole image first)."""
+    if raw.ndim == 3 and raw.shape[2] >= 3:
+        code = cv2.COLOR_BGRA2RGBA if raw.shape[2] == 4 else cv2.COLOR_BGR2RGB
+        for top in range(0, raw.shape[0], 256):
+            strip = raw[top : top + 256]
+            cv2.cvtColor(strip, code, dst=strip)
+    return to_rgb8(raw, source)
 
 
 def size_warnings(input_size: Size, image_size: Size, aspect_tolerance: float = 0.05, min_fraction: float = 0.5) -> list[str]:

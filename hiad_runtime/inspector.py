@@ -4,7 +4,8 @@ decode -> resize (recorded policy) -> tile (shared geometry) -> per chunk of `st
 embed in batched calls (context windows once per chunk, fused per feature scale) -> route
 (retrieval) -> score per task (each head by its kind's path) -> normalize -> add each tile's map into
 the image map in place -> thumbnail max -> blur -> image score -> thresholds. Chunks bound memory for
-images of any size (hiad_runtime/streaming.py). Engine "pipeline" runs the bundle's whole-image graph
+images of any size (hiad_runtime/streaming.py), and the task heads are held within `head_memory`
+(hiad_runtime/heads.py: HeadCache). Engine "pipeline" runs the bundle's whole-image graph
 instead, one call per image.
 """
 
@@ -20,12 +21,12 @@ import numpy as np
 
 from hiad_runtime.bundle import Bundle, BundleError, EmbedderSpec
 from hiad_runtime.geometry import Box, Tile, context_crop, crop, split
-from hiad_runtime.heads import Head, load_head
+from hiad_runtime.heads import HeadCache, head_files, load_head
 from hiad_runtime.image import ImageError, decode, load_image, resize_image, resize_map, size_warnings
 from hiad_runtime.pipeline import PipelineGraph
 from hiad_runtime.postprocess import finish, fuse_thumbnail, tile_maps_to_image
 from hiad_runtime.sessions import SessionFactory
-from hiad_runtime.streaming import MapAssembler, chunks, coverage
+from hiad_runtime.streaming import HEAD_MEMORY_MB, MapAssembler, chunks, coverage
 from hiad_runtime.tasks import route
 
 STAGES = ("decode", "tile", "backbone", "scoring", "post")
@@ -80,7 +81,7 @@ class Inspector:
         bundle: Bundle,
         providers: Sequence[str] | None = None,
         threads: int = 0,
-        batch_size: int = 4,
+        batch_size: int = 1,
         head_path: str = "native",
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
@@ -88,6 +89,7 @@ class Inspector:
         engine: str = "tiles",
         backend: str = "onnxruntime",
         stream_tiles: int = 16,
+        head_memory: float = HEAD_MEMORY_MB,
     ):
         m = bundle.manifest
         self.bundle = bundle
@@ -109,7 +111,13 @@ class Inspector:
             return
         self.embedders = {name: Embedder(bundle.root, spec, self.sessions, batch_size) for name, spec in m.embedders.items()}
         self.tasks = m.tasks
-        self.heads: dict[str, Head] = {t.name: load_head(bundle.root, t.head, self.sessions, head_path) for t in m.tasks}
+        if not head_memory > 0:
+            raise ValueError(f"head_memory must be > 0 MB, got {head_memory}")
+        specs = {t.name: t.head for t in m.tasks}
+        sizes = {name: sum(m.files[f].bytes for f in head_files(spec, head_path)) for name, spec in specs.items()}
+        load = lambda name: load_head(bundle.root, specs[name], self.sessions, head_path)  # noqa: E731
+        self.heads = HeadCache(load, sizes, int(head_memory * 2**20))
+        self.heads.preload()
         self.centres = None
         if m.routing is not None:
             self.centres = np.load(bundle.path(m.routing.centres), allow_pickle=False)

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from hiad_export.writer import write_bundle
 from hiad_runtime.bundle import Bundle
+from hiad_runtime.heads import head_files
 from hiad_runtime.inspector import Inspector
 from hiad_runtime.prefetch import prefetched
 from tests.conftest import tiny_config
@@ -87,6 +88,64 @@ def test_streamed_tiles_give_the_all_at_once_map(many_tiles_bundle, test_samples
         streamed = Inspector(bundle, stream_tiles=chunk).predict(image)
         np.testing.assert_allclose(streamed.anomaly_map, whole.anomaly_map, rtol=1e-5, atol=1e-6 * whole.anomaly_map.max())
         assert streamed.score == pytest.approx(whole.score, rel=1e-5)
+
+
+def test_heads_held_per_chunk_within_a_tiny_budget_give_the_all_resident_map(many_tiles_bundle, test_samples):
+    bundle = Bundle.load(many_tiles_bundle)
+    image = test_samples[-1].image((160, 160))
+    resident = Inspector(bundle, stream_tiles=4)
+    assert len(resident.heads.heads) == 9 and resident.heads.loads == 9  # the default budget holds every head
+    expected = resident.predict(image)
+    assert resident.heads.loads == 9  # nothing read again
+
+    for head_path in ("native", "onnx"):
+        largest = max(sum(bundle.manifest.files[f].bytes for f in head_files(t.head, head_path)) for t in bundle.manifest.tasks)
+        paged = Inspector(bundle, stream_tiles=4, head_memory=(largest + 1) / 2**20, head_path=head_path)  # room for one head
+        assert len(paged.heads.heads) == 1 and paged.heads.resident_bytes <= paged.heads.budget
+        for _ in range(2):  # twice: evicted heads are read again
+            r = paged.predict(image)
+            np.testing.assert_allclose(r.anomaly_map, expected.anomaly_map, rtol=1e-5, atol=1e-6 * expected.anomaly_map.max())
+            assert r.score == pytest.approx(expected.score, rel=1e-5)
+            assert len(paged.heads.heads) == 1
+        assert paged.heads.loads == 1 + 2 * 9 - 1  # the preloaded first head is reused once, then every task per image
+
+
+@pytest.mark.parametrize("budget", [0, -5])
+def test_head_memory_must_be_positive(many_tiles_bundle, budget):
+    from hiad_runtime.cli import app
+
+    with pytest.raises(ValueError, match=f"head_memory must be > 0 MB, got {budget}"):
+        Inspector(Bundle.load(many_tiles_bundle), head_memory=budget)
+    result = CliRunner().invoke(app, ["bench", str(many_tiles_bundle), "--repeat", "1", "--head-memory", str(budget)])
+    assert result.exit_code == 2 and f"head_memory must be > 0 MB, got {float(budget)}" in result.output
+
+
+def test_in_place_blur_in_strips_equals_the_whole_map_blur():
+    from hiad_runtime.postprocess import BLUR_ROWS, gaussian_blur
+
+    rng = np.random.default_rng(0)
+    for height, sigma in ((3 * BLUR_ROWS + 7, 4.0), (BLUR_ROWS // 3, 4.0), (2 * BLUR_ROWS, 80.0)):  # several strips; one; radius > strip
+        m = rng.random((height, 37), dtype=np.float32)
+        expected = gaussian_blur(m, sigma, 4.0)
+        out = gaussian_blur(m, sigma, 4.0, in_place=True)
+        assert out is m
+        np.testing.assert_array_equal(out, expected)
+
+
+def test_load_image_decodes_into_one_buffer_with_the_bytes_path_pixels(tmp_path):
+    import cv2
+
+    from hiad_runtime.image import decode, load_image
+
+    rng = np.random.default_rng(0)
+    images = {"rgb.png": rng.integers(0, 256, (70, 90, 3), dtype=np.uint8), "rgba.png": rng.integers(0, 256, (70, 90, 4), dtype=np.uint8),
+              "gray16.png": rng.integers(0, 65536, (70, 90), dtype=np.uint16), "rgb.bmp": rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)}
+    for name, pixels in images.items():
+        cv2.imwrite(str(tmp_path / name), pixels)
+        loaded = load_image(tmp_path / name)
+        assert loaded.shape == (70, 90, 3) and loaded.dtype == np.uint8 and loaded.flags.c_contiguous
+        np.testing.assert_array_equal(loaded, decode((tmp_path / name).read_bytes()))
+    np.testing.assert_array_equal(load_image(tmp_path / "rgb.png"), images["rgb.png"][:, :, ::-1])  # BGR on disk -> RGB
 
 
 def test_openvino_backend_matches_onnxruntime(bundle_dir, test_samples):
