@@ -9,7 +9,7 @@ docs/benchmarks.md "int8 accuracy"):
   each quantized Conv's bias absorbs its own shift, E[input] measured on the calibration tiles.
 - The high-resolution head of the backbone (input normalization and every node up to the last Conv
   at stride <= 4) stays float: quantization noise there (low-contrast 8-bit images carry little
-  signal per pixel) is amplified by every later layer. It is ~1/4 of the backbone's MACs; the rest,
+  signal per pixel) is amplified by every later layer. It is about 1/4 of the embedder's MACs; the rest,
   the channel pooling/aggregation tail included, runs quantized (that tail adds no measurable error).
 fp16: weights and activations in float16 with float32 inputs/outputs kept; meant for GPU providers
 (on a CPU, ONNX Runtime inserts casts and it is usually slower than fp32).
