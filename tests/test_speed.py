@@ -68,6 +68,24 @@ def test_fp16_embedder_keeps_its_io_types_and_stays_close(bundle_dir, train_samp
     assert 0 < _rel_diff(fp16, fp32) < 0.01
 
 
+def test_int8_embedder_stays_close_to_fp32_on_real_tiles(bundle_dir, train_samples, test_samples, tmp_path):
+    """Bias correction and a float high-resolution head keep the embedding close (plain QDQ: ~20 %)."""
+    import onnxruntime as ort
+
+    from hiad_export.quantize import reduce_precision
+    from hiad_runtime.geometry import split
+
+    source = tmp_path / "embedder_patch.onnx"
+    source.write_bytes((bundle_dir / "embedder_patch.onnx").read_bytes())
+    tiles = Bundle.load(bundle_dir).manifest.geometry.tiles
+    calibration = np.concatenate([split(s.image((256, 256)), tiles) for s in train_samples])
+    target = reduce_precision(source, "int8", calibration)
+    held_out = np.concatenate([split(s.image((256, 256)), tiles) for s in test_samples])
+    fp32 = ort.InferenceSession(str(source)).run(None, {"image": held_out})[0]
+    int8 = ort.InferenceSession(str(target)).run(None, {"image": held_out})[0]
+    assert np.linalg.norm(int8 - fp32) / np.linalg.norm(fp32) < 0.05
+
+
 @pytest.fixture(scope="module")
 def many_tiles_bundle(train_samples, test_samples, tmp_path_factory):
     """9 overlapping tiles of 64 px with context windows: the large-image case, small enough to be fast."""
