@@ -59,6 +59,11 @@ CONFIGS = {
     "coreset-0.25": ("demo.yaml", {"val_config": VAL, "patch": {"percentage": 0.25}}),
     "nn-3": ("demo.yaml", {"val_config": VAL, "patch": {"anomaly_scorer_num_nn": 3}}),
     "layers-1-2-3": ("demo.yaml", {"val_config": VAL, "patch": {"layers_to_extract_from": [1, 2, 3]}}),
+    # hiad_full's branches one at a time on the default
+    "+clustering": ("demo.yaml", {"val_config": VAL, "tasks": {"generator": "spatial_clustering", "cluster_number": 4, "feature_resolution": 1}}),
+    "+fusion": ("demo.yaml", {"val_config": VAL, "ds_factors": [0, 1], "fusion_weights": [0.5, 0.5]}),
+    "+thumbnail": ("demo.yaml", {"val_config": VAL, "thumbnail": {"backbone_name": "tf_efficientnet_lite0", "layers_to_extract_from": [2, 3],
+                                                                  "percentage": 0.1, "target_embed_dimension": 128, "thumbnail_size": 512}}),
 }
 # image-score rules compared on the same maps (no retraining): the image AUROC each would give
 SCORE_RULES = {
