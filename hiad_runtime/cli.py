@@ -74,8 +74,9 @@ def describe_threshold(kind: str, value: float | None, rule: dict | None, overri
     when = f", calibrated {rule['calibrated']}" if "calibrated" in rule else ""
     if rule.get("rule") == "false_alarm_rate":
         low, high = rule["rate_interval_90"]
+        warning = f"; warning: {rule['warning']}" if "warning" in rule else ""
         return (f"{head}: false-alarm rate {rule['rate']:.2%} on {rule['images']} normal image(s) ({rule['tiles']} tiles"
-                f"{when}), achieved rate {low:.2%}-{high:.2%} (90% interval)")
+                f"{when}), achieved rate {low:.2%}-{high:.2%} (90% interval){warning}")
     if rule.get("rule") == "f1":
         return f"{head}: best F1 on {rule['tiles']} validation tiles with synthetic anomalies ({rule['images']} image(s){when})"
     return f"{head}: rule not recorded in this bundle"
