@@ -31,7 +31,7 @@ from hiad_runtime.image import load_image
 allowed = sys.argv[3] == "on"
 create = ins.SessionFactory.create
 ins.SessionFactory.create = lambda self, path, arena=False: create(self, path, allowed and arena)
-inspector = ins.Inspector.load(sys.argv[1])
+inspector = ins.Inspector.load(sys.argv[1], backend='onnxruntime')
 image = load_image(sys.argv[2])
 inspector.predict(image)
 backbone, total = [], []
@@ -107,7 +107,7 @@ def section_precision_engines(checkpoint: Path, image: Path, work: Path, repeat:
 def section_openvino_parity(bundle: Path, image: Path) -> None:
     snippet = (
         "import sys, numpy as np\nfrom hiad_runtime.inspector import Inspector\n"
-        "a = Inspector.load(sys.argv[1]).predict(sys.argv[2]); b = Inspector.load(sys.argv[1], backend='openvino').predict(sys.argv[2])\n"
+        "a = Inspector.load(sys.argv[1], backend='onnxruntime').predict(sys.argv[2]); b = Inspector.load(sys.argv[1], backend='openvino').predict(sys.argv[2])\n"
         "print(f'{np.abs(a.anomaly_map - b.anomaly_map).max() / np.ptp(a.anomaly_map):.2e} {abs(a.score - b.score) / np.ptp(a.anomaly_map):.2e}')"
     )
     try:

@@ -43,6 +43,7 @@ from hiad_runtime.geometry import split
 from hiad_runtime.heads import has_native_path
 from hiad_runtime.image import RESIZE_POLICY, resize_image
 from hiad_runtime.inspector import Inspector
+from hiad_runtime.sessions import resolve_backend
 from hiad_train.detectors import Detector
 from hiad_train.model import HRModel
 
@@ -202,13 +203,15 @@ def check_parity(
     bundle = Bundle.load(root)
     reduced = any(e.precision != "fp32" for e in bundle.manifest.embedders.values())
     key = f"{label}:" if label else ""
-    reports = [measure(reference, Inspector(bundle, head_path="onnx"), images, key + "onnx", opts.tolerance, not reduced)]
+    reports = [measure(reference, Inspector(bundle, head_path="onnx", backend="onnxruntime"), images, key + "onnx", opts.tolerance, not reduced)]
     native = [h for h in bundle.manifest.heads() if has_native_path(h)]
+    exact = all(h.params.get("exact", True) for h in native) and not reduced  # approximate indexes: recorded, not enforced
     if native:
-        exact = all(h.params.get("exact", True) for h in native) and not reduced
-        reports.append(measure(reference, Inspector(bundle, head_path="native"), images, key + "native", opts.tolerance, exact))
+        reports.append(measure(reference, Inspector(bundle, head_path="native", backend="onnxruntime"), images, key + "native", opts.tolerance, exact))
+    if resolve_backend("auto") == "openvino":  # the runtime's default backend on this box: proven too
+        reports.append(measure(reference, Inspector(bundle, backend="openvino"), images, key + "openvino", opts.tolerance, exact))
     if bundle.manifest.pipeline and bundle.manifest.pipeline.graph and not reduced:  # the graph holds the fp32 embedder
-        reports.append(measure(reference, Inspector(bundle, engine="pipeline"), images, "pipeline", opts.tolerance, True))
+        reports.append(measure(reference, Inspector(bundle, engine="pipeline", backend="onnxruntime"), images, "pipeline", opts.tolerance, True))
     failed = [r for r in reports if r.enforced and not r.passed]
     if failed:
         lines = [f"{r.path}: max relative map diff {r.max_rel_map_diff:.2e}, score diff {r.max_rel_score_diff:.2e}" for r in failed]

@@ -38,11 +38,12 @@ class HeadPath(str, Enum):
 class Backend(str, Enum):
     """What runs the ONNX graphs: ONNX Runtime (its best providers present) or OpenVINO (Intel/AMD CPUs)."""
 
+    auto = "auto"
     onnxruntime = "onnxruntime"
     openvino = "openvino"
 
 
-BACKEND_HELP = "onnxruntime, or openvino (pip install 'hiad-deploy[openvino]') on the same ONNX files"
+BACKEND_HELP = "auto: openvino on a CPU-only box where it is installed (faster here at the same parity), else onnxruntime; or name one"
 STREAM_HELP = "tiles embedded and scored per chunk: bounds memory on large images (map built in place)"
 PREFETCH_HELP = "images decoded ahead on a worker thread while the current one is inferred (0 = none)"
 BATCH_HELP = "tiles per embedder call (1: fastest and smallest ONNX Runtime arena on CPU at 512 px tiles; more for GPU providers)"
@@ -97,7 +98,7 @@ def predict(
     batch: int = typer.Option(1, "--batch", min=1, help=BATCH_HELP),
     input_size: bool = typer.Option(False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="refuse inputs declaring more pixels (default: 4x the bundle's image area)"),
-    backend: Backend = typer.Option(Backend.onnxruntime, "--backend", help=BACKEND_HELP),
+    backend: Backend = typer.Option(Backend.auto, "--backend", help=BACKEND_HELP),
     stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
     head_memory: float = typer.Option(HEAD_MEMORY_MB, "--head-memory", help=HEAD_MEMORY_HELP),
     prefetch: int = typer.Option(0, "--prefetch", min=0, help=PREFETCH_HELP),
@@ -148,7 +149,7 @@ def predict(
     except OutputError as e:
         _fail(str(e))
     rate = len(files) / (time.perf_counter() - t_start)
-    typer.echo(f"{rate:.2f} images/s; embedder precision {inspector.precision}; backend {backend.value}; "
+    typer.echo(f"{rate:.2f} images/s; embedder precision {inspector.precision}; backend {inspector.sessions.backend}; "
                f"providers: {', '.join(inspector.providers_in_use)}; results: {out / 'results.jsonl'}")
     if failures:
         raise typer.Exit(1)
@@ -196,7 +197,7 @@ def bench(
     threads: int = typer.Option(0, "--threads", min=0),
     batch: int = typer.Option(1, "--batch", min=1, help=BATCH_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
-    backend: Backend = typer.Option(Backend.onnxruntime, "--backend", help=BACKEND_HELP),
+    backend: Backend = typer.Option(Backend.auto, "--backend", help=BACKEND_HELP),
     stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
     head_memory: float = typer.Option(HEAD_MEMORY_MB, "--head-memory", help=HEAD_MEMORY_HELP),
     prefetch: int = typer.Option(0, "--prefetch", min=0, help="with IMAGES, each run decodes its image from the file: "
@@ -243,7 +244,7 @@ def bench(
         "tasks": len(inspector.manifest.tasks),
         "head_path": head_path.value,
         "engine": engine.value,
-        "backend": backend.value,
+        "backend": inspector.sessions.backend,
         "precision": inspector.precision,
         "stream_tiles": stream_tiles,
         "batch": batch,
@@ -257,7 +258,7 @@ def bench(
         "peak_rss_mb": _peak_rss_mb(),
     }
     typer.echo(f"{figures['tiles']} tiles, {figures['tasks']} tasks, engine {engine.value}, head path {head_path.value}, "
-               f"backend {backend.value}, embedder precision {inspector.precision}, providers={','.join(figures['providers'])}, "
+               f"backend {inspector.sessions.backend}, embedder precision {inspector.precision}, providers={','.join(figures['providers'])}, "
                f"{repeat} runs" + (f", {prefetch} image(s) decoded ahead" if prefetch else ""))
     typer.echo(f"{'stage':<9} {'median ms':>10} {'p95 ms':>10}")
     for s, v in figures["stages_ms"].items():

@@ -87,7 +87,7 @@ class Inspector:
         pixel_threshold: float | None = None,
         max_pixels: int | None = None,
         engine: str = "tiles",
-        backend: str = "onnxruntime",
+        backend: str = "auto",
         stream_tiles: int = 16,
         head_memory: float = HEAD_MEMORY_MB,
     ):

@@ -7,6 +7,7 @@ which backend runs them.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,17 @@ class OpenVinoSession:
             self.compiled = _CORE.compile_model(_CORE.read_model(str(path)), "CPU", config)
         except RuntimeError as e:
             raise BundleError(f"{path}: OpenVINO cannot load this graph ({e})") from e
-        self.request = self.compiled.create_infer_request()
+        self.requests = threading.local()  # an infer request is not thread-safe: one per calling thread
 
-    def run(self, output_names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        results = self.request.infer(feeds)
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """ONNX Runtime's contract: the named outputs in that order, or all of them for None."""
+        request = getattr(self.requests, "request", None)
+        if request is None:
+            request = self.requests.request = self.compiled.create_infer_request()
+        results = request.infer(feeds)
+        ports = self.compiled.outputs if output_names is None else [self.compiled.output(n) for n in output_names]
         # The request reuses its output buffers on the next call: hand out copies.
-        return [np.array(results[port]) for port in self.compiled.outputs]
+        return [np.array(results[port]) for port in ports]
 
     @staticmethod
     def get_providers() -> list[str]:

@@ -1,5 +1,7 @@
-"""Inference sessions, created once per graph: ONNX Runtime (tuned options, best providers present) or,
-with backend 'openvino', OpenVINO on the same ONNX files.
+"""Inference sessions, created once per graph: ONNX Runtime (tuned options, best providers present) or
+OpenVINO on the same ONNX files. Backend 'auto' (the default) takes OpenVINO on a box whose ONNX
+Runtime offers no GPU provider, when OpenVINO is installed: on this project's 2-core CPU it runs the
+embedder 1.37x faster at the same parity (1e-6 of the map's range; docs/benchmarks.md "Edge speed").
 
 Memory arena: ONNX Runtime's CPU arena keeps each session's peak allocation for reuse. It is on for
 embedders (one or two sessions, and they run about 1.5x faster with it) and off for heads (one per
@@ -7,6 +9,7 @@ task: 16+ arenas would each hold their peak)."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +22,19 @@ from hiad_runtime.bundle import BundleError
 
 # Best first; only those this onnxruntime build offers are used.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-BACKENDS = ("onnxruntime", "openvino")
+BACKENDS = ("auto", "onnxruntime", "openvino")
+GPU_PROVIDERS = PREFERRED_PROVIDERS[:2]
+
+
+def resolve_backend(backend: str, providers: Sequence[str] | None = None) -> str:
+    """'auto' -> 'openvino' on a CPU-only box where it is installed and no providers were asked for,
+    else 'onnxruntime'; any other name as it is (checked)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    on_gpu = any(p in ort.get_available_providers() for p in GPU_PROVIDERS)
+    return "openvino" if not providers and not on_gpu and importlib.util.find_spec("openvino") else "onnxruntime"
 
 
 def available_providers(requested: Sequence[str] | None = None) -> list[str]:
@@ -34,10 +49,8 @@ def available_providers(requested: Sequence[str] | None = None) -> list[str]:
 class SessionFactory:
     """Creates sessions with one set of options; records which providers each session really uses."""
 
-    def __init__(self, providers: Sequence[str] | None = None, intra_op_threads: int = 0, backend: str = "onnxruntime"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
-        self.backend = backend
+    def __init__(self, providers: Sequence[str] | None = None, intra_op_threads: int = 0, backend: str = "auto"):
+        self.backend = backend = resolve_backend(backend, providers)
         self.providers = available_providers(providers) if backend == "onnxruntime" else []
         self.threads = intra_op_threads
         self.in_use: set[str] = set()

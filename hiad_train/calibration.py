@@ -61,7 +61,8 @@ def final_map(raw: Raw, norms: dict, thumb_norm: Normalization | None, scorer: R
     return finish(merged, spec)
 
 
-def calibrate(scorer: RawScorer, normal: list[np.ndarray], defective: list[np.ndarray], synthesizer, rate: float, seed: int = 0) -> Calibration:
+def calibrate(scorer: RawScorer, normal: list[np.ndarray], defective: list[np.ndarray], synthesizer, rate: float, seed: int = 0,
+              normalization: str = "global") -> Calibration:
     """Normalization from normal images (as they are and with synthetic anomalies) and defective ones;
     thresholds by false-alarm rate on the normal images; misses on the defective ones recorded."""
     if len(normal) < 1:
@@ -72,7 +73,7 @@ def calibrate(scorer: RawScorer, normal: list[np.ndarray], defective: list[np.nd
     bad = [scorer.raw(image) for image in defective]
     records = [r for tiles, _ in seen + bad for r in tiles]
     thumbs = [t for _, t in seen + bad if t is not None]
-    norms, thumb_norm = min_max_normalization(records, thumbs, scorer.tasks)
+    norms, thumb_norm = min_max_normalization(records, thumbs, scorer.tasks, normalization)
     spec = scorer.postprocess
     maps = [final_map(raw, norms, thumb_norm, scorer, spec)[0] for raw in clean]
     thresholds = false_alarm_thresholds(maps, scorer.tiling, spec, rate, seed)

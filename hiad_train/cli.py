@@ -22,6 +22,11 @@ class ModuleType(str, Enum):
     poly = "poly"
 
 
+class Normalizing(str, Enum):
+    global_ = "global"
+    per_task = "per_task"
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -177,6 +182,7 @@ def calibrate_cmd(
     out: Path = typer.Option(None, "--out", help="where the calibrated copy is published (default: SOURCE, as its new version)"),
     rate: float = typer.Option(0.01, "--rate", min=1e-6, max=0.5, help="target false-alarm rate on normal images"),
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the synthetic anomalies and the bootstrap"),
+    normalization: Normalizing = typer.Option(Normalizing.global_, "--normalization", help="global: one min-max for every task (keeps their relative scale); per_task: HiAD's"),
 ) -> None:
     """Recompute thresholds (by false-alarm rate) and normalization from new images, without retraining."""
     from hiad_runtime.bundle import MANIFEST, BundleError
@@ -209,7 +215,7 @@ def calibrate_cmd(
         if not images["normal"]:
             _fail(f"{normal}: no images found")
         synthesizer = make_synthesizer(val.anomaly_syn_fn if val is not None else SynthesizerConfig())
-        cal = calibration.calibrate(scorer, images["normal"], images["defective"], synthesizer, rate, seed)
+        cal = calibration.calibrate(scorer, images["normal"], images["defective"], synthesizer, rate, seed, normalization.value)
         target = out or source
         write(source.resolve(), target, cal)
     except (BundleError, ImageError, OSError, ValueError) as e:

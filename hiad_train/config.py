@@ -114,6 +114,10 @@ class ValConfig(Strict):
     max_patch_number: int | None = Field(200, ge=1)
     evaluators: list[Literal["image_auroc", "pixel_metrics", "aupro"]] = ["image_auroc", "pixel_metrics"]
     threshold: ThresholdConfig = ThresholdConfig()
+    # global: one min-max over every task's validation scores, so tasks keep their relative scale (the
+    # default: per-task min-max from a few held-out tiles cost 0.08-0.42 image AUROC on every set of
+    # docs/quality.md); per_task: HiAD's, each task's own min-max (detectors whose scales differ by task)
+    normalization: Literal["global", "per_task"] = "global"
 
 
 class EvaluationConfig(Strict):

@@ -48,15 +48,16 @@ def synthesize_tiles(image: np.ndarray, tiling: Tiling, synthesizer, rng: np.ran
 EVALUATORS = {"image_auroc": image_auroc, "pixel_metrics": pixel_metrics, "aupro": aupro}
 
 
-def min_max_normalization(records: list, thumbs: list, tasks: list[str]) -> tuple[dict[str, Normalization], Normalization | None]:
-    """Per task, the min and max of its raw scores in `records` ((task, tile, grid, ...)); a task no
-    record reached gets those of all records. The thumbnail's from its raw grids (None without any)."""
+def min_max_normalization(records: list, thumbs: list, tasks: list[str], mode: str = "global") -> tuple[dict[str, Normalization], Normalization | None]:
+    """Per task, a min-max of raw scores in `records` ((task, tile, grid, ...)): of all records for
+    every task ('global'), or of the task's own ('per_task'; a task no record reached gets the
+    global one). The thumbnail's from its raw grids (None without any): another resolution, its own scale."""
     all_values = np.concatenate([r[2].ravel() for r in records])
-    fallback = Normalization(float(all_values.min()), float(all_values.max()))
+    overall = Normalization(float(all_values.min()), float(all_values.max()))
     norms = {}
     for task in tasks:
-        values = [r[2] for r in records if r[0] == task]
-        norms[task] = Normalization(float(min(v.min() for v in values)), float(max(v.max() for v in values))) if values else fallback
+        values = [r[2] for r in records if r[0] == task] if mode == "per_task" else []
+        norms[task] = Normalization(float(min(v.min() for v in values)), float(max(v.max() for v in values))) if values else overall
     thumb = Normalization(float(min(t.min() for t in thumbs)), float(max(t.max() for t in thumbs))) if thumbs else None
     return norms, thumb
 
@@ -78,7 +79,7 @@ def validate(model, val_samples: list, cfg: ValConfig, seed: int = 0) -> None:
         keep = sorted(rng.choice(len(records), cfg.max_patch_number, replace=False))
         records = [records[k] for k in keep]
 
-    norms, thumb_norm = min_max_normalization(records, thumbs, [t.name for t in model.tasks])
+    norms, thumb_norm = min_max_normalization(records, thumbs, [t.name for t in model.tasks], cfg.normalization)
     model.task_normalization = norms
     if model.thumbnail is not None:
         model.thumbnail.normalization = thumb_norm

@@ -47,7 +47,7 @@ def test_runtime_matches_pytorch_on_real_demo_images(trained, bundle_dir, test_s
         span = ref_map.max() - ref_map.min()
         assert np.abs(result.anomaly_map - ref_map).max() <= TOLERANCE * span
         assert abs(result.score - ref_score) <= TOLERANCE * span
-    assert inspector.providers_in_use == ["CPUExecutionProvider"]
+    assert inspector.providers_in_use == (["OpenVINO:CPU"] if inspector.sessions.backend == "openvino" else ["CPUExecutionProvider"])
 
 
 def test_onnx_head_agrees_with_faiss(bundle_dir, test_samples):

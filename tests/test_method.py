@@ -9,10 +9,11 @@ import pytest
 
 from hiad_export.writer import write_bundle
 from hiad_runtime.inspector import Inspector
+from hiad_runtime.postprocess import Normalization
 from hiad_train import tasks as generators
 from hiad_train.synthesis import ColorShift, CutPaste, ImageBlending, RandomBox
 from hiad_train.trainer import HRTrainer
-from hiad_train.validation import CheckpointSelector
+from hiad_train.validation import CheckpointSelector, min_max_normalization
 
 from conftest import tiny_config
 
@@ -51,6 +52,7 @@ def test_validation_normalizes_to_unit_range_and_thresholds_decide(clustered_mod
     assert v["patches"] == 4 and 0 < v["anomalous"] < 4  # 1 held-out image x 4 tiles, p = 0.5
     assert set(v) >= {"image_auroc", "pixel_auroc", "aupro"}
     assert len(clustered_model.task_normalization) == len(clustered_model.tasks) == 2
+    assert len(set(clustered_model.task_normalization.values())) == 1  # global by default: one scale for all tasks
     t = clustered_model.thresholds
     assert t["image"] is not None and t["pixel"] is not None  # by false-alarm rate: may lie above 1
     assert t["rules"]["image"]["rule"] == "false_alarm_rate" and t["rules"]["image"]["images"] == 1
@@ -130,3 +132,14 @@ def test_checkpoint_selector_prefers_auroc_then_mean_and_stops_early():
     assert not sel.should_stop
     assert not sel.update(3, {"image_auroc": 0.7, "pixel_auroc": 0.9})
     assert sel.should_stop and sel.best_epoch == 1
+
+
+def test_normalization_global_keeps_the_tasks_relative_scale_per_task_does_not():
+    records = [("a", 0, np.array([1.0, 3.0]), None), ("b", 1, np.array([10.0, 30.0]), None)]
+    norms, _ = min_max_normalization(records, [], ["a", "b", "unreached"])
+    assert norms["a"] == norms["b"] == norms["unreached"] == Normalization(1.0, 30.0)
+    assert norms["a"](np.array([3.0])) < norms["b"](np.array([10.0]))  # a's worst stays below b's best, as raw
+    per_task, _ = min_max_normalization(records, [], ["a", "b", "unreached"], "per_task")
+    assert per_task["a"] == Normalization(1.0, 3.0) and per_task["b"] == Normalization(10.0, 30.0)
+    assert per_task["unreached"] == Normalization(1.0, 30.0)
+    assert per_task["a"](np.array([3.0])) > per_task["b"](np.array([10.0]))  # per task: the order flips
