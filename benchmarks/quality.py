@@ -53,6 +53,7 @@ VAL = {"anomaly_syn_fn": {"name": "image_blending", "p": 0.5}, "val_sample_ratio
 # name -> (config file, overrides); every one validates, so every one has thresholds
 CONFIGS = {
     "default-128d": ("demo.yaml", {"val_config": VAL}),
+    "per-task": ("demo.yaml", {"val_config": {**VAL, "normalization": "per_task"}}),  # HiAD's normalization
     "1024d": ("demo.yaml", {"val_config": VAL, "patch": {"target_embed_dimension": 1024}}),
     "hiad_full": ("hiad_full.yaml", {}),
     # one PatchCore setting changed at a time (the defaults' sweep)
