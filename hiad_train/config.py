@@ -115,8 +115,8 @@ class ValConfig(Strict):
     evaluators: list[Literal["image_auroc", "pixel_metrics", "aupro"]] = ["image_auroc", "pixel_metrics"]
     threshold: ThresholdConfig = ThresholdConfig()
     # global: one min-max over every task's validation scores, so tasks keep their relative scale (the
-    # default: per-task min-max from a few held-out tiles cost 0.08-0.42 image AUROC on every set of
-    # docs/quality.md); per_task: HiAD's, each task's own min-max (detectors whose scales differ by task)
+    # default: per-task min-max from a few held-out tiles cost 0.08-0.42 image AUROC on 6 of the 7 sets
+    # of docs/quality.md); per_task: HiAD's, each task's own min-max (detectors whose scales differ by task)
     normalization: Literal["global", "per_task"] = "global"
 
 
