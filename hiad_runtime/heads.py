@@ -55,6 +55,11 @@ def flat_vectors(index: "faiss.IndexFlat") -> np.ndarray:
 class FaissKnnHead:
     """k-NN via a faiss index, distances recomputed exactly for the neighbours it returns."""
 
+    @staticmethod
+    def files(spec: HeadSpec) -> list[str]:
+        """What loading reads: the index, and the bank unless a Flat index holds it already."""
+        return [spec.files["index"]] + ([] if spec.params.get("index_factory") == "Flat" else [spec.files["bank"]])
+
     def __init__(self, root: Path, spec: HeadSpec, sessions: SessionFactory):
         index_path, bank_path = root / spec.files["index"], root / spec.files["bank"]
         try:
@@ -78,7 +83,7 @@ class FaissKnnHead:
         return exact_knn_distance(queries, self.bank, idx).reshape(b, h, w).astype(np.float32)
 
 
-NATIVE: dict[str, Callable[[Path, HeadSpec, SessionFactory], Head]] = {"knn": FaissKnnHead}
+NATIVE: dict[str, type[FaissKnnHead]] = {"knn": FaissKnnHead}  # kind -> its fast path: (root, spec, sessions) -> Head, .files(spec)
 
 
 def has_native_path(spec: HeadSpec) -> bool:
@@ -99,7 +104,7 @@ def load_head(root: Path, spec: HeadSpec, sessions: SessionFactory, path: str = 
 
 def head_files(spec: HeadSpec, path: str = "native") -> list[str]:
     """The bundle files `load_head(..., spec, ..., path)` may read."""
-    return list(spec.files.values()) if native(spec, path) else [spec.graph.file]
+    return NATIVE[spec.kind].files(spec) if native(spec, path) else [spec.graph.file]
 
 
 class HeadCache:
@@ -112,8 +117,6 @@ class HeadCache:
     """
 
     def __init__(self, load: Callable[[str], Head], sizes: Mapping[str, int], budget: int):
-        if budget <= 0:
-            raise ValueError(f"head memory budget must be > 0 bytes, got {budget}")
         self.load, self.sizes, self.budget = load, dict(sizes), budget
         self.heads: OrderedDict[str, Head] = OrderedDict()
         self.loads = 0  # heads read from the bundle so far
