@@ -9,6 +9,7 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -182,7 +183,7 @@ def calibrate_cmd(
     out: Path = typer.Option(None, "--out", help="where the calibrated copy is published (default: SOURCE, as its new version)"),
     rate: float = typer.Option(0.01, "--rate", min=1e-6, max=0.5, help="target false-alarm rate on normal images"),
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the synthetic anomalies and the bootstrap"),
-    normalization: Normalizing = typer.Option(Normalizing.global_, "--normalization", help="global: one min-max for every task (keeps their relative scale); per_task: HiAD's"),
+    normalization: Optional[Normalizing] = typer.Option(None, "--normalization", help="global: one min-max for every task (keeps their relative scale); per_task: HiAD's (default: a checkpoint's own val_config, else global)"),
 ) -> None:
     """Recompute thresholds (by false-alarm rate) and normalization from new images, without retraining."""
     from hiad_runtime.bundle import MANIFEST, BundleError
@@ -215,7 +216,8 @@ def calibrate_cmd(
         if not images["normal"]:
             _fail(f"{normal}: no images found")
         synthesizer = make_synthesizer(val.anomaly_syn_fn if val is not None else SynthesizerConfig())
-        cal = calibration.calibrate(scorer, images["normal"], images["defective"], synthesizer, rate, seed, normalization.value)
+        mode = normalization.value if normalization else (val.normalization if val is not None else "global")
+        cal = calibration.calibrate(scorer, images["normal"], images["defective"], synthesizer, rate, seed, mode)
         target = out or source
         write(source.resolve(), target, cal)
     except (BundleError, ImageError, OSError, ValueError) as e:
