@@ -1,17 +1,22 @@
 """The C library and hiad-infer (c/) on real bundles: equal to the Python runtime, refusals named,
-AddressSanitizer clean, no memory growth. The C code is built here; a failed build fails loudly."""
+the Python runtime's input and bundle guards, AddressSanitizer clean, no memory growth. The C code is
+built here; a failed build fails loudly."""
 
+import io
 import json
 import shutil
+import struct
 import subprocess
+import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import onnxruntime
 import pytest
+from PIL import Image
 
-from hiad_runtime.inspector import Inspector
+from hiad_runtime.inspector import MAX_PIXELS_FACTOR, Inspector
 
 C_DIR = Path(__file__).resolve().parents[1] / "c"
 BUILD = C_DIR / "build"
@@ -36,12 +41,14 @@ def ort_library():
     return found[0]
 
 
-def infer(c_build, ort_library, bundle, images, *extra):
-    done = subprocess.run(
-        [str(c_build / "hiad-infer"), str(bundle), *map(str, images), "--ort", str(ort_library), *extra],
-        capture_output=True, text=True,
-    )
+def run(binary, bundle, images, *extra, env=None):
+    command = [str(binary), str(bundle), *map(str, images), *map(str, extra)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     return done.returncode, [json.loads(line) for line in done.stdout.splitlines()], done.stderr
+
+
+def infer(c_build, ort_library, bundle, images, *extra):
+    return run(c_build / "hiad-infer", bundle, images, "--ort", ort_library, *extra)
 
 
 @pytest.mark.parametrize("which", ["bundle_dir", "clustered_bundle"])
@@ -53,7 +60,7 @@ def test_c_maps_and_scores_equal_the_python_runtime(which, request, c_build, ort
     python = Inspector.load(bundle)
     for path, line in zip(paths, lines, strict=True):
         r = python.predict(path)
-        c_map = np.load(tmp_path / f"{Path(path).stem}.npy", allow_pickle=False)
+        c_map = np.load(tmp_path / line["map"], allow_pickle=False)
         span = max(float(r.anomaly_map.max() - r.anomaly_map.min()), 1e-6)
         assert line["input"] == str(path) and line["latency_ms"] > 0
         assert c_map.dtype == np.float32 and np.abs(c_map - r.anomaly_map).max() <= EXACT * span
@@ -140,3 +147,98 @@ def test_the_documented_example_compiles_as_written_and_runs(bundle_dir, c_build
     done = subprocess.run([str(tmp_path / "example"), str(bundle_dir)], capture_output=True, text=True,
                           env={"HIAD_ORT_LIBRARY": str(ort_library)})
     assert done.returncode == 0 and done.stdout.startswith("score "), done.stderr
+
+
+# ---- the Python runtime's guards, in the C tool: a bad input is refused on its line, the batch goes on ----
+
+
+def _declaring(fmt, width, height):
+    """A real tiny image (Pillow) whose header is patched to declare width x height; a PNG's IHDR CRC stays valid."""
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 60, 30)).save(out, fmt)
+    data = bytearray(out.getvalue())
+    if fmt == "PNG":
+        at = data.index(b"IHDR")
+        data[at + 4 : at + 12] = struct.pack(">II", width, height)
+        data[at + 17 : at + 21] = struct.pack(">I", zlib.crc32(data[at : at + 17]))
+    else:
+        at = data.index(b"\xff\xc0")  # SOF0: length, precision, height, width
+        data[at + 5 : at + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_declared_size_over_the_pixel_budget_is_refused_before_decoding(
+    fmt, bundle_dir, c_build, ort_library, test_samples, tmp_path
+):
+    # 12000 x 9000 (108 Mpx) is far over the budget; before the budget a JPEG like it was decoded into 324 MB
+    # (30000^2: 2.6 GB), so the test keeps it small enough not to hurt if the guard ever goes.
+    huge = tmp_path / f"huge.{fmt.lower()}"
+    huge.write_bytes(_declaring(fmt, 12000, 9000))
+    good = test_samples[0].image_path
+    budget = MAX_PIXELS_FACTOR * 256 * 256
+    rc, lines, err = infer(c_build, ort_library, bundle_dir, [huge, good])
+    assert rc == 1
+    assert lines[0]["error"] == f"{huge}: declares 12000x9000 = 108000000 pixels, above the limit of {budget}"
+    assert f"error: {huge}: declares" in err and "score" in lines[1]
+
+    # --max-pixels moves the limit: 512 x 512 is 4x the bundle's area (decoded, then refused for its size),
+    # 513 x 512 is over it, and allowed with a larger budget
+    paths = [tmp_path / "512.png", tmp_path / "513.png"]
+    cv2.imwrite(str(paths[0]), np.zeros((512, 512, 3), np.uint8))
+    cv2.imwrite(str(paths[1]), np.zeros((512, 513, 3), np.uint8))
+    _, lines, _ = infer(c_build, ort_library, bundle_dir, paths)
+    assert "image is 512x512, the bundle expects 256x256" in lines[0]["error"]
+    assert lines[1]["error"] == f"{paths[1]}: declares 513x512 = 262656 pixels, above the limit of {budget}"
+    _, lines, _ = infer(c_build, ort_library, bundle_dir, [paths[1], good], "--max-pixels", 300_000)
+    assert "image is 513x512, the bundle expects 256x256" in lines[0]["error"] and "score" in lines[1]
+    _, lines, _ = infer(c_build, ort_library, bundle_dir, [good], "--max-pixels", 65535)
+    assert lines[0]["error"] == f"{good}: declares 256x256 = 65536 pixels, above the limit of 65535"
+    rc, _, err = infer(c_build, ort_library, bundle_dir, [good], "--max-pixels", 0)
+    assert rc == 2 and "--max-pixels takes a whole number >= 1" in err
+
+
+def test_truncated_pngs_and_jpegs_are_errors(bundle_dir, c_build, ort_library, test_samples, tmp_path):
+    """libjpeg only warns at a premature end (and fills the rest with gray); libpng stops at a cut in the
+    pixel data (8- and 16-bit alike) but not at one after it unless the file is read to IEND."""
+    good = test_samples[0].image_path
+    rgb = cv2.cvtColor(cv2.imread(str(good)), cv2.COLOR_BGR2RGB)
+    encoded = {
+        "jpg": cv2.imencode(".jpg", rgb)[1].tobytes(),
+        "8.png": cv2.imencode(".png", rgb)[1].tobytes(),
+        "16.png": cv2.imencode(".png", rgb.astype(np.uint16) * 257)[1].tobytes(),
+    }
+    cut = []
+    for name, data in encoded.items():
+        for keep in (len(data) // 2, len(data) - 2, len(data) - 6):  # mid-data; JPEG EOI / PNG IEND CRC; PNG IEND
+            cut.append(tmp_path / f"{keep}.{name}")
+            cut[-1].write_bytes(data[:keep])
+    rc, lines, err = infer(c_build, ort_library, bundle_dir, [*cut, good])
+    assert rc == 1 and len(lines) == len(cut) + 1 and "score" in lines[-1]
+    for path, line in zip(cut, lines):
+        why = ("corrupt JPEG: Premature end of JPEG file" if path.suffix == ".jpg"
+               else "truncated PNG: the file ends before the image does")
+        assert line == {"input": str(path), "error": f"{path}: not a readable image ({why})"}
+        assert f"error: {path}: not a readable image" in err
+    # the error paths (longjmp out of libpng and libjpeg) free everything
+    rc, _, err = run(c_build / "asan" / "hiad-infer", bundle_dir, [*cut, good], "--ort", ort_library)
+    assert rc == 1 and "Sanitizer" not in err, err[-3000:]
+
+
+def test_maps_of_inputs_sharing_a_name_are_kept_apart(bundle_dir, c_build, ort_library, test_samples, tmp_path):
+    inputs = [tmp_path / "in" / "a" / "m.png", tmp_path / "in" / "b" / "m.png", tmp_path / "in" / "b" / "m.jpg"]
+    for path, sample in zip(inputs, test_samples):  # three different images
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), cv2.imread(str(sample.image_path)))
+    out = tmp_path / "maps"
+    out.mkdir()
+    rc, lines, err = infer(c_build, ort_library, bundle_dir, inputs, "--map-dir", out)
+    assert rc == 0, err
+    assert [line["map"] for line in lines] == ["a/m.png.npy", "b/m.png.npy", "b/m.jpg.npy"]  # the Python CLI's keys
+    python = Inspector.load(bundle_dir)
+    for path, line in zip(inputs, lines):
+        assert np.abs(np.load(out / line["map"], allow_pickle=False) - python.predict(path).anomaly_map).max() < 1e-3
+
+    rc, _, err = infer(c_build, ort_library, bundle_dir, inputs[:1], "--map-dir", inputs[0])  # a file, not a folder
+    assert rc == 2 and f"error: {inputs[0]}: cannot write maps there" in err
+

@@ -29,8 +29,10 @@ int main(int argc, char **argv) {
         fprintf(stderr, "error: %s\n", error);
         return 2;
     }
+    int width, height;
+    hiad_input_size(h, &width, &height);
     rgb_image image;
-    if (load_rgb(argv[2], &image, error, sizeof error)) {
+    if (load_rgb(argv[2], HIAD_MAX_PIXELS_FACTOR * (uint64_t)width * (uint64_t)height, &image, error, sizeof error)) {
         fprintf(stderr, "error: %s\n", error);
         hiad_close(h);
         return 2;
