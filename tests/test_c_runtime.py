@@ -242,3 +242,35 @@ def test_maps_of_inputs_sharing_a_name_are_kept_apart(bundle_dir, c_build, ort_l
     rc, _, err = infer(c_build, ort_library, bundle_dir, inputs[:1], "--map-dir", inputs[0])  # a file, not a folder
     assert rc == 2 and f"error: {inputs[0]}: cannot write maps there" in err
 
+
+def _escaping(bundle, tmp_path, how):
+    """A copy of `bundle` whose manifest reaches outside it; returns (copy, what the refusal names)."""
+    b = _copy(bundle, tmp_path)
+    outside = tmp_path / "outside.onnx"
+    shutil.copy(b / "pipeline.onnx", outside)  # the very graph: only its place is wrong
+    manifest = json.loads((b / "manifest.json").read_text())
+    if how == "symlinked graph":
+        (b / "pipeline.onnx").unlink()
+        (b / "pipeline.onnx").symlink_to(outside)
+        return b, "manifest path 'pipeline.onnx' leads outside the bundle (through a symlink); refused"
+    if how == "symlinked folder":  # a file the C library does not even read
+        shutil.move(b / "tasks", tmp_path / "tasks")
+        (b / "tasks").symlink_to(tmp_path / "tasks")
+        name = next(n for n in manifest["files"] if n.startswith("tasks/"))
+        return b, f"manifest path '{name}' leads outside the bundle (through a symlink); refused"
+    name = "../outside.onnx" if how == "dot-dot graph" else str(outside)
+    manifest["files"][name] = {**manifest["files"]["pipeline.onnx"], "bytes": 1}  # its size would be disclosed
+    manifest["pipeline"]["graph"]["file"] = name
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    return b, f"manifest path '{name}' is absolute or contains '..'; refused (files must be inside the bundle)"
+
+
+@pytest.mark.parametrize("how", ["symlinked graph", "symlinked folder", "dot-dot graph", "absolute graph"])
+def test_manifest_paths_outside_the_bundle_are_refused_before_they_are_opened(
+    how, bundle_dir, c_build, ort_library, test_samples, tmp_path
+):
+    b, refusal = _escaping(bundle_dir, tmp_path, how)
+    rc, lines, err = infer(c_build, ort_library, b, [test_samples[0].image_path])
+    assert rc == 2 and lines == [] and f"error: {b.resolve()}: {refusal}" in err
+    assert str((tmp_path / "outside.onnx").stat().st_size) not in err
+

@@ -1,10 +1,12 @@
 /* hiad: run a hiad-deploy bundle's whole-image pipeline graph (pipeline.onnx) from C.
  *
- * One handle per bundle, no global state. hiad_open verifies the graph's sha256 and byte size
- * against manifest.json and the schema version, then loads ONNX Runtime's shared library with
- * dlopen (the C API version is checked at run time). hiad_predict may be called from several
- * threads at once on one handle (ONNX Runtime sessions are thread-safe and every buffer is per call);
- * hiad_last_error copies the most recent failure of any of them.
+ * One handle per bundle, no global state. hiad_open resolves the bundle folder once, refuses any path
+ * manifest.json lists that is absolute, has a `..` part or leads outside the bundle through a symlink
+ * (before opening or measuring it), verifies the graph's byte size and sha256 against the manifest and
+ * the schema version, then loads ONNX Runtime's shared library with dlopen (the C API version is
+ * checked at run time). hiad_predict may be called from several threads at once on one handle (ONNX
+ * Runtime sessions are thread-safe and every buffer is per call); hiad_last_error copies the most
+ * recent failure of any of them.
  */
 #ifndef HIAD_H
 #define HIAD_H
