@@ -2,11 +2,14 @@
 the Python runtime's input and bundle guards, AddressSanitizer clean, no memory growth. The C code is
 built here; a failed build fails loudly."""
 
+import ctypes.util
 import io
 import json
+import re
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -20,17 +23,20 @@ from hiad_runtime.inspector import MAX_PIXELS_FACTOR, Inspector
 
 C_DIR = Path(__file__).resolve().parents[1] / "c"
 BUILD = C_DIR / "build"
+NO_ORT = BUILD / "no-ort"  # built without a library baked in: only the sonames are tried
 EXACT = 1e-5  # max |C - Python| relative to the Python map's range
+BARE_ENV = {"PATH": "/usr/bin:/bin"}  # no HIAD_ORT_LIBRARY, no LD_LIBRARY_PATH
 
 
 @pytest.fixture(scope="session")
 def c_build():
     if shutil.which("cc") is None or shutil.which("make") is None:
         pytest.skip("no C compiler or make on this machine")
-    for target in ("all", "asan"):
-        done = subprocess.run(["make", "-C", str(C_DIR), target], capture_output=True, text=True)
+    python = f"PYTHON={sys.executable}"  # make bakes in the ONNX Runtime of this interpreter's onnxruntime
+    for args in (["all", python], ["asan", python], [f"BUILD={NO_ORT}", "ORT_LIBRARY=", f"{NO_ORT}/hiad-infer"]):
+        done = subprocess.run(["make", "-C", str(C_DIR), *args], capture_output=True, text=True)
         if done.returncode:
-            pytest.fail(f"`make -C c {target}` failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            pytest.fail(f"`make -C c {' '.join(args)}` failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return BUILD
 
 
@@ -274,3 +280,44 @@ def test_manifest_paths_outside_the_bundle_are_refused_before_they_are_opened(
     assert rc == 2 and lines == [] and f"error: {b.resolve()}: {refusal}" in err
     assert str((tmp_path / "outside.onnx").stat().st_size) not in err
 
+
+# ---- finding ONNX Runtime without --ort or $HIAD_ORT_LIBRARY ----
+
+
+def _loaded(stderr):
+    """The ONNX Runtime file hiad-infer reports it loaded."""
+    found = re.search(r"hiad-infer: onnxruntime \S+ \((.+)\), C API \d+", stderr)
+    assert found, stderr
+    return Path(found.group(1))
+
+
+def test_hiad_infer_finds_the_onnx_runtime_make_found(bundle_dir, c_build, ort_library, test_samples):
+    rc, lines, err = run(c_build / "hiad-infer", bundle_dir, [test_samples[0].image_path], env=BARE_ENV)
+    assert rc == 0 and "score" in lines[0], err
+    assert _loaded(err).resolve() == ort_library.resolve()
+
+
+def test_hiad_infer_tries_the_sonames_first(bundle_dir, c_build, ort_library, test_samples, tmp_path):
+    (tmp_path / "libonnxruntime.so.1").symlink_to(ort_library)
+    env = {**BARE_ENV, "LD_LIBRARY_PATH": str(tmp_path)}
+    for binary in (NO_ORT / "hiad-infer", c_build / "hiad-infer"):
+        rc, lines, err = run(binary, bundle_dir, [test_samples[0].image_path], env=env)
+        assert rc == 0 and "score" in lines[0], err
+        assert _loaded(err) == tmp_path / "libonnxruntime.so.1"
+
+
+def test_hiad_infer_names_every_attempt_when_nothing_loads(bundle_dir, c_build, test_samples, tmp_path):
+    if ctypes.util.find_library("onnxruntime"):
+        pytest.skip("this machine has a system ONNX Runtime: the sonames always load")
+    rc, lines, err = run(NO_ORT / "hiad-infer", bundle_dir, [test_samples[0].image_path], env=BARE_ENV)
+    assert rc == 2 and lines == []
+    missing = "cannot open shared object file: No such file or directory"
+    assert (f"error: cannot load ONNX Runtime; tried libonnxruntime.so.1 (versioned soname): {missing}; "
+            f"libonnxruntime.so (unversioned soname): {missing}; make found none at build time; "
+            "name the library with $HIAD_ORT_LIBRARY") in err
+
+    # a library the caller names is the only one tried: another ONNX Runtime would hide the mistake
+    nowhere = tmp_path / "libonnxruntime.so.1"
+    env = {**BARE_ENV, "HIAD_ORT_LIBRARY": str(nowhere)}
+    rc, _, err = run(c_build / "hiad-infer", bundle_dir, [test_samples[0].image_path], env=env)
+    assert rc == 2 and f"tried {nowhere} ($HIAD_ORT_LIBRARY): {missing}" in err and "soname" not in err

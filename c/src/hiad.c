@@ -5,6 +5,7 @@
  * carries what a caller needs at run time (image size, thresholds, schema version, bundle identity),
  * so the manifest is only read for the checksum, the schema and its paths (each confined to the bundle).
  */
+#define _GNU_SOURCE /* dladdr: which file the loader found */
 #include "hiad.h"
 
 #include <dlfcn.h>
@@ -24,6 +25,11 @@
 /* The oldest C API that has every function used here (AddSessionConfigEntry came with 1.7). */
 #define HIAD_MIN_ORT_API 7
 
+/* The ONNX Runtime library `make` found when it built this file (c/Makefile), tried last. */
+#ifndef HIAD_ORT_BUILT
+#define HIAD_ORT_BUILT ""
+#endif
+
 struct hiad {
     void *library;
     const OrtApi *api;
@@ -32,7 +38,7 @@ struct hiad {
     OrtMemoryInfo *memory;
     int width, height;
     float image_threshold, pixel_threshold;
-    char info[128];
+    char info[PATH_MAX + 64];
     pthread_mutex_t lock; /* guards `error` */
     char error[2048];
 };
@@ -212,30 +218,62 @@ static unsigned char *read_verified(hiad_t *h, const char *path, const pipeline_
     return NULL;
 }
 
+/* dlopen `name` as ONNX Runtime: its OrtGetApiBase (h->library set), or NULL with the reason appended
+ * to `tried` ("NAME (SOURCE): WHY"). */
+static void *open_runtime(hiad_t *h, const char *name, const char *source, char *tried, size_t size) {
+    void *library = dlopen(name, RTLD_NOW | RTLD_LOCAL), *symbol = NULL;
+    const char *why = library ? NULL : dlerror();
+    if (library && (symbol = dlsym(library, "OrtGetApiBase")) == NULL) why = "not ONNX Runtime (no OrtGetApiBase)";
+    if (why) {
+        size_t n = strlen(name), used = strlen(tried);
+        if (strncmp(why, name, n) == 0 && strncmp(why + n, ": ", 2) == 0) why += n + 2; /* dlerror names it first */
+        snprintf(tried + used, size - used, "%s%s (%s): %s", used ? "; " : "", name, source, why);
+        if (library) dlclose(library);
+        return NULL;
+    }
+    h->library = library;
+    return symbol;
+}
+
+/* Load ONNX Runtime: the library the caller names (options, else $HIAD_ORT_LIBRARY), and only it; else
+ * the first of the sonames on the loader's path and the library `make` found at build time. */
 static int load_runtime(hiad_t *h, const char *library) {
-    if (library == NULL) library = getenv("HIAD_ORT_LIBRARY");
-    if (library == NULL) library = "libonnxruntime.so";
-    h->library = dlopen(library, RTLD_NOW | RTLD_LOCAL);
-    if (h->library == NULL) {
-        set_error(h, "cannot load ONNX Runtime (%s)", dlerror());
+    const char *source = "hiad_options.ort_library";
+    if (library == NULL || !*library) {
+        library = getenv("HIAD_ORT_LIBRARY");
+        source = "$HIAD_ORT_LIBRARY";
+    }
+    const char *names[] = {"libonnxruntime.so.1", "libonnxruntime.so", HIAD_ORT_BUILT};
+    const char *sources[] = {"versioned soname", "unversioned soname", "found by make at build time"};
+    char tried[1536] = "";
+    void *symbol = NULL;
+    if (library != NULL && *library) {
+        symbol = open_runtime(h, library, source, tried, sizeof tried);
+    } else {
+        for (size_t i = 0; i < 3 && symbol == NULL; i++)
+            if (*names[i]) symbol = open_runtime(h, names[i], sources[i], tried, sizeof tried);
+        if (symbol == NULL && !*HIAD_ORT_BUILT) /* say why there was no third attempt */
+            snprintf(tried + strlen(tried), sizeof tried - strlen(tried), "; make found none at build time");
+    }
+    if (symbol == NULL) {
+        set_error(h, "cannot load ONNX Runtime; tried %s; name the library with $HIAD_ORT_LIBRARY or "
+                     "hiad_options.ort_library (hiad-infer --ort)", tried);
         return -1;
     }
     const OrtApiBase *(*get_base)(void) = NULL;
-    *(void **)&get_base = dlsym(h->library, "OrtGetApiBase");
-    if (get_base == NULL) {
-        set_error(h, "%s: not ONNX Runtime (no OrtGetApiBase)", library);
-        return -1;
-    }
+    *(void **)&get_base = symbol;
     const OrtApiBase *base = get_base();
+    Dl_info where;
+    const char *file = dladdr(symbol, &where) && where.dli_fname ? where.dli_fname : "?";
     /* The headers' API version if the library offers it, else the newest older one it does. */
     uint32_t version = ORT_API_VERSION;
     while ((h->api = base->GetApi(version)) == NULL && version > HIAD_MIN_ORT_API) version--;
     if (h->api == NULL) {
-        set_error(h, "%s: ONNX Runtime %s offers none of C API versions %d..%d", library, base->GetVersionString(),
+        set_error(h, "%s: ONNX Runtime %s offers none of C API versions %d..%d", file, base->GetVersionString(),
                   HIAD_MIN_ORT_API, ORT_API_VERSION);
         return -1;
     }
-    snprintf(h->info, sizeof h->info, "onnxruntime %s, C API %u", base->GetVersionString(), version);
+    snprintf(h->info, sizeof h->info, "onnxruntime %s (%s), C API %u", base->GetVersionString(), file, version);
     return 0;
 }
 
