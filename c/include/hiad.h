@@ -1,10 +1,12 @@
 /* hiad: run a hiad-deploy bundle's whole-image pipeline graph (pipeline.onnx) from C.
  *
- * One handle per bundle, no global state. hiad_open verifies the graph's sha256 and byte size
- * against manifest.json and the schema version, then loads ONNX Runtime's shared library with
- * dlopen (the C API version is checked at run time). hiad_predict may be called from several
- * threads at once on one handle (ONNX Runtime sessions are thread-safe and every buffer is per call);
- * hiad_last_error copies the most recent failure of any of them.
+ * One handle per bundle, no global state. hiad_open resolves the bundle folder once, refuses any path
+ * manifest.json lists that is absolute, has a `..` part or leads outside the bundle through a symlink
+ * (before opening or measuring it), verifies the graph's byte size and sha256 against the manifest and
+ * the schema version, then loads ONNX Runtime's shared library with dlopen (the C API version is
+ * checked at run time). hiad_predict may be called from several threads at once on one handle (ONNX
+ * Runtime sessions are thread-safe and every buffer is per call); hiad_last_error copies the most
+ * recent failure of any of them.
  */
 #ifndef HIAD_H
 #define HIAD_H
@@ -22,7 +24,10 @@ extern "C" {
 typedef struct hiad hiad_t;
 
 typedef struct {
-    const char *ort_library; /* path of libonnxruntime.so; NULL: $HIAD_ORT_LIBRARY, else "libonnxruntime.so" */
+    /* libonnxruntime.so to load, and only it; NULL: $HIAD_ORT_LIBRARY, and when neither names one, the first
+     * that loads of libonnxruntime.so.1, libonnxruntime.so (the loader's search path) and the library
+     * `make` found at build time. The error lists every attempt. */
+    const char *ort_library;
     int threads;             /* ONNX Runtime intra-op threads; 0: one per core */
 } hiad_options;
 
@@ -48,7 +53,7 @@ int hiad_predict(hiad_t *h, const uint8_t *rgb, int width, int height, size_t st
 /* Copy the last failure's message into `buffer` (always NUL-terminated); returns its length. */
 size_t hiad_last_error(hiad_t *h, char *buffer, size_t size);
 
-/* "onnxruntime <version>, C API <n>": the library loaded and the API version in use. */
+/* "onnxruntime <version> (<file>), C API <n>": the library loaded, its file and the API version in use. */
 const char *hiad_runtime_info(const hiad_t *h);
 
 void hiad_close(hiad_t *h);

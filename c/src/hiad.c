@@ -3,13 +3,15 @@
  * The graph file is read once, checked against the manifest's sha256 and byte count, and the session
  * is created from those verified bytes (no second read that could differ). The graph's metadata
  * carries what a caller needs at run time (image size, thresholds, schema version, bundle identity),
- * so the manifest is only read for the checksum and the schema.
+ * so the manifest is only read for the checksum, the schema and its paths (each confined to the bundle).
  */
+#define _GNU_SOURCE /* dladdr: which file the loader found */
 #include "hiad.h"
 
 #include <dlfcn.h>
 #include <errno.h>
 #include <jansson.h>
+#include <limits.h>
 #include <math.h>
 #include <onnxruntime_c_api.h>
 #include <openssl/evp.h>
@@ -18,9 +20,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 /* The oldest C API that has every function used here (AddSessionConfigEntry came with 1.7). */
 #define HIAD_MIN_ORT_API 7
+
+/* The ONNX Runtime library `make` found when it built this file (c/Makefile), tried last. */
+#ifndef HIAD_ORT_BUILT
+#define HIAD_ORT_BUILT ""
+#endif
 
 struct hiad {
     void *library;
@@ -30,9 +38,9 @@ struct hiad {
     OrtMemoryInfo *memory;
     int width, height;
     float image_threshold, pixel_threshold;
-    char info[128];
+    char info[PATH_MAX + 64];
     pthread_mutex_t lock; /* guards `error` */
-    char error[1024];
+    char error[2048];
 };
 
 static void set_error(hiad_t *h, const char *fmt, ...) {
@@ -54,21 +62,6 @@ static int ort_failed(hiad_t *h, OrtStatus *status, const char *what) {
     return -1;
 }
 
-static unsigned char *read_file(const char *path, long *size) {
-    FILE *f = fopen(path, "rb");
-    if (f == NULL) return NULL;
-    unsigned char *data = NULL;
-    if (fseek(f, 0, SEEK_END) == 0 && (*size = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0) {
-        data = malloc(*size > 0 ? (size_t)*size : 1);
-        if (data != NULL && fread(data, 1, (size_t)*size, f) != (size_t)*size) {
-            free(data);
-            data = NULL;
-        }
-    }
-    fclose(f);
-    return data;
-}
-
 static void sha256_hex(const unsigned char *data, size_t size, char out[65]) {
     unsigned char digest[EVP_MAX_MD_SIZE];
     unsigned int length = 0;
@@ -84,16 +77,72 @@ typedef struct {
     char bundle_id[65];
 } pipeline_entry;
 
-/* Read and check manifest.json: schema, schema_version, the pipeline entry and its checksum. */
-static int read_manifest(hiad_t *h, const char *dir, pipeline_entry *entry) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/manifest.json", dir);
+/* Whether the real path `path` is `root` or lies below it. */
+static int inside(const char *path, const char *root) {
+    size_t n = strlen(root);
+    return strncmp(path, root, n) == 0 && (path[n] == '\0' || path[n] == '/' || strcmp(root, "/") == 0);
+}
+
+/* Whether one of the '/'-separated parts of `name` is "..". */
+static int climbs(const char *name) {
+    for (const char *part = name; *part; part += strcspn(part, "/"), part += *part == '/')
+        if (strcspn(part, "/") == 2 && part[0] == '.' && part[1] == '.') return 1;
+    return 0;
+}
+
+/* `root/name` into `path`, refused (-1, error set) unless `name` is relative, has no `..` part and stays
+ * inside `root` (a real path) with symlinks followed: hiad_runtime/bundle.py's rule and messages. It is
+ * checked before the file is opened or measured, so a manifest cannot make the library read, or reveal
+ * the size of, anything outside its bundle. A missing file is judged by its deepest existing folder. */
+static int confined(hiad_t *h, const char *root, const char *name, char *path, size_t size) {
+    if (name[0] == '\0' || name[0] == '/' || climbs(name)) {
+        set_error(h, "%s: manifest path '%s' is absolute or contains '..'; refused (files must be inside the bundle)",
+                  root, name);
+        return -1;
+    }
+    char real[PATH_MAX], probe[PATH_MAX];
+    if ((size_t)snprintf(path, size, "%s/%s", root, name) >= size || strlen(path) >= sizeof probe) {
+        set_error(h, "%s: manifest path '%.200s...' is too long; refused", root, name);
+        return -1;
+    }
+    strcpy(probe, path);
+    while (realpath(probe, real) == NULL) {
+        char *slash = strrchr(probe, '/');
+        if ((errno != ENOENT && errno != ENOTDIR) || slash == NULL) {
+            set_error(h, "%s: manifest path '%s' cannot be resolved (%s); refused", root, name, strerror(errno));
+            return -1;
+        }
+        *slash = '\0';
+    }
+    if (!inside(real, root)) {
+        set_error(h, "%s: manifest path '%s' leads outside the bundle (through a symlink); refused", root, name);
+        return -1;
+    }
+    return 0;
+}
+
+/* Every path `files` lists, confined to `root` before any of them is opened (as the Python loader does). */
+static int confine_all(hiad_t *h, const char *root, json_t *files) {
+    const char *name;
+    json_t *info;
+    char path[PATH_MAX];
+    json_object_foreach(files, name, info) {
+        if (confined(h, root, name, path, sizeof path)) return -1;
+    }
+    return 0;
+}
+
+/* Read and check manifest.json in the real folder `root`: schema, schema_version, every listed path,
+ * the pipeline entry and its checksum. */
+static int read_manifest(hiad_t *h, const char *root, pipeline_entry *entry) {
+    char path[PATH_MAX];
+    if (confined(h, root, "manifest.json", path, sizeof path)) return -1;
     json_error_t jerr;
-    json_t *root = json_load_file(path, 0, &jerr);
-    if (root == NULL) {
+    json_t *root_json = json_load_file(path, 0, &jerr);
+    if (root_json == NULL) {
         FILE *f = fopen(path, "rb");
         if (f == NULL) {
-            set_error(h, "%s: not a bundle (no manifest.json)", dir);
+            set_error(h, "%s: not a bundle (no manifest.json)", root);
         } else {
             fclose(f);
             set_error(h, "%s: unreadable manifest (%s, line %d)", path, jerr.text, jerr.line);
@@ -101,23 +150,28 @@ static int read_manifest(hiad_t *h, const char *dir, pipeline_entry *entry) {
         return -1;
     }
     int rc = -1;
-    const char *schema = json_string_value(json_object_get(root, "schema"));
-    json_t *version = json_object_get(root, "schema_version");
-    json_t *pipeline = json_object_get(root, "pipeline");
+    const char *schema = json_string_value(json_object_get(root_json, "schema"));
+    json_t *version = json_object_get(root_json, "schema_version");
+    json_t *pipeline = json_object_get(root_json, "pipeline");
     const char *unsupported = json_string_value(json_object_get(pipeline, "unsupported"));
     const char *graph = json_string_value(json_object_get(json_object_get(pipeline, "graph"), "file"));
     const char *bundle_id = json_string_value(json_object_get(json_object_get(pipeline, "metadata"), "hiad.bundle_id"));
+    json_t *files = json_object_get(root_json, "files");
     if (schema == NULL || strcmp(schema, "hiad-bundle") != 0) {
         set_error(h, "%s: schema '%s' is not 'hiad-bundle'", path, schema ? schema : "(none)");
     } else if (!json_is_integer(version) || json_integer_value(version) != HIAD_SCHEMA_VERSION) {
         set_error(h, "%s: schema_version %lld is not supported (this library reads %d)", path,
                   json_is_integer(version) ? (long long)json_integer_value(version) : -1LL, HIAD_SCHEMA_VERSION);
+    } else if (!json_is_object(files)) {
+        set_error(h, "%s: malformed manifest: files is not an object", path);
+    } else if (confine_all(h, root, files)) {
+        rc = -1; /* confine_all named the entry */
     } else if (unsupported != NULL) {
-        set_error(h, "%s: no pipeline graph: %s", dir, unsupported);
+        set_error(h, "%s: no pipeline graph: %s", root, unsupported);
     } else if (graph == NULL || bundle_id == NULL) {
         set_error(h, "%s: the bundle has no pipeline graph (exported before it existed)", path);
     } else {
-        json_t *file = json_object_get(json_object_get(root, "files"), graph);
+        json_t *file = json_object_get(files, graph);
         const char *sha = json_string_value(json_object_get(file, "sha256"));
         json_t *bytes = json_object_get(file, "bytes");
         if (sha == NULL || strlen(sha) != 64 || !json_is_integer(bytes)) {
@@ -130,55 +184,96 @@ static int read_manifest(hiad_t *h, const char *dir, pipeline_entry *entry) {
             rc = 0;
         }
     }
-    json_decref(root);
+    json_decref(root_json);
     return rc;
 }
 
-/* The graph file's bytes, checked against the manifest; NULL (error set) when missing or altered. */
-static unsigned char *read_verified(hiad_t *h, const char *dir, const pipeline_entry *entry, long *size) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/%s", dir, entry->graph);
-    unsigned char *data = read_file(path, size);
-    if (data == NULL) {
-        set_error(h, "%s: missing from the bundle (%s)", path, strerror(errno));
+/* The graph file's bytes (`path`, already confined), checked against the manifest: its size before it is
+ * read, then its sha256; NULL (error set) when missing, not a regular file, or altered. */
+static unsigned char *read_verified(hiad_t *h, const char *path, const pipeline_entry *entry, long *size) {
+    FILE *f = fopen(path, "rb");
+    struct stat st;
+    if (f == NULL || fstat(fileno(f), &st) || !S_ISREG(st.st_mode)) {
+        set_error(h, "%s: missing from the bundle (%s)", path, f ? "not a regular file" : strerror(errno));
+        if (f) fclose(f);
         return NULL;
     }
+    *size = (long)st.st_size;
+    unsigned char *data = NULL;
     char hex[65];
-    if (*size != entry->bytes) {
+    if (st.st_size != entry->bytes) {
         set_error(h, "%s: truncated or altered (%ld bytes, manifest says %lld)", path, *size, entry->bytes);
+    } else if ((data = malloc(*size > 0 ? (size_t)*size : 1)) == NULL) {
+        set_error(h, "%s: out of memory (%ld bytes)", path, *size);
+    } else if (fread(data, 1, (size_t)*size, f) != (size_t)*size) {
+        set_error(h, "%s: cannot be read (%s)", path, strerror(errno));
     } else if (sha256_hex(data, (size_t)*size, hex), strcmp(hex, entry->sha256) != 0) {
         set_error(h, "%s: altered (sha256 does not match the manifest)", path);
     } else {
+        fclose(f);
         return data;
     }
+    fclose(f);
     free(data);
     return NULL;
 }
 
+/* dlopen `name` as ONNX Runtime: its OrtGetApiBase (h->library set), or NULL with the reason appended
+ * to `tried` ("NAME (SOURCE): WHY"). */
+static void *open_runtime(hiad_t *h, const char *name, const char *source, char *tried, size_t size) {
+    void *library = dlopen(name, RTLD_NOW | RTLD_LOCAL), *symbol = NULL;
+    const char *why = library ? NULL : dlerror();
+    if (library && (symbol = dlsym(library, "OrtGetApiBase")) == NULL) why = "not ONNX Runtime (no OrtGetApiBase)";
+    if (why) {
+        size_t n = strlen(name), used = strlen(tried);
+        if (strncmp(why, name, n) == 0 && strncmp(why + n, ": ", 2) == 0) why += n + 2; /* dlerror names it first */
+        snprintf(tried + used, size - used, "%s%s (%s): %s", used ? "; " : "", name, source, why);
+        if (library) dlclose(library);
+        return NULL;
+    }
+    h->library = library;
+    return symbol;
+}
+
+/* Load ONNX Runtime: the library the caller names (options, else $HIAD_ORT_LIBRARY), and only it; else
+ * the first of the sonames on the loader's path and the library `make` found at build time. */
 static int load_runtime(hiad_t *h, const char *library) {
-    if (library == NULL) library = getenv("HIAD_ORT_LIBRARY");
-    if (library == NULL) library = "libonnxruntime.so";
-    h->library = dlopen(library, RTLD_NOW | RTLD_LOCAL);
-    if (h->library == NULL) {
-        set_error(h, "cannot load ONNX Runtime (%s)", dlerror());
+    const char *source = "hiad_options.ort_library";
+    if (library == NULL || !*library) {
+        library = getenv("HIAD_ORT_LIBRARY");
+        source = "$HIAD_ORT_LIBRARY";
+    }
+    const char *names[] = {"libonnxruntime.so.1", "libonnxruntime.so", HIAD_ORT_BUILT};
+    const char *sources[] = {"versioned soname", "unversioned soname", "found by make at build time"};
+    char tried[1536] = "";
+    void *symbol = NULL;
+    if (library != NULL && *library) {
+        symbol = open_runtime(h, library, source, tried, sizeof tried);
+    } else {
+        for (size_t i = 0; i < 3 && symbol == NULL; i++)
+            if (*names[i]) symbol = open_runtime(h, names[i], sources[i], tried, sizeof tried);
+        if (symbol == NULL && !*HIAD_ORT_BUILT) /* say why there was no third attempt */
+            snprintf(tried + strlen(tried), sizeof tried - strlen(tried), "; make found none at build time");
+    }
+    if (symbol == NULL) {
+        set_error(h, "cannot load ONNX Runtime; tried %s; name the library with $HIAD_ORT_LIBRARY or "
+                     "hiad_options.ort_library (hiad-infer --ort)", tried);
         return -1;
     }
     const OrtApiBase *(*get_base)(void) = NULL;
-    *(void **)&get_base = dlsym(h->library, "OrtGetApiBase");
-    if (get_base == NULL) {
-        set_error(h, "%s: not ONNX Runtime (no OrtGetApiBase)", library);
-        return -1;
-    }
+    *(void **)&get_base = symbol;
     const OrtApiBase *base = get_base();
+    Dl_info where;
+    const char *file = dladdr(symbol, &where) && where.dli_fname ? where.dli_fname : "?";
     /* The headers' API version if the library offers it, else the newest older one it does. */
     uint32_t version = ORT_API_VERSION;
     while ((h->api = base->GetApi(version)) == NULL && version > HIAD_MIN_ORT_API) version--;
     if (h->api == NULL) {
-        set_error(h, "%s: ONNX Runtime %s offers none of C API versions %d..%d", library, base->GetVersionString(),
+        set_error(h, "%s: ONNX Runtime %s offers none of C API versions %d..%d", file, base->GetVersionString(),
                   HIAD_MIN_ORT_API, ORT_API_VERSION);
         return -1;
     }
-    snprintf(h->info, sizeof h->info, "onnxruntime %s, C API %u", base->GetVersionString(), version);
+    snprintf(h->info, sizeof h->info, "onnxruntime %s (%s), C API %u", base->GetVersionString(), file, version);
     return 0;
 }
 
@@ -258,11 +353,14 @@ hiad_t *hiad_open(const char *bundle_dir, const hiad_options *options, char *err
     pipeline_entry entry;
     long size = 0;
     unsigned char *graph = NULL;
-    char graph_path[4096] = "";
-    int rc = read_manifest(h, bundle_dir, &entry);
+    char root[PATH_MAX], graph_path[PATH_MAX] = "";
+    int rc = -1;
+    /* Resolved once: a published bundle is a symlink to its current version, and every file is read from that one. */
+    if (realpath(bundle_dir, root) == NULL) set_error(h, "%s: not a bundle (%s)", bundle_dir, strerror(errno));
+    else rc = read_manifest(h, root, &entry);
     if (rc == 0) {
-        snprintf(graph_path, sizeof graph_path, "%s/%s", bundle_dir, entry.graph);
-        graph = read_verified(h, bundle_dir, &entry, &size);
+        rc = confined(h, root, entry.graph, graph_path, sizeof graph_path);
+        graph = rc ? NULL : read_verified(h, graph_path, &entry, &size);
         rc = graph == NULL || load_runtime(h, options->ort_library) ||
              create_session(h, graph_path, graph, size, options->threads) || read_metadata(h, graph_path, &entry);
     }

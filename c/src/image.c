@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include <jpeglib.h> /* needs stdio.h first */
+#include <jerror.h>
 #include <png.h>
 
 static void fail(char *error, size_t size, const char *path, const char *why) {
@@ -32,8 +33,35 @@ static void row_to_rgb(const uint8_t *in, uint8_t *out, int width, int channels,
     }
 }
 
-static int load_png(FILE *f, const char *path, rgb_image *image, char *error, size_t size) {
-    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
+/* The header's declared size against the pixel budget, before any pixel memory exists. */
+static int over_budget(uint64_t width, uint64_t height, uint64_t max_pixels, const char *path, char *error,
+                       size_t size) {
+    if (width * height <= max_pixels) return 0;
+    snprintf(error, size, "%s: declares %llux%llu = %llu pixels, above the limit of %llu", path,
+             (unsigned long long)width, (unsigned long long)height, (unsigned long long)(width * height),
+             (unsigned long long)max_pixels);
+    return 1;
+}
+
+/* Where a decoder's error handler writes the message: the caller's buffer, so nothing local to the
+ * function that called setjmp changes before the longjmp. */
+typedef struct {
+    const char *path;
+    char *error;
+    size_t size;
+} failure;
+
+/* libpng's error handler (its default prints the message to stderr). */
+static void png_fail(png_structp png, png_const_charp message) {
+    const failure *to = png_get_error_ptr(png);
+    snprintf(to->error, to->size, "%s: not a readable image (corrupt PNG: %s)", to->path, message);
+    png_longjmp(png, 1);
+}
+
+static int load_png(FILE *f, const char *path, uint64_t max_pixels, rgb_image *image, char *error, size_t size) {
+    failure to = {path, error, size};
+    fail(error, size, path, "out of memory");
+    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &to, png_fail, NULL);
     png_infop info = png ? png_create_info_struct(png) : NULL;
     uint8_t *volatile raw = NULL;
     png_bytep *volatile rows = NULL;
@@ -43,11 +71,16 @@ static int load_png(FILE *f, const char *path, rgb_image *image, char *error, si
         free(rows);
         free(image->rgb);
         image->rgb = NULL;
-        fail(error, size, path, "not a readable image (corrupt PNG)");
+        if (feof(f)) /* libpng asked for bytes past the end ("Read Error") */
+            fail(error, size, path, "not a readable image (truncated PNG: the file ends before the image does)");
         return -1;
     }
     png_init_io(png, f);
     png_read_info(png, info);
+    if (over_budget(png_get_image_width(png, info), png_get_image_height(png, info), max_pixels, path, error, size)) {
+        png_destroy_read_struct(&png, &info, NULL);
+        return -1;
+    }
     if (png_get_color_type(png, info) == PNG_COLOR_TYPE_PALETTE) png_set_palette_to_rgb(png);
     if (png_get_bit_depth(png, info) < 8) png_set_expand_gray_1_2_4_to_8(png);
     png_set_interlace_handling(png);
@@ -60,6 +93,7 @@ static int load_png(FILE *f, const char *path, rgb_image *image, char *error, si
     if (raw == NULL || rows == NULL || image->rgb == NULL) png_error(png, "out of memory");
     for (int y = 0; y < height; y++) rows[y] = raw + (size_t)y * stride;
     png_read_image(png, rows);
+    png_read_end(png, NULL); /* up to IEND: a file cut after its last pixel row is truncated too */
     int channels = png_get_channels(png, info), sixteen = png_get_bit_depth(png, info) == 16;
     for (int y = 0; y < height; y++) row_to_rgb(rows[y], image->rgb + (size_t)y * (size_t)width * 3, width, channels, sixteen);
     image->width = width;
@@ -73,30 +107,50 @@ static int load_png(FILE *f, const char *path, rgb_image *image, char *error, si
 typedef struct {
     struct jpeg_error_mgr base;
     jmp_buf jump;
+    failure to;
 } jpeg_error;
 
-static void jpeg_exit(j_common_ptr cinfo) { longjmp(((jpeg_error *)cinfo->err)->jump, 1); }
+/* libjpeg's errors end the decoding with its message (its default prints it and exits). */
+static void jpeg_fail(j_common_ptr cinfo) {
+    jpeg_error *e = (jpeg_error *)cinfo->err;
+    char message[JMSG_LENGTH_MAX];
+    e->base.format_message(cinfo, message);
+    snprintf(e->to.error, e->to.size, "%s: not a readable image (corrupt JPEG: %s)", e->to.path, message);
+    longjmp(e->jump, 1);
+}
 
-static int load_jpeg(FILE *f, const char *path, rgb_image *image, char *error, size_t size) {
+/* Level -1 is a warning, which libjpeg raises for corrupt or missing data that it then fills in with
+ * gray and decodes on ("Premature end of JPEG file" for a truncated one): an error here. Levels >= 0
+ * are trace messages. */
+static void jpeg_message(j_common_ptr cinfo, int level) {
+    if (level < 0) jpeg_fail(cinfo);
+}
+
+static int load_jpeg(FILE *f, const char *path, uint64_t max_pixels, rgb_image *image, char *error, size_t size) {
     struct jpeg_decompress_struct cinfo;
     jpeg_error jerr;
     cinfo.err = jpeg_std_error(&jerr.base);
-    jerr.base.error_exit = jpeg_exit;
+    jerr.base.error_exit = jpeg_fail;
+    jerr.base.emit_message = jpeg_message;
+    jerr.to = (failure){path, error, size};
     uint8_t *volatile row = NULL;
     if (setjmp(jerr.jump)) {
         jpeg_destroy_decompress(&cinfo);
         free(row);
         free(image->rgb);
         image->rgb = NULL;
-        fail(error, size, path, "not a readable image (corrupt JPEG)");
         return -1;
     }
     jpeg_create_decompress(&cinfo);
     jpeg_stdio_src(&cinfo, f);
     jpeg_read_header(&cinfo, TRUE);
-    if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK) {
-        jpeg_destroy_decompress(&cinfo);
+    int refused = over_budget(cinfo.image_width, cinfo.image_height, max_pixels, path, error, size);
+    if (!refused && (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK)) {
         fail(error, size, path, "CMYK JPEG is not supported");
+        refused = 1;
+    }
+    if (refused) {
+        jpeg_destroy_decompress(&cinfo);
         return -1;
     }
     cinfo.out_color_space = cinfo.num_components == 1 ? JCS_GRAYSCALE : JCS_RGB;
@@ -106,7 +160,7 @@ static int load_jpeg(FILE *f, const char *path, rgb_image *image, char *error, s
     int channels = cinfo.output_components;
     row = malloc((size_t)image->width * (size_t)channels);
     image->rgb = malloc((size_t)image->width * (size_t)image->height * 3);
-    if (row == NULL || image->rgb == NULL) jpeg_exit((j_common_ptr)&cinfo);
+    if (row == NULL || image->rgb == NULL) ERREXIT1(&cinfo, JERR_OUT_OF_MEMORY, 0);
     while (cinfo.output_scanline < cinfo.output_height) {
         int y = (int)cinfo.output_scanline;
         JSAMPROW rows[1] = {row};
@@ -119,7 +173,7 @@ static int load_jpeg(FILE *f, const char *path, rgb_image *image, char *error, s
     return 0;
 }
 
-int load_rgb(const char *path, rgb_image *image, char *error, size_t size) {
+int load_rgb(const char *path, uint64_t max_pixels, rgb_image *image, char *error, size_t size) {
     image->rgb = NULL;
     FILE *f = fopen(path, "rb");
     if (f == NULL) {
@@ -131,9 +185,9 @@ int load_rgb(const char *path, rgb_image *image, char *error, size_t size) {
     rewind(f);
     int rc;
     if (n == 8 && png_sig_cmp(magic, 0, 8) == 0) {
-        rc = load_png(f, path, image, error, size);
+        rc = load_png(f, path, max_pixels, image, error, size);
     } else if (n >= 3 && magic[0] == 0xFF && magic[1] == 0xD8 && magic[2] == 0xFF) {
-        rc = load_jpeg(f, path, image, error, size);
+        rc = load_jpeg(f, path, max_pixels, image, error, size);
     } else {
         fail(error, size, path, "not a PNG or JPEG file");
         rc = -1;
