@@ -69,7 +69,10 @@ class LoadedModel:
 def load_model(source: str | Path, **options) -> LoadedModel:
     """Load, verify and warm up a bundle; BundleError names what is wrong with it."""
     source = Path(source).expanduser().absolute()
-    bundle = Bundle.load(source)  # resolves a published symlink once; extracts a .tar
+    try:
+        bundle = Bundle.load(source)  # resolves a published symlink once; extracts a .tar
+    except OSError as e:
+        raise BundleError(f"{source}: cannot be read ({e})") from e
     try:
         inspector = Inspector(bundle, **options)
         width, height = inspector.tiling.image_size
