@@ -208,7 +208,12 @@ class Bundle:
         """
         path = Path(path)
         if path.is_file() and tarfile.is_tarfile(path):
-            path = _extract(path, max_extract_bytes)
+            folder = _extract(path, max_extract_bytes)
+            try:
+                return cls.load(folder, verify)
+            except BaseException:
+                remove_extraction(folder)
+                raise
         path = path.resolve()
         manifest_file = confined(path, MANIFEST)
         if not manifest_file.is_file():
@@ -313,9 +318,29 @@ def _decompressed(raw: IO[bytes]) -> IO[bytes]:
     return raw
 
 
+_EXTRACTED: set[Path] = set()  # this process's extraction folders, until removed
+
+
+def remove_extraction(root: Path) -> None:
+    """Delete the folder that a .tar bundle with this root was extracted into; nothing for any other folder."""
+    root = Path(root).resolve()
+    for folder in (root, root.parent):
+        if folder in _EXTRACTED:
+            _EXTRACTED.discard(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@atexit.register
+def remove_extractions() -> None:
+    """Delete every extraction of this process (at exit; a server that stops on a signal calls it itself)."""
+    for folder in list(_EXTRACTED):
+        remove_extraction(folder)
+
+
 def _extract(archive: Path, max_bytes: int) -> Path:
     """Extract into `<tmp>/hiad-bundle-<pid>-...` after measuring it: the sum of member sizes must fit
-    `max_bytes` and the free space. Removed at exit; a killed process's folder goes on the next start."""
+    `max_bytes` and the free space. Removed at exit or by `remove_extraction`; a killed process's folder
+    goes on the next start."""
     parent = Path(tempfile.gettempdir())
     remove_stale(parent, EXTRACT_PREFIX)
     try:
@@ -327,12 +352,12 @@ def _extract(archive: Path, max_bytes: int) -> Path:
             free = shutil.disk_usage(parent).free
             if total > free:
                 raise BundleError(f"{archive}: would extract {total} bytes but {parent} has {free} free; refused")
-            target = owned_tempdir(parent, EXTRACT_PREFIX)
-            atexit.register(shutil.rmtree, target, ignore_errors=True)
+            target = owned_tempdir(parent, EXTRACT_PREFIX).resolve()
+            _EXTRACTED.add(target)
             try:
                 tar.extractall(target, members, filter="data")  # refuses absolute paths, links out, devices
             except BaseException:
-                shutil.rmtree(target, ignore_errors=True)
+                remove_extraction(target)
                 raise
     except (tarfile.TarError, OSError, EOFError, lzma.LZMAError) as e:
         raise BundleError(f"{archive}: unreadable bundle archive ({e})") from e

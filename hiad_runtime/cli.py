@@ -276,8 +276,18 @@ def serve(
     workers: int = typer.Option(1, "--workers", help="inferences run at once"),
     max_queue: int = typer.Option(8, "--max-queue", help="requests that may wait for a worker; more are answered 503"),
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="largest request body"),
-    max_megapixels: float = typer.Option(100.0, "--max-megapixels", help="largest declared image size, checked before decoding"),
-    timeout: float = typer.Option(30.0, "--timeout", help="seconds a request may take, queue wait included (504 beyond)"),
+    max_inflight_mb: float = typer.Option(256.0, "--max-inflight-mb", help="request bodies held at once; more: 503"),
+    max_megapixels: Optional[float] = typer.Option(
+        None, "--max-megapixels", help="largest declared image size, checked before decoding (default: predict's, "
+        "4x the bundle's image area)"
+    ),
+    timeout: float = typer.Option(30.0, "--timeout", help="seconds for an answer once the body is in, queue wait included"),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", help="seconds a client has to send a request's headers"),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", help="seconds a client has to send a request's body"),
+    max_connections: Optional[int] = typer.Option(
+        None, "--max-connections", help="connections open at once; more are answered 503 (default: 1024, at most 3/4 of "
+        "the open-file limit)"
+    ),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="file holding the bearer token /v1/* requires"),
     threads: int = typer.Option(0, "--threads", help="ONNX Runtime intra-op threads per inference (0 = cores / workers)"),
 ) -> None:
@@ -302,8 +312,12 @@ def serve(
             workers=workers,
             max_queue=max_queue,
             max_body_bytes=int(max_body_mb * (1 << 20)),
-            max_pixels=int(max_megapixels * 1e6),
+            max_inflight_bytes=int(max_inflight_mb * (1 << 20)),
+            max_pixels=None if max_megapixels is None else int(max_megapixels * 1e6),
             timeout_s=timeout,
+            header_timeout_s=header_timeout,
+            body_timeout_s=body_timeout,
+            max_connections=max_connections,
             token=token,
             threads=threads or max(1, (os.cpu_count() or 1) // max(workers, 1)),
         )

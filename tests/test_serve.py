@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -267,6 +268,11 @@ def test_timeout_answers_504_and_a_bad_bundle_stops_the_start(bundle_dir, images
     tampered = _tampered(bundle_dir, tmp_path / "tampered")
     out = subprocess.run([sys.executable, "-m", "hiad_runtime.cli", "serve", str(tampered), "--port", str(free_port())], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "embedder_patch.onnx" in out.stderr
+    too_many = subprocess.run(  # a connection cap the open-file limit cannot hold
+        [sys.executable, "-m", "hiad_runtime.cli", "serve", str(bundle_dir), "--port", str(free_port()), "--max-connections", "1000"],
+        capture_output=True, text=True, timeout=120, env=ENV, preexec_fn=_file_limit(256),
+    )
+    assert too_many.returncode == 2 and "--max-connections 1000 is more than the open-file limit (256) allows" in too_many.stderr
 
 
 def test_service_imports_nothing_of_training():
@@ -281,3 +287,271 @@ def test_service_imports_nothing_of_training():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+# -- publishing, pixel rule, PNG answers -------------------------------------------------------------
+
+def _bundle_id(folder: Path) -> str:
+    """What the service calls a bundle: the first 12 hex digits of manifest.json's sha256 @ its `created`."""
+    import hashlib
+
+    raw = (folder / "manifest.json").read_bytes()
+    return f"{hashlib.sha256(raw).hexdigest()[:12]}@{json.loads(raw)['created']}"
+
+
+def _publish_copy(bundle: Path, out: Path, thresholds: dict | None, grace_s: float | None = None) -> Path:
+    """Publish a copy of `bundle` with other thresholds as the next version behind `out` (our own publish)."""
+    from hiad_runtime.files import GRACE_S, atomic_directory
+
+    with atomic_directory(out, GRACE_S if grace_s is None else grace_s) as tmp:
+        shutil.copytree(bundle, tmp, dirs_exist_ok=True)
+        manifest = json.loads((tmp / "manifest.json").read_text())
+        manifest["thresholds"] = thresholds
+        (tmp / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_reload_serves_what_was_published_last(bundle_dir, elpv_root, images, tmp_path):
+    """#18 item 3: SIGHUP and an empty POST /v1/reload resolve the published symlink anew."""
+    out = _publish_copy(bundle_dir, tmp_path / "bundle", None)  # bundle -> bundle.v1
+    good = images[0].read_bytes()
+    with serving(out, tmp_path / "server.log", env=ENV) as (url, proc):
+        first = httpx.get(f"{url}/readyz").json()["bundle_id"]
+        assert first == _bundle_id(out)
+        calibrated = subprocess.run(  # hiad-train calibrate publishes bundle.v2 and switches the symlink
+            [sys.executable, "-m", "hiad_train.cli", "calibrate", str(out), "--normal", str(elpv_root / "train")],
+            capture_output=True, text=True, timeout=600, env=ENV,
+        )
+        assert calibrated.returncode == 0, calibrated.stderr
+        assert os.readlink(out) == "bundle.v2"
+        second = _bundle_id(out)
+        assert second != first
+        reloaded = httpx.post(f"{url}/v1/reload", timeout=120)
+        assert reloaded.status_code == 200, reloaded.text
+        assert reloaded.json()["bundle_id"] == second and reloaded.json()["previous"] == first
+        assert reloaded.json()["path"] == str(out) and reloaded.json()["resolved"] == str(tmp_path / "bundle.v2")
+        assert httpx.post(f"{url}/v1/inspect", content=good, timeout=60).json()["bundle_id"] == second
+
+        # a third publish prunes the versions before it (grace 0), the served one included
+        _publish_copy(bundle_dir, out, {"image": 1.0, "pixel": 2.0}, grace_s=0)
+        assert not (tmp_path / "bundle.v2").exists()
+        third = _bundle_id(out)
+        proc.send_signal(signal.SIGHUP)
+        _wait_until(lambda: httpx.get(f"{url}/readyz").json()["bundle_id"] == third, 120)
+        answer = httpx.post(f"{url}/v1/inspect", content=good, timeout=60)
+        assert answer.status_code == 200 and answer.json()["bundle_id"] == third
+        assert httpx.get(f"{url}/v1/model").json()["thresholds"] == {"image": 1.0, "pixel": 2.0}
+
+
+@pytest.fixture(scope="module")
+def default_server(bundle_dir, tmp_path_factory):
+    """Every serve option at its default, on a bundle with thresholds (for the mask)."""
+    folder = tmp_path_factory.mktemp("default_server")
+    bundle = _copy_with_thresholds(bundle_dir, folder / "bundle", {"image": 5.0, "pixel": 8.0})
+    with serving(bundle, folder / "server.log", env=ENV) as (url, _):
+        yield url, bundle
+
+
+def test_service_and_cli_share_the_default_pixel_budget(default_server, tmp_path):
+    """#18 item 4a: without --max-megapixels the service refuses what `predict` refuses (4x the bundle's area)."""
+    from hiad_runtime.inspector import MAX_PIXELS_FACTOR
+
+    url, bundle = default_server
+    width, height = json.loads((bundle / "manifest.json").read_text())["tiling"]["image_size"]
+    side = int((MAX_PIXELS_FACTOR * width * height) ** 0.5)
+    sizes = {"at the budget": (side, MAX_PIXELS_FACTOR * width * height // side), "one row over": (side, MAX_PIXELS_FACTOR * width * height // side + 1)}
+    for name, (w, h) in sizes.items():  # 16-bit RGBA: the costliest kind of pixel to decode
+        assert cv2.imwrite(str(tmp_path / f"{name}.png"), np.full((h, w, 4), 30000, np.uint16))
+    cli = subprocess.run(
+        [sys.executable, "-m", "hiad_runtime.cli", "predict", str(bundle), str(tmp_path), "--out", str(tmp_path / "out"), "--threads", "1"],
+        capture_output=True, text=True, timeout=300, env=ENV,
+    )
+    by_cli = {Path(r["input"]).stem: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    for name, (w, h) in sizes.items():
+        r = httpx.post(f"{url}/v1/inspect", content=(tmp_path / f"{name}.png").read_bytes(), timeout=60)
+        if name == "at the budget":
+            assert r.status_code == 200 and "score" in by_cli[name], (r.text, by_cli[name], cli.stderr)
+        else:
+            assert r.status_code == 400 and f"declares {w}x{h}" in r.json()["error"], r.text
+            assert f"declares {w}x{h}" in by_cli[name]["error"], by_cli[name]
+
+
+def test_accept_image_png_answers_the_png_itself(default_server, images):
+    """#18 item 12: `Accept: image/png` gives the PNG as the body and the answer in headers; JSON stays the default."""
+    url, _ = default_server
+    good = images[0].read_bytes()
+    with httpx.Client(base_url=url, timeout=60) as c:
+        as_json = c.post("/v1/inspect?map=png&mask=png", content=good)
+        answer = as_json.json()
+        map_png = c.post("/v1/inspect?map=png", content=good, headers={"Accept": "image/png"})
+        default_png = c.post("/v1/inspect", content=good, headers={"Accept": "image/png"})
+        mask_png = c.post("/v1/inspect?mask=png", content=good, headers={"Accept": "image/png"})
+        both = c.post("/v1/inspect?map=png&mask=png", content=good, headers={"Accept": "image/png"})
+        prefers_json = c.post("/v1/inspect?map=png", content=good, headers={"Accept": "application/json, image/png;q=0.5"})
+    for r in (map_png, default_png, mask_png):
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text[:200]
+        assert float(r.headers["X-Hiad-Score"]) == pytest.approx(answer["score"], rel=1e-6) and json.loads(r.headers["X-Hiad-Decision"]) == answer["decision"]
+        assert r.headers["X-Hiad-Bundle-Id"] == answer["bundle_id"]
+        assert r.headers["X-Hiad-Input-Size"] == "x".join(map(str, answer["input_size"]))
+        assert set(json.loads(r.headers["X-Hiad-Latency-Ms"])) == set(answer["latency_ms"])
+    decoded = lambda data: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).astype(np.int64)  # noqa: E731
+    in_json = decoded(base64.b64decode(answer["map"]["png_base64"]))
+    for r in (map_png, default_png):  # the same map as the JSON form's (another inference: equal to the last bit of 16)
+        assert np.abs(decoded(r.content) - in_json).max() <= 1
+        assert [float(v) for v in r.headers["X-Hiad-Map-Range"].split()] == pytest.approx(answer["map"]["range"], rel=1e-6)
+    assert cv2.imdecode(np.frombuffer(map_png.content, np.uint8), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    np.testing.assert_array_equal(decoded(mask_png.content), decoded(base64.b64decode(answer["mask"]["png_base64"])))
+    assert "X-Hiad-Map-Range" not in mask_png.headers
+    assert len(map_png.content) < len(as_json.content)
+    assert as_json.headers["content-type"] == "application/json" and as_json.headers["vary"] == map_png.headers["vary"] == "Accept"
+    assert both.status_code == 400 and "one PNG" in both.json()["error"]
+    assert prefers_json.headers["content-type"] == "application/json" and "map" in prefers_json.json()
+
+
+# -- slow and greedy clients -------------------------------------------------------------------------
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=60)  # a recv that waits longer fails the test
+
+
+def _answer(sock) -> tuple[int, dict, bytes]:
+    """Everything the server sends until it closes: (status, headers, body); status 0 if it closed without a word."""
+    data = b""
+    try:
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head:
+        return 0, {}, b""
+    lines = head.decode("latin-1").split("\r\n")
+    return int(lines[0].split()[1]), {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}, body
+
+
+def _file_limit(n: int):
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+    return limit
+
+
+FILE_LIMIT = 256  # the guarded server's open-file limit
+MAX_CONNECTIONS = 8
+
+
+@pytest.fixture(scope="module")
+def guarded_server(bundle_dir, tmp_path_factory):
+    """Small limits: 256 open files, 8 connections, headers within 3 s, a body within 10 s, 1 MB bodies,
+    2 MB of bodies at once."""
+    folder = tmp_path_factory.mktemp("guarded_server")
+    options = ["--max-connections", str(MAX_CONNECTIONS), "--header-timeout", "3", "--body-timeout", "10"]
+    options += ["--max-body-mb", "1", "--max-inflight-mb", "2"]
+    with serving(bundle_dir, folder / "server.log", *options, env=ENV, preexec_fn=_file_limit(FILE_LIMIT)) as (url, _):
+        yield url, folder / "server.log"
+
+
+PARTIAL = b"POST /v1/inspect HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"  # headers never finished
+
+
+def test_slow_clients_are_closed_and_others_served(guarded_server, images):
+    """#18 item 4c: slow headers get 408 and a close; a slow body gets 408; meanwhile others are served."""
+    url, _ = guarded_server
+    good = images[0].read_bytes()
+    slow = [_connect(url) for _ in range(3)]
+    for s in slow:
+        s.sendall(PARTIAL)
+    slow_body = _connect(url)
+    slow_body.sendall(b"POST /v1/inspect HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n" + bytes(10))
+    assert httpx.post(f"{url}/v1/inspect", content=good, timeout=60).status_code == 200  # while they hang on
+    for s in slow:
+        status, headers, body = _answer(s)
+        assert status == 408 and headers["connection"] == "close" and b"headers not received" in body
+    status, headers, body = _answer(slow_body)
+    assert status == 408 and headers["connection"] == "close" and b"body not received" in body
+    assert httpx.post(f"{url}/v1/inspect", content=good, timeout=60).status_code == 200
+
+
+def test_connections_stay_below_the_file_limit(guarded_server, images):
+    """#18 item 4c: more slow clients than the server has file descriptors: those over the cap get 503 at
+    once, the rest 408 at the header deadline; the server never runs out of descriptors and serves again."""
+    url, log = guarded_server
+    slow = []
+    for _ in range(FILE_LIMIT - 4):
+        s = _connect(url)
+        s.sendall(PARTIAL)
+        slow.append(s)
+    statuses = [_answer(s)[0] for s in slow]
+    assert set(statuses) == {408, 503}, sorted(set(statuses))  # each one answered and closed: none left hanging
+    assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+    assert httpx.post(f"{url}/v1/inspect", content=images[0].read_bytes(), timeout=60).status_code == 200
+    text = log.read_text()
+    assert "out of system resource" not in text and "Too many open files" not in text
+    # repeated warnings are rate-limited: one line per kind and minute, not one per connection
+    assert text.count("connection refused:") == 1 and text.count("request headers not received") <= 2
+    metrics = httpx.get(f"{url}/metrics").text
+    assert _metric(metrics, 'hiad_connections_refused_total{reason="max_connections"}') == statuses.count(503)
+    assert _metric(metrics, 'hiad_connections_refused_total{reason="header_timeout"}') >= statuses.count(408)
+
+
+def test_request_bodies_in_memory_stay_within_the_budget(guarded_server, images):
+    """#18 item 4b: bodies claim their Content-Length before they are read; past --max-inflight-mb the
+    answer is 503 + Retry-After without reading the body (declared) or reading on (chunked)."""
+    url, _ = guarded_server
+    held = 1 << 20
+    head = f"POST /v1/inspect HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {held}\r\n".encode()
+    uploading = [_connect(url) for _ in range(2)]
+    for s in uploading:
+        s.sendall(head + b"Connection: close\r\n\r\n" + bytes(1000))  # 2 x 1 MiB claimed, 2 kB sent
+    _wait_until(lambda: _metric(httpx.get(f"{url}/metrics").text, "hiad_body_bytes_held") == 2 * held)
+    declared = _connect(url)
+    declared.sendall(head + b"\r\n")  # and not a byte of its body
+    status, headers, body = _answer(declared)
+    assert status == 503 and int(headers["retry-after"]) >= 1 and headers["connection"] == "close"
+    assert b"request bodies in memory" in body
+    chunked = _connect(url)
+    chunked.sendall(b"POST /v1/inspect HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n" + bytes(4096) + b"\r\n")
+    status, headers, body = _answer(chunked)
+    assert status == 503 and b"request bodies in memory" in body
+    for s in uploading:
+        s.sendall(bytes(held - 1000))
+        assert _answer(s)[0] == 400  # zeros are no image; what matters is that they were read and answered
+    assert _metric(httpx.get(f"{url}/metrics").text, "hiad_body_bytes_held") == 0
+    assert httpx.post(f"{url}/v1/inspect", content=images[0].read_bytes(), timeout=60).status_code == 200
+
+
+# -- .tar bundles ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_tar_bundle_extractions_are_removed(bundle_dir, images, tmp_path, stop):
+    """#18 item 5: each reload's extraction replaces the last one, a stop removes it, and a start
+    removes those of dead servers."""
+    import tarfile
+
+    archive, tampered = tmp_path / "bundle.tar", tmp_path / "tampered.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(bundle_dir.resolve(), arcname="bundle")
+    with tarfile.open(tampered, "w") as tar:
+        tar.add(_tampered(bundle_dir, tmp_path / "tampered"), arcname="bundle")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (temp / f"hiad-bundle-{dead.pid}-stale").mkdir()  # left by a server that was killed
+    extractions = lambda: sorted(p.name for p in temp.glob("hiad-bundle-*"))  # noqa: E731
+    good = images[0].read_bytes()
+    with serving(archive, tmp_path / "server.log", env={**ENV, "TMPDIR": str(temp)}) as (url, proc):
+        assert len(extractions()) == 1 and "stale" not in extractions()[0]
+        refused = httpx.post(f"{url}/v1/reload", json={"bundle": str(tampered)}, timeout=120)
+        assert refused.status_code == 422 and len(extractions()) == 1, extractions()  # a refused one goes at once
+        for _ in range(4):
+            assert httpx.post(f"{url}/v1/reload", timeout=120).status_code == 200
+            assert httpx.post(f"{url}/v1/inspect", content=good, timeout=60).status_code == 200
+            assert len(extractions()) == 1, extractions()
+        proc.send_signal(stop)
+        proc.wait(timeout=60)
+    assert extractions() == []

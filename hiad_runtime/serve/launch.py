@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def free_port() -> int:
@@ -29,14 +29,18 @@ def _ready(url: str) -> bool:
 
 
 @contextmanager
-def serving(bundle: Path, log: Path, *options: str, env: dict | None = None, wait_s: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
+def serving(
+    bundle: Path, log: Path, *options: str, env: dict | None = None, wait_s: float = 120,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """Yield (base url, process) once /readyz answers 200; the server's output goes to `log`.
-    Raises RuntimeError (with the log) if it exits or is not ready within `wait_s`; stops it on exit."""
+    Raises RuntimeError (with the log) if it exits or is not ready within `wait_s`; stops it on exit.
+    `preexec_fn` runs in the child before the server starts (e.g. to set a resource limit)."""
     port = free_port()
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "hiad_runtime.cli", "serve", str(bundle), "--port", str(port), *options],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
+            stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec_fn,
         )
     url = f"http://127.0.0.1:{port}"
     try:

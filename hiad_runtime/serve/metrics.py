@@ -8,13 +8,14 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
+from hiad_runtime.serve.budget import BodyBudget
 from hiad_runtime.serve.pool import InferencePool
 
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class ServiceMetrics:
-    def __init__(self, pool: InferencePool, rate_window_s: float = 60.0):
+    def __init__(self, pool: InferencePool, budget: BodyBudget, rate_window_s: float = 60.0):
         self.registry = CollectorRegistry()
         self.requests = Counter("hiad_requests", "HTTP requests answered, by path and status", ["path", "status"], registry=self.registry)
         self.latency = Histogram(
@@ -25,6 +26,12 @@ class ServiceMetrics:
         self.model = Info("hiad_model", "the bundle in service", registry=self.registry)
         Gauge("hiad_queue_depth", "requests waiting for a worker", registry=self.registry).set_function(lambda: pool.waiting)
         Gauge("hiad_inflight", "inferences running", registry=self.registry).set_function(lambda: pool.running)
+        held = Gauge("hiad_body_bytes_held", "bytes of request bodies claimed (--max-inflight-mb)", registry=self.registry)
+        held.set_function(lambda: budget.held)
+        self.connections_refused = Counter(
+            "hiad_connections_refused", "connections closed before a request reached the app, by reason", ["reason"],
+            registry=self.registry,
+        )
         Gauge("hiad_images_per_second", f"images inspected per second over the last {rate_window_s:.0f} s", registry=self.registry).set_function(
             self.images_per_s
         )

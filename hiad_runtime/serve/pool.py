@@ -18,10 +18,10 @@ T = TypeVar("T")
 
 
 class Overloaded(Exception):
-    """Every worker is busy and the queue is full."""
+    """No room for one more request (the queue, or the bytes of request bodies held): answered 503."""
 
-    def __init__(self, retry_after_s: int):
-        super().__init__(f"server busy: queue full, retry after {retry_after_s} s")
+    def __init__(self, what: str, retry_after_s: int):
+        super().__init__(f"server busy: {what}, retry after {retry_after_s} s")
         self.retry_after_s = retry_after_s
 
 
@@ -52,7 +52,7 @@ class InferencePool:
         dropped; one already running finishes, and keeps its worker and queue place until then).
         """
         if self.admitted >= self.workers + self.max_queue:
-            raise Overloaded(self.retry_after_s())
+            raise Overloaded("queue full", self.retry_after_s())
         self.admitted += 1
         loop = asyncio.get_running_loop()
         submitted = time.perf_counter()

@@ -9,10 +9,18 @@ import uvicorn
 
 from hiad_runtime.bundle import BundleError
 from hiad_runtime.serve.app import ServeSettings, create_app, log
+from hiad_runtime.serve.connections import accept_backlog, connection_cap, guarded_protocol, open_file_limit
+from hiad_runtime.serve.logs import rate_limit
 
 
 def run(settings: ServeSettings, host: str, port: int) -> int:
     """Serve until SIGINT/SIGTERM; 0 on a clean stop, 2 when the bundle could not be served at all."""
+    file_limit = open_file_limit()
+    try:
+        max_connections = connection_cap(settings.max_connections, file_limit)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     failures: list[str] = []
 
     def stop(message: str) -> None:
@@ -21,7 +29,18 @@ def run(settings: ServeSettings, host: str, port: int) -> int:
         server.should_exit = True
 
     app = create_app(settings, on_load_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=settings.timeout_s))
+    refused = lambda reason: app.metrics.connections_refused.labels(reason).inc()  # noqa: E731
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        http=guarded_protocol(max_connections, settings.header_timeout_s, refused),
+        backlog=accept_backlog(file_limit, max_connections),
+        timeout_graceful_shutdown=settings.timeout_s,
+    )
+    rate_limit("uvicorn.error", "asyncio")  # after uvicorn.Config: its logging set-up resets filters
+    server = uvicorn.Server(config)
 
     async def reload_from_disk() -> None:
         try:
