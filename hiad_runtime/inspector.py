@@ -22,7 +22,8 @@ import numpy as np
 from hiad_runtime.bundle import Bundle, BundleError, EmbedderSpec
 from hiad_runtime.geometry import Box, Tile, context_crop, crop, split
 from hiad_runtime.heads import HeadCache, head_files, load_head
-from hiad_runtime.image import ImageError, decode, load_image, resize_image, resize_map, size_warnings
+from hiad_runtime.image import (ImageError, decode, default_max_pixels, load_image, resize_image, resize_map,
+                                size_warnings)
 from hiad_runtime.pipeline import PipelineGraph
 from hiad_runtime.postprocess import finish, fuse_thumbnail, tile_maps_to_image
 from hiad_runtime.sessions import SessionFactory
@@ -30,7 +31,6 @@ from hiad_runtime.streaming import HEAD_MEMORY_MB, MapAssembler, chunks, coverag
 from hiad_runtime.tasks import route
 
 STAGES = ("decode", "tile", "backbone", "scoring", "post")
-MAX_PIXELS_FACTOR = 4  # default pixel budget of an input: this many times the bundle's image area
 ENGINES = ("tiles", "pipeline")  # stage by stage (faiss or ONNX heads), or the bundle's whole-image graph
 
 
@@ -95,8 +95,7 @@ class Inspector:
         self.bundle = bundle
         self.manifest = m
         self.tiling = m.geometry
-        width, height = self.tiling.image_size
-        self.max_pixels = max_pixels or MAX_PIXELS_FACTOR * width * height  # paths and bytes above it are refused
+        self.max_pixels = max_pixels or default_max_pixels(self.tiling.image_size)  # inputs above it are refused
         self.stream_tiles = stream_tiles
         self.coverage = coverage(self.tiling.tiles, self.tiling.image_size)
         self.sessions = SessionFactory(providers, threads, backend)
