@@ -16,7 +16,6 @@ from hiad_runtime.bundle import MANIFEST, Bundle, BundleError
 from hiad_runtime.files import sha256_file
 from hiad_runtime.image import ImageError, resize_image
 from hiad_runtime.results import OutputError, ResultsFolder, find_inputs, output_keys
-from hiad_runtime.streaming import HEAD_MEMORY_MB
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hiad-deploy inspection runtime (torch-free).")
 
@@ -47,7 +46,8 @@ BACKEND_HELP = "auto: openvino on a CPU-only box where it is installed (faster h
 STREAM_HELP = "tiles embedded and scored per chunk: bounds memory on large images (map built in place)"
 PREFETCH_HELP = "images decoded ahead on a worker thread while the current one is inferred (0 = none)"
 BATCH_HELP = "tiles per embedder call (1: fastest and smallest ONNX Runtime arena on CPU at 512 px tiles; more for GPU providers)"
-HEAD_MEMORY_HELP = "MB of task heads (their files) kept loaded; a bundle with more loads each chunk's heads as it goes (e.g. 256 O2O tasks at 8192^2)"
+HEAD_MEMORY_HELP = ("MB of task heads (their files) kept loaded (default: a quarter of the memory available at start, "
+                    "at least 256); a bundle with more loads each chunk's heads as it goes, and says so once")
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -100,7 +100,7 @@ def predict(
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="refuse inputs declaring more pixels (default: 4x the bundle's image area)"),
     backend: Backend = typer.Option(Backend.auto, "--backend", help=BACKEND_HELP),
     stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
-    head_memory: float = typer.Option(HEAD_MEMORY_MB, "--head-memory", help=HEAD_MEMORY_HELP),
+    head_memory: Optional[float] = typer.Option(None, "--head-memory", help=HEAD_MEMORY_HELP),
     prefetch: int = typer.Option(0, "--prefetch", min=0, help=PREFETCH_HELP),
 ) -> None:
     """Score images; one JSON line per image (written as soon as it is done), a float32 map per image."""
@@ -199,7 +199,7 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
     backend: Backend = typer.Option(Backend.auto, "--backend", help=BACKEND_HELP),
     stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
-    head_memory: float = typer.Option(HEAD_MEMORY_MB, "--head-memory", help=HEAD_MEMORY_HELP),
+    head_memory: Optional[float] = typer.Option(None, "--head-memory", help=HEAD_MEMORY_HELP),
     prefetch: int = typer.Option(0, "--prefetch", min=0, help="with IMAGES, each run decodes its image from the file: "
                                  "inline (0) or N images ahead on a worker thread (throughput mode)"),
 ) -> None:
@@ -221,9 +221,11 @@ def bench(
         load = lambda i: frame  # noqa: E731
     per_stage = {s: [] for s in (*stages, "total")}
     source = prefetched(range(warmup + repeat), load, prefetch)
+    heads = inspector.heads if engine is Engine.tiles else None
     for i in range(warmup + repeat):
         if i == warmup:
             t_start = time.perf_counter()
+            loads_before = heads.loads if heads else 0
         t0 = time.perf_counter()
         try:
             image = next(source)[1].result()
@@ -248,8 +250,9 @@ def bench(
         "precision": inspector.precision,
         "stream_tiles": stream_tiles,
         "batch": batch,
-        "head_memory_mb": head_memory,
-        "head_loads": inspector.heads.loads if engine is Engine.tiles else None,  # heads read from the bundle, preload included
+        "head_memory_mb": inspector.head_memory if heads else None,
+        "head_loads": heads.loads if heads else None,  # heads read from the bundle, preload included
+        "head_loads_per_image": (heads.loads - loads_before) / repeat if heads else None,  # timed runs; 0: all resident
         "prefetch": prefetch,
         "providers": inspector.providers_in_use,
         "repeat": repeat,
@@ -263,6 +266,9 @@ def bench(
     typer.echo(f"{'stage':<9} {'median ms':>10} {'p95 ms':>10}")
     for s, v in figures["stages_ms"].items():
         typer.echo(f"{s:<9} {v['median']:>10.1f} {v['p95']:>10.1f}")
+    if heads:
+        typer.echo(f"head loads per image {figures['head_loads_per_image']:.1f} ({len(heads.sizes)} heads, "
+                   f"{sum(heads.sizes.values()) / 2**20:.0f} MB of files; head memory {inspector.head_memory:.0f} MB)")
     typer.echo(f"images/s {figures['images_per_s']:.2f}; peak RSS {figures['peak_rss_mb']:.0f} MB")
     if json_out:
         json_out.write_text(json.dumps(figures, indent=1))

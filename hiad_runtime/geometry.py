@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 Size = tuple[int, int]
+MAX_TILES = 1 << 16  # a geometry cut into more tiles is refused before any is made (8192^2 at 512: 256)
 
 
 def as_size(value: int | Sequence[int], name: str = "size") -> Size:
@@ -80,10 +81,13 @@ class Tile:
         )
 
 
+def tiles_along(length: int, patch: int, stride: int) -> int:
+    """How many windows `_starts` places along one axis (patch <= length), counted without placing them."""
+    return -(-(length - patch) // stride) + 1
+
+
 def _starts(length: int, patch: int, stride: int) -> list[int]:
     """Window starts along one axis; the last window is shifted back to end at the border."""
-    if patch > length:
-        raise ValueError(f"patch size {patch} is larger than the image ({length})")
     starts = list(range(0, length - patch + 1, stride))
     if starts[-1] + patch < length:
         starts.append(length - patch)
@@ -119,8 +123,11 @@ class Tiling:
         image_size = as_size(image_size, "image_size")
         patch_size = as_size(patch_size, "patch_size")
         stride = patch_size if stride is None else as_size(stride, "stride")
-        if stride[0] > patch_size[0] or stride[1] > patch_size[1]:
-            raise ValueError(f"stride {stride} must not exceed patch_size {patch_size} (tiles would leave gaps)")
+        count = cls.count(image_size, patch_size, stride)
+        if count > MAX_TILES:
+            (w, h), (pw, ph), (sw, sh) = image_size, patch_size, stride
+            raise ValueError(f"a {w}x{h} image cut into {pw}x{ph} patches at stride {sw}x{sh} makes {count} tiles, "
+                             f"more than the limit of {MAX_TILES}")
         ds_factors = tuple(int(f) for f in ds_factors)
         if not ds_factors or ds_factors[0] != 0 or any(f < 0 for f in ds_factors) or len(set(ds_factors)) != len(ds_factors):
             raise ValueError(f"ds_factors must start with 0 and hold distinct non-negative ints, got {list(ds_factors)}")
@@ -143,6 +150,20 @@ class Tiling:
                     )
                 tiles.append(Tile(len(tiles), row, col, Box(x, y, *patch_size), tuple(context)))
         return cls(image_size, patch_size, stride, ds_factors, tuple(tiles))
+
+    @staticmethod
+    def count(image_size: int | Sequence[int], patch_size: int | Sequence[int], stride: int | Sequence[int] | None = None
+              ) -> int:
+        """How many tiles `create` makes, from the sizes alone (nothing is made): the cheap checks a
+        geometry read from a manifest or a config passes before its tiles are computed."""
+        (w, h), (pw, ph) = as_size(image_size, "image_size"), as_size(patch_size, "patch_size")
+        sw, sh = (pw, ph) if stride is None else as_size(stride, "stride")
+        if sw > pw or sh > ph:
+            raise ValueError(f"stride {(sw, sh)} must not exceed patch_size {(pw, ph)} (tiles would leave gaps)")
+        for length, patch in ((w, pw), (h, ph)):
+            if patch > length:
+                raise ValueError(f"patch size {patch} is larger than the image ({length})")
+        return tiles_along(w, pw, sw) * tiles_along(h, ph, sh)
 
     @property
     def rows(self) -> int:
@@ -167,6 +188,11 @@ class Tiling:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Tiling":
+        """The stored tiling, checked against its recomputation; the tile count is compared first, so an
+        edited image_size is refused before a single tile is made."""
+        count = cls.count(d["image_size"], d["patch_size"], d["stride"])
+        if count != len(d["tiles"]):
+            raise ValueError(f"{len(d['tiles'])} stored tiles, but image_size/patch_size/stride make {count}")
         tiling = cls.create(d["image_size"], d["patch_size"], d["stride"], d["ds_factors"])
         stored = tuple(Tile.from_dict(t) for t in d["tiles"])
         if stored != tiling.tiles:

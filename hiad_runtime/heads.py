@@ -8,6 +8,8 @@ head kinds, never detectors. `HeadCache` bounds the memory the heads of a many-t
 
 from __future__ import annotations
 
+import logging
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Mapping, Protocol, Sequence
@@ -23,6 +25,7 @@ from hiad_runtime.bundle import BundleError, HeadSpec
 from hiad_runtime.sessions import SessionFactory
 
 HEAD_PATHS = ("native", "onnx")  # native: a kind's fast path where it has one, else its graph
+log = logging.getLogger("hiad_runtime")
 
 
 class Head(Protocol):
@@ -113,13 +116,16 @@ class HeadCache:
 
     With a budget above the bundle's heads every head stays resident (`preload` loads them all up
     front); below it (256 O2O heads of an 8192^2 image) each chunk loads the heads its tiles need and
-    the page cache makes reading them again cheap.
+    the page cache makes reading them again cheap. The first head read a second time is logged once
+    (warning, logger "hiad_runtime"), with the budget that would keep them all.
     """
 
     def __init__(self, load: Callable[[str], Head], sizes: Mapping[str, int], budget: int):
         self.load, self.sizes, self.budget = load, dict(sizes), budget
         self.heads: OrderedDict[str, Head] = OrderedDict()
         self.loads = 0  # heads read from the bundle so far
+        self.reloads = 0  # of them, heads read again after being released
+        self.released: set[str] = set()
 
     @property
     def resident_bytes(self) -> int:
@@ -130,9 +136,16 @@ class HeadCache:
             self.heads.move_to_end(name)
             return self.heads[name]
         while self.heads and self.resident_bytes + self.sizes[name] > self.budget:
-            self.heads.popitem(last=False)
+            self.released.add(self.heads.popitem(last=False)[0])
         head = self.heads[name] = self.load(name)
         self.loads += 1
+        if name in self.released:
+            self.reloads += 1
+            if self.reloads == 1:
+                total = sum(self.sizes.values()) / 2**20
+                log.warning(f"task heads are read again for every image: their files take {total:.0f} MB, more "
+                            f"than the head memory of {self.budget / 2**20:.0f} MB; give --head-memory "
+                            f"{math.ceil(total)} (or more) to keep them loaded, if the machine has the memory")
         return head
 
     def preload(self) -> None:

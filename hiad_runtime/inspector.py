@@ -5,8 +5,8 @@ embed in batched calls (context windows once per chunk, fused per feature scale)
 (retrieval) -> score per task (each head by its kind's path) -> normalize -> add each tile's map into
 the image map in place -> thumbnail max -> blur -> image score -> thresholds. Chunks bound memory for
 images of any size (hiad_runtime/streaming.py), and the task heads are held within `head_memory`
-(hiad_runtime/heads.py: HeadCache). Engine "pipeline" runs the bundle's whole-image graph
-instead, one call per image.
+(hiad_runtime/heads.py: HeadCache; by default a quarter of the memory available, hiad_runtime/memory.py).
+Engine "pipeline" runs the bundle's whole-image graph instead, one call per image.
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ import numpy as np
 from hiad_runtime.bundle import Bundle, BundleError, EmbedderSpec
 from hiad_runtime.geometry import Box, Tile, context_crop, crop, split
 from hiad_runtime.heads import HeadCache, head_files, load_head
-from hiad_runtime.image import ImageError, decode, load_image, resize_image, resize_map, size_warnings
+from hiad_runtime.image import (ImageError, decode, default_max_pixels, load_image, resize_image, resize_map,
+                                size_warnings)
+from hiad_runtime.memory import default_head_memory_mb
 from hiad_runtime.pipeline import PipelineGraph
 from hiad_runtime.postprocess import finish, fuse_thumbnail, tile_maps_to_image
 from hiad_runtime.sessions import SessionFactory
-from hiad_runtime.streaming import HEAD_MEMORY_MB, MapAssembler, chunks, coverage
+from hiad_runtime.streaming import MapAssembler, chunks, coverage
 from hiad_runtime.tasks import route
 
 STAGES = ("decode", "tile", "backbone", "scoring", "post")
-MAX_PIXELS_FACTOR = 4  # default pixel budget of an input: this many times the bundle's image area
 ENGINES = ("tiles", "pipeline")  # stage by stage (faiss or ONNX heads), or the bundle's whole-image graph
 
 
@@ -89,14 +90,13 @@ class Inspector:
         engine: str = "tiles",
         backend: str = "auto",
         stream_tiles: int = 16,
-        head_memory: float = HEAD_MEMORY_MB,
+        head_memory: float | None = None,
     ):
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
         self.tiling = m.geometry
-        width, height = self.tiling.image_size
-        self.max_pixels = max_pixels or MAX_PIXELS_FACTOR * width * height  # paths and bytes above it are refused
+        self.max_pixels = max_pixels or default_max_pixels(self.tiling.image_size)  # inputs above it are refused
         self.stream_tiles = stream_tiles
         self.coverage = coverage(self.tiling.tiles, self.tiling.image_size)
         self.sessions = SessionFactory(providers, threads, backend)
@@ -111,12 +111,13 @@ class Inspector:
             return
         self.embedders = {name: Embedder(bundle.root, spec, self.sessions, batch_size) for name, spec in m.embedders.items()}
         self.tasks = m.tasks
-        if not head_memory > 0:
+        if head_memory is not None and not head_memory > 0:
             raise ValueError(f"head_memory must be > 0 MB, got {head_memory}")
+        self.head_memory = head_memory or default_head_memory_mb()  # MB of head files kept loaded
         specs = {t.name: t.head for t in m.tasks}
         sizes = {name: sum(m.files[f].bytes for f in head_files(spec, head_path)) for name, spec in specs.items()}
         load = lambda name: load_head(bundle.root, specs[name], self.sessions, head_path)  # noqa: E731
-        self.heads = HeadCache(load, sizes, int(head_memory * 2**20))
+        self.heads = HeadCache(load, sizes, int(self.head_memory * 2**20))
         self.heads.preload()
         self.centres = None
         if m.routing is not None:

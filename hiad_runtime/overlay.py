@@ -31,6 +31,8 @@ def save_rgb(path: str | Path, rgb: np.ndarray, max_side: int = 1024) -> None:
     scale = max_side / max(rgb.shape[:2])
     if scale < 1:
         rgb = cv2.resize(rgb, (int(rgb.shape[1] * scale), int(rgb.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
+    if not ok:
+        raise OSError(f"{path}: could not encode image")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1])):
-        raise OSError(f"{path}: could not write image")
+    Path(path).write_bytes(encoded)  # Python writes the file: OpenCV crashes on a name that is not UTF-8

@@ -3,7 +3,8 @@
 An 8192x8192 image has 256 tiles of 512; their features at once would take gigabytes. The Inspector
 embeds and scores `stream_tiles` tiles at a time and adds each tile's map into one image-sized
 buffer, so peak memory is the image, its map and one chunk's features, whatever the tile count;
-the task heads are kept within `HEAD_MEMORY_MB` (`heads.HeadCache`), loaded per chunk beyond it.
+the task heads are kept within a memory budget (`heads.HeadCache`; default: `memory.default_head_memory_mb`),
+loaded per chunk beyond it.
 The result equals `postprocess.tile_maps_to_image` (gather: overlaps averaged), computed in place.
 """
 
@@ -15,9 +16,6 @@ import numpy as np
 
 from hiad_runtime.geometry import Size, Tile
 from hiad_runtime.postprocess import PostprocessSpec, tile_map
-
-HEAD_MEMORY_MB = 256  # default budget of loaded task heads (their files' bytes); a bundle with more loads them per chunk
-
 
 def chunks(count: int, size: int) -> Iterator[list[int]]:
     """Tile indices 0..count-1 in consecutive runs of at most `size`."""

@@ -41,6 +41,7 @@ def _samples(data: Path, split: str):
 
 
 def _evaluate(model, data: Path, out: Path) -> dict:
+    from hiad_runtime.image import ImageError
     from hiad_train.evaluation import format_table
     from hiad_train.trainer import HRTrainer
     from hiad_runtime.overlay import overlay, save_rgb
@@ -48,7 +49,10 @@ def _evaluate(model, data: Path, out: Path) -> dict:
     trainer = HRTrainer(model.config)
     samples = _samples(data, "test")
     t0 = time.perf_counter()
-    metrics, preds = trainer.evaluate(model, samples)
+    try:
+        metrics, preds = trainer.evaluate(model, samples)
+    except ImageError as e:
+        _fail(str(e))
     metrics["seconds_per_image_torch"] = (time.perf_counter() - t0) / len(samples)
     typer.echo(format_table(metrics))
     out.mkdir(parents=True, exist_ok=True)
@@ -71,6 +75,7 @@ def train(
 ) -> None:
     """Train one detector per task and write the checkpoint (atomically)."""
     from hiad_runtime.cli import describe_threshold
+    from hiad_runtime.image import ImageError
     from hiad_train.checkpoint import save_checkpoint
     from hiad_train.executors import LocalExecutor, StageFailed
     from hiad_train.tasks import print_tasks
@@ -94,7 +99,7 @@ def train(
     t0 = time.perf_counter()
     try:
         model = HRTrainer(cfg, executor=executor).fit(samples)
-    except StageFailed as e:
+    except (StageFailed, ImageError) as e:  # an image cut short or over the pixel budget, named
         _fail(f"{e}; no checkpoint written")
     finally:
         logging.getLogger("hiad_train").removeHandler(log)
@@ -188,7 +193,7 @@ def calibrate_cmd(
     """Recompute thresholds (by false-alarm rate) and normalization from new images, without retraining."""
     from hiad_runtime.bundle import MANIFEST, BundleError
     from hiad_runtime.cli import describe_threshold
-    from hiad_runtime.image import ImageError, load_image, resize_image
+    from hiad_runtime.image import ImageError, default_max_pixels, load_image, resize_image
     from hiad_runtime.results import find_inputs
     from hiad_train import calibration
     from hiad_train.config import SynthesizerConfig
@@ -211,7 +216,8 @@ def calibrate_cmd(
         else:
             _fail(f"{source}: neither a checkpoint (checkpoint.json) nor a bundle ({MANIFEST})")
         size = scorer.tiling.image_size
-        images = {name: [resize_image(load_image(f), size) for f in find_inputs([d])] if d else []
+        budget = default_max_pixels(size)
+        images = {name: [resize_image(load_image(f, budget), size) for f in find_inputs([d])] if d else []
                   for name, d in (("normal", normal), ("defective", defective))}
         if not images["normal"]:
             _fail(f"{normal}: no images found")

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from hiad_runtime.geometry import Tiling, as_size
+from hiad_runtime.geometry import Tiling, as_size, tiles_along
 
 # Bytes per pixel of one image in the pipeline: decoded RGB uint8 (3) + the float32 map and its
 # blurred copy (8); the stacked tile crops (3 per tile pixel) come on top.
@@ -39,11 +39,6 @@ def _size(value):
     if min(pair) <= 0:
         raise ValueError(f"must be positive, got {value!r}")
     return value if whole(value) else pair
-
-
-def _tiles_along(length: int, patch: int, stride: int) -> int:
-    """How many windows `Tiling` places along one axis (the last one is shifted to the border)."""
-    return max(0, -(-(length - patch) // stride)) + 1
 
 
 SizeSpec = Annotated[Union[int, tuple[int, int]], BeforeValidator(_size)]
@@ -193,7 +188,7 @@ class TrainConfig(Strict):
         """Refuse a geometry whose one image needs more than MAX_IMAGE_BYTES, before anything is allocated."""
         (w, h), (pw, ph) = as_size(self.image_size), as_size(self.patch_size)
         sw, sh = as_size(self.stride) if self.stride is not None else (pw, ph)
-        tiles = _tiles_along(w, pw, sw) * _tiles_along(h, ph, sh) if pw <= w and ph <= h else 0
+        tiles = tiles_along(w, pw, sw) * tiles_along(h, ph, sh) if pw <= w and ph <= h else 0
         need = w * h * PIPELINE_BYTES_PER_PIXEL + tiles * pw * ph * 3
         if need > MAX_IMAGE_BYTES:
             raise ValueError(
@@ -259,7 +254,16 @@ def _describe(model: type[BaseModel], error: dict) -> str:
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    """yaml's safe loader, refusing a mapping that repeats a key (plain YAML silently keeps the last)."""
+    """yaml's safe loader, refusing a mapping that repeats a key (plain YAML silently keeps the last) and
+    any alias (`*name`): a config is plain data, and a few nested aliases in 500 bytes expand to
+    billions of nodes (walking them took 41 s where the refusal takes none)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1}: alias *{event.anchor} refused: "
+                              "configs are plain data, write the value out (aliases can expand exponentially)")
+        return super().compose_node(parent, index)
 
     def construct_document(self, node):
         self._paths = dict(_mapping_paths(node, ()))

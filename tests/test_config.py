@@ -47,3 +47,26 @@ def test_detector_is_chosen_from_the_registry_and_types_its_section():
     assert cfg.thumbnail.thumbnail_size == 128 and cfg.thumbnail.merge_size == 3
     with pytest.raises(ConfigError, match=r"thumbnail\.thumbnail_size: Field required"):
         parse_config({"image_size": 512, "patch_size": 256, "thumbnail": {"percentage": 0.1}})
+
+
+def test_yaml_aliases_are_refused_before_they_are_expanded(tmp_path, monkeypatch):
+    """Issue #18: 500 bytes of nested aliases took the duplicate-key loader 41 s (yaml.safe_load: 0.006 s)."""
+    import hiad_train.config as config_module
+
+    walked = []
+    walk = config_module._mapping_paths
+
+    def counted(node, path):
+        walked.append(1)
+        assert len(walked) <= 10_000, "aliases expanded"
+        yield from walk(node, path)
+
+    monkeypatch.setattr(config_module, "_mapping_paths", counted)
+    levels = ["a0: &a0 {x: 1, y: 2, z: 3, w: 4, v: 5, u: 6, t: 7, s: 8}"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 8)}]" for i in range(1, 9)]
+    config = tmp_path / "bomb.yaml"
+    config.write_text("image_size: 256\npatch_size: 128\n" + "\n".join(levels) + "\n")
+    assert len(config.read_bytes()) < 600
+    with pytest.raises(ConfigError, match=r"bomb\.yaml: invalid configuration\n  line 4: alias \*a0 refused: configs are plain"):
+        load_config(config)
+    assert walked == []

@@ -74,3 +74,40 @@ def test_gather_averages_overlaps():
     tiling = Tiling.create((6, 2), (4, 2), (2, 2))
     merged = gather([np.zeros((2, 4)), np.ones((2, 4))], tiling.tiles, (6, 2))
     np.testing.assert_allclose(merged[0], [0, 0, 0.5, 0.5, 1, 1])
+
+
+@pytest.fixture()
+def tiles_made(monkeypatch):
+    """Every Tile constructed from here on; more than 1000 fails at once (an edited size made millions)."""
+    import hiad_runtime.geometry as geometry
+
+    made = []
+
+    class Counted(geometry.Tile):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            assert len(made) <= 1000, "tiles computed before the geometry was refused"
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(geometry, "Tile", Counted)
+    return made
+
+
+def test_an_edited_image_size_is_refused_before_any_tile_is_made(bundle_dir, tmp_path, tiles_made):
+    """Issue #18: tiling.image_size edited to 10^6 in a manifest made the loader compute tiles for 56 s and
+    4.7 GB before refusing (the same through the service's /v1/reload)."""
+    import shutil
+
+    from hiad_runtime.bundle import Bundle, BundleError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["tiling"]["image_size"] = [10**6, 10**6]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"tiling: 4 stored tiles, but image_size/patch_size/stride make 61042969"):
+        Bundle.load(bundle)
+    with pytest.raises(ValueError, match=r"makes 3818116 tiles, more than the limit of 65536"):
+        Tiling.create(10**6, 512)
+    assert tiles_made == []
+    assert len(Tiling.create(2048, 512).tiles) == len(tiles_made) == 16  # the count sees every tile made

@@ -214,3 +214,43 @@ def test_predict_and_bench_with_prefetch_report_images_per_second(bundle_dir, el
     assert bench.exit_code == 0, bench.output
     figures = json.loads((tmp_path / "b.json").read_text())
     assert figures["prefetch"] == 1 and figures["images_per_s"] > 0 and len(figures["stages_ms"]) == 6
+
+
+# -- issue #18: head memory follows the machine -----------------------------------------------------
+def test_default_head_memory_is_a_quarter_of_the_memory_available(many_tiles_bundle, monkeypatch):
+    """A fixed 256 MB made the CPU PaDiM at 2048^2 (16 heads of 165 MB) read 2.6 GB of heads per image."""
+    from hiad_runtime import memory
+
+    meminfo = dict(line.split(":") for line in open("/proc/meminfo").read().splitlines())
+    assert 0 < memory.available_bytes() <= int(meminfo["MemTotal"].split()[0]) * 1024
+    bundle = Bundle.load(many_tiles_bundle)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 8 << 30)
+    assert Inspector(bundle).head_memory == 2048
+    monkeypatch.setattr(memory, "available_bytes", lambda: 100 << 20)  # a small box: never under 256 MB
+    assert Inspector(bundle).head_memory == memory.MIN_HEAD_MEMORY_MB == 256
+    assert Inspector(bundle, head_memory=32).head_memory == 32  # given: used as it is
+
+
+def test_heads_read_again_are_reported_once_with_the_figure_to_set(many_tiles_bundle, test_samples, caplog, tmp_path):
+    import math
+
+    from hiad_runtime.cli import app
+
+    bundle = Bundle.load(many_tiles_bundle)
+    sizes = [sum(bundle.manifest.files[f].bytes for f in head_files(t.head)) for t in bundle.manifest.tasks]
+    one_head = (max(sizes) + 1) / 2**20
+    image = test_samples[-1].image((160, 160))
+    paged = Inspector(bundle, stream_tiles=4, head_memory=one_head)
+    with caplog.at_level("WARNING", logger="hiad_runtime"):
+        for _ in range(3):
+            paged.predict(image)
+    warned = [r.getMessage() for r in caplog.records if r.name == "hiad_runtime"]
+    assert len(warned) == 1 and f"give --head-memory {math.ceil(sum(sizes) / 2**20)}" in warned[0]
+
+    for head_memory, per_image in ((one_head, 9), (None, 0)):  # every head read per image, or none
+        figures = tmp_path / "bench.json"
+        args = ["bench", str(many_tiles_bundle), "--repeat", "2", "--stream-tiles", "4", "--json", str(figures)]
+        result = CliRunner().invoke(app, args + (["--head-memory", str(head_memory)] if head_memory else []))
+        assert result.exit_code == 0, result.output
+        assert json.loads(figures.read_text())["head_loads_per_image"] == per_image
+        assert f"head loads per image {per_image:.1f} (9 heads" in result.output
