@@ -19,7 +19,8 @@ import onnxruntime
 import pytest
 from PIL import Image
 
-from hiad_runtime.inspector import MAX_PIXELS_FACTOR, Inspector
+from hiad_runtime.image import MAX_PIXELS_FACTOR
+from hiad_runtime.inspector import Inspector
 
 C_DIR = Path(__file__).resolve().parents[1] / "c"
 BUILD = C_DIR / "build"

@@ -354,7 +354,7 @@ def default_server(bundle_dir, tmp_path_factory):
 
 def test_service_and_cli_share_the_default_pixel_budget(default_server, tmp_path):
     """#18 item 4a: without --max-megapixels the service refuses what `predict` refuses (4x the bundle's area)."""
-    from hiad_runtime.inspector import MAX_PIXELS_FACTOR
+    from hiad_runtime.image import MAX_PIXELS_FACTOR
 
     url, bundle = default_server
     width, height = json.loads((bundle / "manifest.json").read_text())["tiling"]["image_size"]

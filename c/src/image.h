@@ -9,7 +9,7 @@
 #include <stdint.h>
 
 /* The default pixel budget of an input, in multiples of the bundle's image area (the Python
- * runtime's MAX_PIXELS_FACTOR, hiad_runtime/inspector.py). */
+ * runtime's MAX_PIXELS_FACTOR, hiad_runtime/image.py). */
 #define HIAD_MAX_PIXELS_FACTOR 4
 
 typedef struct {
