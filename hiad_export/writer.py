@@ -24,6 +24,7 @@ from hiad_export import __version__
 from hiad_export.graphs import build_engine, export_embedder, export_head, tensorrt_status
 from hiad_export.parity import DEFAULT_TOLERANCE, ParityError, ParityReport, measure
 from hiad_export.pipeline import bundle_identity, export_pipeline
+from hiad_export.pipeline_memory import PIPELINE_MEMORY_MB
 from hiad_export.quantize import calibration_tiles, reduce_precision
 from hiad_runtime.bundle import (
     MANIFEST,
@@ -60,6 +61,8 @@ class ExportOptions:
     archive: bool = False
     precision: str = "fp32"  # embedder graphs: fp32, fp16 or int8 (heads stay fp32)
     calibration: Sequence[np.ndarray] = ()  # int8: training images at the model's image size
+    pipeline: bool = False  # also build the whole-image graph (pipeline.onnx: what the C library runs)
+    pipeline_memory_mb: float = PIPELINE_MEMORY_MB  # ... when it can be built and checked within this much memory
     notes: list[str] = field(default_factory=list)  # what was skipped and why
 
 
@@ -162,10 +165,10 @@ def _files(tmp: Path) -> dict:
 
 
 def _add_pipeline(model: HRModel, tmp: Path, fields: dict, opts: ExportOptions) -> dict:
-    """The whole-image graph, named after the files written so far; a note says why when it cannot be built."""
-    pipeline = export_pipeline(model, tmp, bundle_identity(_files(tmp)))
-    if pipeline.unsupported:
-        opts.notes.append(f"pipeline graph skipped: {pipeline.unsupported}")
+    """The whole-image graph when asked for and within budget, named after the files written so far;
+    a note says what it costs, or why there is none."""
+    pipeline, note = export_pipeline(model, tmp, bundle_identity(_files(tmp)), opts.pipeline, opts.pipeline_memory_mb)
+    opts.notes.append(note)
     return {**fields, "pipeline": pipeline}
 
 
