@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import resource
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -96,7 +97,9 @@ def export(
             status = "ok" if r["passed"] else ("not enforced (approximate path: recorded)" if not r["enforced"] else "FAILED")
             typer.echo(f"parity [{path}] on {r['images']} image(s): max map diff {r['max_abs_map_diff']:.3g} "
                        f"({r['max_rel_map_diff']:.2e} of range), score diff {r['max_rel_score_diff']:.2e}: {status}")
-    typer.echo(f"bundle: {out} ({len(manifest.tasks)} task(s), {sum(f.bytes for f in manifest.files.values()) / 1e6:.1f} MB)")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    typer.echo(f"bundle: {out} ({len(manifest.tasks)} task(s), {sum(f.bytes for f in manifest.files.values()) / 1e6:.1f} MB); "
+               f"export peak RSS {peak_mb:.0f} MB")
 
 
 def main() -> None:
