@@ -12,12 +12,13 @@ $(BIN)/hiad-train: pyproject.toml
 	$(BIN)/pip install -q -e '.[cpu,train,serve,ray,openvino,test]'
 	touch $@
 
-# Build the ELPV demo, train PatchCore (O2O), export a bundle (parity-checked), run the
-# torch-free runtime on the test modules, and evaluate what the runtime produced.
+# Build the ELPV demo, train PatchCore (O2O), export a bundle (parity-checked; with the whole-image graph
+# that `make c`'s hiad-infer runs), run the torch-free runtime on the test modules, and evaluate what the
+# runtime produced.
 demo: $(BIN)/hiad-train
 	$(BIN)/hiad-train demo-data data
 	$(BIN)/hiad-train configs/demo.yaml --data data/elpv --out $(DEMO) --eval
-	$(BIN)/hiad-export $(DEMO)/checkpoint --out $(DEMO)/bundle --index IVF64,Flat --search nprobe=4
+	$(BIN)/hiad-export $(DEMO)/checkpoint --out $(DEMO)/bundle --index IVF64,Flat --search nprobe=4 --pipeline
 	$(BIN)/hiad-runtime predict $(DEMO)/bundle data/elpv/test --out $(DEMO)/runtime --overlays --overwrite
 	$(BIN)/hiad-train eval-runtime $(DEMO)/runtime --data data/elpv
 

@@ -49,10 +49,20 @@ def load() -> str:
 
 
 def run(*args, env: dict | None = None) -> str:
-    out = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, args))} failed:\n{out.stderr[-3000:]}")
-    return out.stdout
+    return run_measured(*args, env=env)[0]
+
+
+def run_measured(*args, env: dict | None = None) -> tuple[str, float]:
+    """stdout and the process's peak RSS in MB (its own rusage from wait4, whatever ran before)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([str(a) for a in args], stdout=out, stderr=err, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(map(str, args))} failed:\n{err.read()[-3000:]}")
+        return out.read(), usage.ru_maxrss / 1024
 
 
 def bench(bundle: Path, *extra, work: Path, name: str) -> dict:
@@ -71,6 +81,11 @@ def accuracy(bundle: Path, data: Path, work: Path, name: str, *extra) -> dict:
 def export(checkpoint: Path, out: Path, *extra) -> Path:
     run(BIN / "hiad-export", checkpoint, "--out", out, *extra)
     return out
+
+
+def export_measured(checkpoint: Path, out: Path, *extra) -> tuple[Path, float]:
+    """The bundle and the export's peak RSS in MB."""
+    return out, run_measured(BIN / "hiad-export", checkpoint, "--out", out, *extra)[1]
 
 
 def stage(fig: dict, s: str) -> float:
@@ -138,10 +153,12 @@ def section_large(data: Path, work: Path, repeat: int) -> None:
     """The same 2 demo modules at 2048^2 and upscaled 4x to 8192^2 (16 vs 256 O2O tasks), fp32 exact
     bundles, streamed 16 tiles at a time; latency per tile should not grow, nor memory with tiles.
     8192^2 runs twice: every head resident (the default budget holds this bundle's 256), and heads
-    loaded per chunk (a 32 MB budget, what a bundle trained on more images gets by default)."""
+    loaded per chunk (a 32 MB budget, what a bundle trained on more images gets by default).
+    Training, export and runtime each print their peak RSS (the export builds no whole-image graph:
+    at 8192^2 it would need about 16 GB, docs/benchmarks.md)."""
     import cv2
 
-    figures, train_s = {}, {}
+    figures, train, exported = {}, {}, {}
     for size in (2048, 8192):
         root = work / f"elpv{size}"
         for split in ("train/good", "test/good"):
@@ -153,22 +170,30 @@ def section_large(data: Path, work: Path, repeat: int) -> None:
         config = work / f"large{size}.yaml"
         config.write_text((ROOT / "configs" / "demo.yaml").read_text().replace("image_size: 2048", f"image_size: {size}"))
         t0 = time.perf_counter()
-        run(BIN / "hiad-train", config, "--data", root, "--out", work / f"large{size}")
-        train_s[size] = time.perf_counter() - t0
-        bundle = export(work / f"large{size}" / "checkpoint", work / f"large{size}_fp32", "--images", test)
+        _, train_mb = run_measured(BIN / "hiad-train", config, "--data", root, "--out", work / f"large{size}")
+        train[size] = (time.perf_counter() - t0, train_mb, load())
+        t0 = time.perf_counter()
+        bundle, export_mb = export_measured(work / f"large{size}" / "checkpoint", work / f"large{size}_fp32", "--images", test)
+        exported[size] = (time.perf_counter() - t0, export_mb, load())
         budgets = {"resident": ()} if size == 2048 else {"resident": (), "per chunk": ("--head-memory", 32)}
         for label, extra in budgets.items():
             figures[size, label] = (bench(bundle, test, "--repeat", repeat, *extra, work=work, name=f"large{size}_{label}"), load())
     print(f"\n### Images larger than 2048^2: 2 demo modules at 2048^2 and at 8192^2 (fp32, exact Flat, streamed 16 tiles at a time, batch 1, {repeat} runs)")
-    print("| image | tiles | heads | head loads | train s (2 images) | decode ms | backbone ms | scoring ms | post ms | total ms | ms per tile | peak RSS MB | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| image | training s / peak RSS MB (2 images) | export s / peak RSS MB | load |\n|---|---|---|---|")
+    for size in (2048, 8192):
+        print(f"| {size}^2 | {train[size][0]:.0f} / {train[size][1]:.0f} | {exported[size][0]:.0f} / {exported[size][1]:.0f} | "
+              f"{train[size][2]}; {exported[size][2]} |")
+    print("| image | tiles | heads | head loads | decode ms | backbone ms | scoring ms | post ms | total ms | ms per tile | peak RSS MB | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (size, label), (fig, ld) in figures.items():
-        print(f"| {size}^2 | {fig['tiles']} | {label} | {fig['head_loads']} | {train_s[size]:.0f} | {stage(fig, 'decode'):.0f} | "
+        print(f"| {size}^2 | {fig['tiles']} | {label} | {fig['head_loads']} | {stage(fig, 'decode'):.0f} | "
               f"{stage(fig, 'backbone'):.0f} | {stage(fig, 'scoring'):.0f} | {stage(fig, 'post'):.0f} | {stage(fig, 'total'):.0f} | "
               f"{stage(fig, 'total') / fig['tiles']:.1f} | {fig['peak_rss_mb']:.0f} | {ld} |")
     for label in ("resident", "per chunk"):
-        ratio = stage(figures[8192, label][0], "total") / (16 * stage(figures[2048, "resident"][0], "total"))
-        print(f"8192^2 ({label} heads) total / (16 x 2048^2 total) = {ratio:.2f}")
+        fig = figures[8192, label][0]
+        ratio = stage(fig, "total") / (16 * stage(figures[2048, "resident"][0], "total"))
+        print(f"8192^2 ({label} heads) total / (16 x 2048^2 total) = {ratio:.2f}; peak RSS: export {exported[8192][1]:.0f} MB, "
+              f"runtime {fig['peak_rss_mb']:.0f} MB")
 
 
 def section_accuracy(bundles: dict[str, Path], data: Path, work: Path) -> list:

@@ -1,13 +1,16 @@
-"""`hiad-export CHECKPOINT_DIR --out BUNDLE_DIR [--index ...] [--formats onnx[,trt]] [--precision fp32|fp16|int8] [--images ...]`."""
+"""`hiad-export CHECKPOINT_DIR --out BUNDLE_DIR [--index ...] [--formats onnx[,trt]] [--precision fp32|fp16|int8] [--images ...]
+[--pipeline [--pipeline-memory MB]]`."""
 
 from __future__ import annotations
 
 import json
+import resource
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
 
 class Precision(str, Enum):
     fp32 = "fp32"
@@ -60,9 +63,14 @@ def export(
     archive: bool = typer.Option(False, "--archive", help="also write OUT.tar (the full name plus .tar)"),
     precision: Precision = typer.Option(Precision.fp32, "--precision", help="embedder graphs: fp32; int8 (static QDQ, calibrated on the training images; fastest on CPU); fp16 (for GPU providers)"),
     calibration_images: int = typer.Option(4, "--calibration-images", help="int8: how many training images calibrate the activations"),
+    pipeline: bool = typer.Option(False, "--pipeline", help="also build the whole-image graph pipeline.onnx (what the C library and "
+                                  "--engine pipeline run): a second copy of every head, every tile in one run"),
+    pipeline_memory: Optional[float] = typer.Option(None, "--pipeline-memory", min=1, show_default="4096", help="--pipeline: MB "
+                                                    "the graph may take to build and check; a larger one is left out, the manifest says why"),
 ) -> None:
     """Export graphs, indexes and manifest; prove parity with PyTorch; publish atomically."""
     from hiad_export.parity import ParityError
+    from hiad_export.pipeline_memory import PIPELINE_MEMORY_MB
     from hiad_export.writer import ExportOptions, write_bundle
     from hiad_train.checkpoint import CheckpointError, load_checkpoint
 
@@ -76,7 +84,8 @@ def export(
         parity_images = _parity_images(list(images or []), meta.get("data"), model.tiling.image_size)
         calibration = _calibration_images(meta.get("data"), model.tiling.image_size, calibration_images) if precision == Precision.int8 else []
         opts = ExportOptions({"index": index, "search_params": search}, formats=fmts, tolerance=tolerance, archive=archive,
-                             precision=precision.value, calibration=calibration)
+                             precision=precision.value, calibration=calibration, pipeline=pipeline,
+                             pipeline_memory_mb=pipeline_memory or PIPELINE_MEMORY_MB)
         manifest = write_bundle(model, out, parity_images, opts)
     except (CheckpointError, ParityError, ValueError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
@@ -88,7 +97,9 @@ def export(
             status = "ok" if r["passed"] else ("not enforced (approximate path: recorded)" if not r["enforced"] else "FAILED")
             typer.echo(f"parity [{path}] on {r['images']} image(s): max map diff {r['max_abs_map_diff']:.3g} "
                        f"({r['max_rel_map_diff']:.2e} of range), score diff {r['max_rel_score_diff']:.2e}: {status}")
-    typer.echo(f"bundle: {out} ({len(manifest.tasks)} task(s), {sum(f.bytes for f in manifest.files.values()) / 1e6:.1f} MB)")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    typer.echo(f"bundle: {out} ({len(manifest.tasks)} task(s), {sum(f.bytes for f in manifest.files.values()) / 1e6:.1f} MB); "
+               f"export peak RSS {peak_mb:.0f} MB")
 
 
 def main() -> None:

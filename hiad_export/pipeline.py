@@ -8,6 +8,10 @@ static tasks (each head on its own tiles) -> per-task normalization -> bilinear 
 averaging -> thumbnail branch and max -> Gaussian blur (symmetric 'reflect' borders) -> block-mean
 image score -> thresholds. Thresholds, the schema version and the bundle's identity are the
 graph's metadata. What cannot be expressed exactly raises `PipelineUnsupported` naming it.
+
+The graph is built only when asked for (`hiad-export --pipeline`) and within a memory budget: it
+holds a second copy of every head (PaDiM at 2048^2: 2.6 GB on disk) and runs every tile at once
+(hiad_export/pipeline_memory.py). Otherwise `manifest.pipeline.unsupported` says why, with its cost.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hiad_export.graphs import OPSET, _export
+from hiad_export.pipeline_memory import MB, PIPELINE_MEMORY_MB, pipeline_cost
 from hiad_runtime.bundle import SCHEMA_VERSION, GraphSpec, PipelineSpec, TensorSpec
 from hiad_runtime.geometry import Box, Size, context_crop
 from hiad_train.model import HRModel
@@ -269,13 +274,25 @@ def bundle_identity(files: dict[str, dict]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def export_pipeline(model: HRModel, folder: Path, bundle_id: str) -> PipelineSpec:
-    """Write pipeline.onnx into the bundle folder and describe it; a model with a step the graph
-    cannot reproduce gets a spec naming that step, and no graph."""
+def export_pipeline(
+    model: HRModel, folder: Path, bundle_id: str, requested: bool = True, memory_mb: float = PIPELINE_MEMORY_MB
+) -> tuple[PipelineSpec, str]:
+    """Write pipeline.onnx into the bundle folder when asked for and within `memory_mb`; the spec and
+    a line for the exporter's notes. Without a graph, the spec's `unsupported` says why: the step the
+    graph cannot reproduce, or that it was not asked for, or its cost over the budget."""
     try:
         pipeline = Pipeline(model).eval()
     except PipelineUnsupported as e:
-        return PipelineSpec(unsupported=str(e))
+        return PipelineSpec(unsupported=str(e)), f"pipeline graph skipped: {e}"
+    cost = pipeline_cost(pipeline, model.tiling.image_size)
+    if not requested:
+        why = f"not built: hiad-export --pipeline builds the whole-image graph, {cost.describe()}"
+        return PipelineSpec(unsupported=why), f"pipeline graph {why}"
+    if cost.total_mb > memory_mb:
+        why = (f"left out: the whole-image graph runs all {len(model.tiling.tiles)} tiles at once, {cost.describe()}, over "
+               f"the budget of {memory_mb:g} MB; it needs a machine with that memory (hiad-export --pipeline-memory "
+               f"{cost.total_mb}) or a graph that streams tiles in chunks (not built yet)")
+        return PipelineSpec(unsupported=why), f"pipeline graph {why}"
     width, height = model.tiling.image_size
     example = torch.zeros(1, height, width, 3, dtype=torch.uint8)
     metadata = {
@@ -301,4 +318,5 @@ def export_pipeline(model: HRModel, folder: Path, bundle_id: str) -> PipelineSpe
         outputs=[outputs[n] for n in names],
         opset=OPSET,
     )
-    return PipelineSpec(graph=graph, metadata=metadata)
+    size = sum(f.stat().st_size for f in folder.glob(PIPELINE_FILE + "*")) / MB
+    return PipelineSpec(graph=graph, metadata=metadata), f"pipeline graph built: {size:.1f} MB on disk, {cost.describe()}"

@@ -9,6 +9,7 @@ leaves the previous bundle intact and `OUT` always names a complete one.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import os
 import tarfile
@@ -21,8 +22,9 @@ from tqdm import tqdm
 
 from hiad_export import __version__
 from hiad_export.graphs import build_engine, export_embedder, export_head, tensorrt_status
-from hiad_export.parity import DEFAULT_TOLERANCE, ParityError, measure
+from hiad_export.parity import DEFAULT_TOLERANCE, ParityError, ParityReport, measure
 from hiad_export.pipeline import bundle_identity, export_pipeline
+from hiad_export.pipeline_memory import PIPELINE_MEMORY_MB
 from hiad_export.quantize import calibration_tiles, reduce_precision
 from hiad_runtime.bundle import (
     MANIFEST,
@@ -47,6 +49,9 @@ from hiad_runtime.sessions import resolve_backend
 from hiad_train.detectors import Detector
 from hiad_train.model import HRModel
 
+PARITY_HEAD_MEMORY_MB = 256  # task heads each parity path keeps loaded (more are loaded per chunk): the export's memory
+#                              does not grow with the task count, nor with the machine's free memory
+
 
 @dataclass
 class ExportOptions:
@@ -56,6 +61,8 @@ class ExportOptions:
     archive: bool = False
     precision: str = "fp32"  # embedder graphs: fp32, fp16 or int8 (heads stay fp32)
     calibration: Sequence[np.ndarray] = ()  # int8: training images at the model's image size
+    pipeline: bool = False  # also build the whole-image graph (pipeline.onnx: what the C library runs)
+    pipeline_memory_mb: float = PIPELINE_MEMORY_MB  # ... when it can be built and checked within this much memory
     notes: list[str] = field(default_factory=list)  # what was skipped and why
 
 
@@ -158,10 +165,10 @@ def _files(tmp: Path) -> dict:
 
 
 def _add_pipeline(model: HRModel, tmp: Path, fields: dict, opts: ExportOptions) -> dict:
-    """The whole-image graph, named after the files written so far; a note says why when it cannot be built."""
-    pipeline = export_pipeline(model, tmp, bundle_identity(_files(tmp)))
-    if pipeline.unsupported:
-        opts.notes.append(f"pipeline graph skipped: {pipeline.unsupported}")
+    """The whole-image graph when asked for and within budget, named after the files written so far;
+    a note says what it costs, or why there is none."""
+    pipeline, note = export_pipeline(model, tmp, bundle_identity(_files(tmp)), opts.pipeline, opts.pipeline_memory_mb)
+    opts.notes.append(note)
     return {**fields, "pipeline": pipeline}
 
 
@@ -196,22 +203,31 @@ def check_parity(
     on `images`; raise ParityError past the tolerance. A native path whose artifacts are approximate
     (params `exact: false`, e.g. an IVF index) is measured and recorded, not enforced: its deviation
     is the accuracy it trades; so is a reduced-precision embedder (`label` names it: its reports are
-    keyed `int8:onnx`, ...)."""
+    keyed `int8:onnx`, ...). One path's sessions at a time, within `PARITY_HEAD_MEMORY_MB` of heads."""
     if not images:
         raise ParityError("parity needs at least one held-back image")
     reference = reference or [model.predict(im) for im in tqdm(images, desc="parity: pytorch", leave=False)]
     bundle = Bundle.load(root)
     reduced = any(e.precision != "fp32" for e in bundle.manifest.embedders.values())
     key = f"{label}:" if label else ""
-    reports = [measure(reference, Inspector(bundle, head_path="onnx", backend="onnxruntime"), images, key + "onnx", opts.tolerance, not reduced)]
+
+    def measured(path: str, enforced: bool, **options) -> ParityReport:
+        inspector = Inspector(bundle, head_memory=PARITY_HEAD_MEMORY_MB, **options)
+        try:
+            return measure(reference, inspector, images, path, opts.tolerance, enforced)
+        finally:  # an Inspector is a reference cycle (its head loader): freed by the collector, before the next path
+            del inspector
+            gc.collect()
+
+    reports = [measured(key + "onnx", not reduced, head_path="onnx", backend="onnxruntime")]
     native = [h for h in bundle.manifest.heads() if has_native_path(h)]
     exact = all(h.params.get("exact", True) for h in native) and not reduced  # approximate indexes: recorded, not enforced
     if native:
-        reports.append(measure(reference, Inspector(bundle, head_path="native", backend="onnxruntime"), images, key + "native", opts.tolerance, exact))
+        reports.append(measured(key + "native", exact, head_path="native", backend="onnxruntime"))
     if resolve_backend("auto") == "openvino":  # the runtime's default backend on this box: proven too
-        reports.append(measure(reference, Inspector(bundle, backend="openvino"), images, key + "openvino", opts.tolerance, exact))
+        reports.append(measured(key + "openvino", exact, backend="openvino"))
     if bundle.manifest.pipeline and bundle.manifest.pipeline.graph and not reduced:  # the graph holds the fp32 embedder
-        reports.append(measure(reference, Inspector(bundle, engine="pipeline", backend="onnxruntime"), images, "pipeline", opts.tolerance, True))
+        reports.append(measured("pipeline", True, engine="pipeline", backend="onnxruntime"))
     failed = [r for r in reports if r.enforced and not r.passed]
     if failed:
         lines = [f"{r.path}: max relative map diff {r.max_rel_map_diff:.2e}, score diff {r.max_rel_score_diff:.2e}" for r in failed]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import sys
 import time
 from enum import Enum
@@ -111,7 +112,8 @@ def train(
     seconds = time.perf_counter() - t0
     typer.echo(print_tasks(model.tasks, model.tiling) if model.routing is None else f"{len(model.tasks)} retrieval tasks (routed at inference)")
     held_out = model.validation["images"] if model.validation else 0
-    typer.echo(f"trained {len(model.tasks)} task(s) on {len(samples) - held_out} images in {seconds:.1f} s")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process (Ray workers have their own)
+    typer.echo(f"trained {len(model.tasks)} task(s) on {len(samples) - held_out} images in {seconds:.1f} s, peak RSS {peak_mb:.0f} MB")
     if model.validation:
         v = {k: round(x, 4) if isinstance(x, float) else x for k, x in model.validation.items()}
         typer.echo(f"validation ({held_out} held-out image(s), synthetic anomalies): {v}")
@@ -120,7 +122,7 @@ def train(
     save_checkpoint(model, out / "checkpoint", data)
     save_rgb(out / "task_map.png", task_map(model.tasks, model.tiling, samples[0].image(model.tiling.image_size)))
     (out / "train.json").write_text(json.dumps({"train_seconds": seconds, "train_images": len(samples), "ray": ray_address,
-                                                "seconds": executor.seconds}, indent=1))
+                                                "peak_rss_mb": round(peak_mb), "seconds": executor.seconds}, indent=1))
     typer.echo(f"checkpoint: {out / 'checkpoint'}")
     if eval_:
         _evaluate(model, data, out / "eval_torch")

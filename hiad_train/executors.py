@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
@@ -30,7 +30,7 @@ class Stage:
     name: str  # "features" or "tasks"
     work: Callable[[Any, Any], Any]
     shared: Any
-    items: list
+    items: Sequence  # read one at a time (the trainer's task inputs are gathered when read)
     labels: list[str]
     resources: TaskResources
     retries: int = 0  # further attempts of an item whose worker dies or which raises (where the executor retries)
@@ -67,7 +67,7 @@ class LocalExecutor:
     def run(self, stage: Stage, progress: bool = False) -> list:
         results = []
         with torch_threads(stage.threads):
-            for label, item in tqdm(list(zip(stage.labels, stage.items)), desc=stage.name, disable=not progress):
+            for label, item in tqdm(zip(stage.labels, stage.items), total=len(stage.items), desc=stage.name, disable=not progress):
                 start = time.perf_counter()
                 results.append(stage.work(stage.shared, item))
                 self.record(stage.name, label, time.perf_counter() - start)

@@ -2,6 +2,9 @@
 
 `predict` is the PyTorch reference that export's parity check holds the runtime to. It shares the
 runtime's geometry and post-processing, so the only differences the check sees are the graphs' maths.
+Like the runtime, it embeds and scores `STREAM_TILES` tiles at a time and adds each tile's map into
+one image-sized map in place, so its memory is one chunk's features at any image size (8192^2: 256
+tiles, 537 MB of features at once before).
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from torch import nn
 from hiad_runtime.geometry import Box, Tile, Tiling, context_crop, crop, split
 from hiad_runtime.image import resize_image
 from hiad_runtime.postprocess import Normalization, PostprocessSpec, finish, fuse_thumbnail, tile_maps_to_image
+from hiad_runtime.streaming import MapAssembler, chunks, coverage
 from hiad_runtime.tasks import Task, route
 from hiad_train.config import TrainConfig
 from hiad_train.detectors import Detector
 from hiad_train.tasks import routing_descriptors
+
+STREAM_TILES = 16  # tiles embedded and scored at a time by `predict` (the runtime's default `--stream-tiles`)
 
 
 def batches(items: np.ndarray, size: int) -> Iterator[np.ndarray]:
@@ -103,22 +109,26 @@ class HRModel:
                     out[scale][i] += weights[level] * crop_context(by_window[w], w, t.main)
         return out
 
-    def assignments(self, features: list[torch.Tensor]) -> dict[str, list[int]]:
-        """Tile indices per task: fixed for static tasks, by nearest centre for retrieval tasks."""
+    def assignments(self, features: list[torch.Tensor], tile_ids: Sequence[int] | None = None) -> dict[str, list[int]]:
+        """Per task, the positions in `tile_ids` (the tiles whose `features` these are; default all) that it scores:
+        fixed for static tasks, by nearest centre for retrieval tasks."""
         if self.routing is None:
-            return {t.name: list(t.tiles) for t in self.tasks}
+            position = {tile: p for p, tile in enumerate(tile_ids if tile_ids is not None else range(len(self.tiling.tiles)))}
+            return {t.name: [position[i] for i in t.tiles if i in position] for t in self.tasks}
         labels = route(routing_descriptors(features[0].numpy()), self.routing)
         return {t.name: [int(i) for i in np.flatnonzero(labels == k)] for k, t in enumerate(self.tasks)}
 
     @torch.no_grad()
     def raw_tile_scores(self, image: np.ndarray) -> list[tuple[str, int, np.ndarray]]:
-        """(task, tile index, raw score grid) for every tile, each scored by its task's detector."""
-        features = self.tile_embeddings(image)
+        """(task, tile index, raw score grid) for every tile, each scored by its task's detector,
+        `STREAM_TILES` tiles at a time."""
         out = []
-        for name, ids in self.assignments(features).items():
-            if ids:
-                scores = self.detectors[name].score([f[ids] for f in features])
-                out += [(name, i, s.numpy()) for i, s in zip(ids, scores)]
+        for ids in chunks(len(self.tiling.tiles), STREAM_TILES):
+            features = self.tile_embeddings(image, ids)
+            for name, positions in self.assignments(features, ids).items():
+                if positions:
+                    scores = self.detectors[name].score([f[positions] for f in features])
+                    out += [(name, ids[p], s.numpy()) for p, s in zip(positions, scores)]
         return out
 
     def tile_maps(self, image: np.ndarray) -> list[np.ndarray]:
@@ -132,7 +142,11 @@ class HRModel:
         """Anomaly map at image_size and image score, for an RGB uint8 image at image_size."""
         if image.shape[:2] != (self.tiling.image_size[1], self.tiling.image_size[0]):
             raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, the model expects {self.tiling.image_size}")
-        anomaly_map = tile_maps_to_image(self.tile_maps(image), self.tiling.tiles, self.tiling.image_size, self.postprocess)
+        tiles, size = self.tiling.tiles, self.tiling.image_size
+        assembler = MapAssembler(tiles, size, self.postprocess, coverage(tiles, size))
+        for i, grid in enumerate(self.tile_maps(image)):
+            assembler.add(i, grid)
+        anomaly_map = assembler.result()
         if self.thumbnail is not None:
             anomaly_map = fuse_thumbnail(anomaly_map, self.thumbnail.score_map(image, self.postprocess))
-        return finish(anomaly_map, self.postprocess)
+        return finish(anomaly_map, self.postprocess, in_place=True)

@@ -5,6 +5,12 @@ The two naturally parallel stages, the feature pass over batches of images and t
 are `extract_features` and `fit_task`, run by an executor (hiad_train/executors.py): in this
 process, or on a Ray cluster. Each task's detector is seeded from the config seed alone and hands
 back its state as safetensors bytes, so where a task ran never changes the checkpoint.
+
+Memory: every image's features are held once (images x tiles x one tile's features: 537 MB per
+training image at 8192^2 with configs/demo.yaml), each image is embedded `STREAM_TILES` tiles at a
+time, and each task's own copy of its training features is gathered only when the executor reaches
+that task (`TaskInputsList`). Before, the features were held three times at once (per image, stacked,
+and every task's copy), docs/benchmarks.md ("Training at 8192^2").
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from tqdm import tqdm
 from hiad_runtime.geometry import Tiling, as_size, split
 from hiad_runtime.image import resize_image
 from hiad_runtime.postprocess import PostprocessSpec
+from hiad_runtime.streaming import chunks
 from hiad_train import tasks as generators
 from hiad_train.config import SynthesizerConfig, TrainConfig
 from hiad_train.data.samples import HRSample
@@ -29,7 +36,7 @@ from hiad_train.detectors import DetectorConfig, TaskData, get_detector
 from hiad_train.detectors.base import Synthesizer
 from hiad_train.evaluation import Evaluator, default_evaluators, evaluate
 from hiad_train.executors import LocalExecutor, Stage
-from hiad_train.model import HRModel, Thumbnail, embed
+from hiad_train.model import STREAM_TILES, HRModel, Thumbnail, embed
 from hiad_train.validation import TaskValidation, TaskValidator, make_synthesizer, split_validation, validate
 
 
@@ -64,13 +71,25 @@ class ImageFeatures:
     thumbnail: np.ndarray | None  # the image at thumbnail size
 
 
+def image_features(model: HRModel, image: np.ndarray) -> list[np.ndarray]:
+    """Per embedder output, the fused features (tiles, C, h, w) of every tile, embedded `STREAM_TILES`
+    tiles at a time into one array (all tiles in one call held them twice, and a full batch's activations)."""
+    out: list[np.ndarray] = []
+    for ids in chunks(len(model.tiling.tiles), STREAM_TILES):
+        for scale, f in enumerate(model.tile_embeddings(image, ids)):
+            if scale == len(out):
+                out.append(np.empty((len(model.tiling.tiles), *f.shape[1:]), np.float32))
+            out[scale][ids[0] : ids[-1] + 1] = f.numpy()
+    return out
+
+
 def extract_features(shared: FeaturePass, samples: list[HRSample]) -> list[ImageFeatures]:
     """Decode each image once (from its path) and embed all its tiles."""
     out = []
     for sample in samples:
         image = sample.image(shared.model.tiling.image_size)
         out.append(ImageFeatures(
-            [f.numpy() for f in shared.model.tile_embeddings(image)],
+            image_features(shared.model, image),
             split(image, shared.model.tiling.tiles) if shared.keep_tiles else None,
             resize_image(image, shared.thumbnail_size) if shared.thumbnail_size is not None else None,
         ))
@@ -98,6 +117,27 @@ class TaskInputs:
     validate: TaskValidator | None
 
 
+class TaskInputsList(Sequence[TaskInputs]):
+    """Every task's TaskInputs, each gathered from the shared features when it is read: the executor
+    holds one task's copy at a time instead of all tasks' (a second copy of every feature in O2O)."""
+
+    def __init__(self, tasks: list, pairs: dict, features: list[torch.Tensor], tiles: np.ndarray | None, validation, spec):
+        self.tasks, self.pairs, self.features, self.tiles = tasks, pairs, features, tiles
+        self.validation, self.spec = validation, spec
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, k: int) -> TaskInputs:
+        name = self.tasks[k].name
+        rows = np.asarray(self.pairs[name])
+        return TaskInputs(
+            features=[f[rows[:, 0], rows[:, 1]] for f in self.features],
+            tiles=np.stack([self.tiles[i][j] for i, j in rows]) if self.tiles is not None else None,
+            validate=None if self.validation is None else self.validation.validator(name, self.spec),
+        )
+
+
 @dataclass
 class FittedTask:
     state: bytes  # safetensors of Detector.state()
@@ -111,6 +151,19 @@ def fit_task(shared: FitShared, task: TaskInputs) -> FittedTask:
     data = TaskData(task.features, task.tiles, shared.embedder, shared.synthesizer, task.validate, shared.seed)
     record = detector.fit(data, progress=shared.progress)
     return FittedTask(save_tensors({k: v.detach().contiguous() for k, v in detector.state().items()}), record)
+
+
+def stack_features(images: list[ImageFeatures]) -> list[torch.Tensor]:
+    """Per embedder output, (images, tiles, C, h, w); each image's array is released as it is copied,
+    so the features are held once, plus one image's."""
+    stacked = []
+    for scale in range(len(images[0].features)):
+        out = np.empty((len(images), *images[0].features[scale].shape), np.float32)
+        for i, im in enumerate(images):
+            out[i] = im.features[scale]
+            im.features[scale] = None
+        stacked.append(torch.from_numpy(out))
+    return stacked
 
 
 class HRTrainer:
@@ -164,16 +217,10 @@ class HRTrainer:
         model.tasks, model.routing, pairs = self._plan_tasks(tiling, features[0].numpy())
         synthesizer = self._training_synthesizer()
         validation = TaskValidation.build(model, val_samples, cfg.val_config, cfg.seed) if val_samples else None
-        inputs = []
         for task in model.tasks:
             if not pairs[task.name]:
                 raise ValueError(f"{task.name} has no training tiles")
-            rows = np.asarray(pairs[task.name])
-            inputs.append(TaskInputs(
-                features=[f[rows[:, 0], rows[:, 1]] for f in features],
-                tiles=np.stack([tiles[i][j] for i, j in rows]) if tiles is not None else None,
-                validate=None if validation is None else validation.validator(task.name, model.postprocess),
-            ))
+        inputs = TaskInputsList(model.tasks, pairs, features, tiles, validation, model.postprocess)
         shared = FitShared(cfg.detector, cfg.patch, model.embedder, synthesizer, cfg.seed, self.progress and self.executor.in_process)
         stage = Stage("tasks", fit_task, shared, inputs, [t.name for t in model.tasks], cfg.distributed.fit, cfg.distributed.max_retries)
         for task, fitted in zip(model.tasks, self.executor.fit(stage, self.progress)):
@@ -196,9 +243,8 @@ class HRTrainer:
         stage = Stage("features", extract_features, FeaturePass(model, self.detector_cls.needs_tiles, size), batches, labels,
                       cfg.distributed.features, cfg.distributed.max_retries)
         images = [im for batch in self.executor.extract(stage, self.progress) for im in batch]
-        features = [torch.from_numpy(np.stack([im.features[s] for im in images])) for s in range(len(images[0].features))]
         tiles = np.stack([im.tiles for im in images]) if images[0].tiles is not None else None
-        return features, tiles, [im.thumbnail for im in images]
+        return stack_features(images), tiles, [im.thumbnail for im in images]
 
     def _fit_thumbnail(self, small: np.ndarray, synthesizer) -> Thumbnail:
         """The thumbnail detector, fitted here (one detector: nothing to share out)."""

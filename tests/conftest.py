@@ -59,11 +59,21 @@ def parity_images(test_samples):
 
 @pytest.fixture(scope="session")
 def bundle_dir(trained, parity_images, tmp_path_factory):
-    from hiad_export.writer import write_bundle
+    """The tiny model's bundle, with the whole-image graph (`--pipeline`): the C library runs it."""
+    from hiad_export.writer import ExportOptions, write_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    write_bundle(trained, out, parity_images)
+    write_bundle(trained, out, parity_images, ExportOptions(pipeline=True))
     return out
+
+
+@pytest.fixture(scope="session")
+def default_bundle(trained, parity_images, tmp_path_factory):
+    """The tiny model exported with the default options: no whole-image graph."""
+    from hiad_export.writer import write_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "default"
+    return write_bundle(trained, out, parity_images), out
 
 
 def rng(seed=0):
@@ -92,8 +102,8 @@ def clustered_model(train_samples):
 
 @pytest.fixture(scope="session")
 def clustered_bundle(clustered_model, parity_images, tmp_path_factory):
-    from hiad_export.writer import write_bundle
+    from hiad_export.writer import ExportOptions, write_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "clustered"
-    write_bundle(clustered_model, out, parity_images)
+    write_bundle(clustered_model, out, parity_images, ExportOptions(pipeline=True))
     return out

@@ -120,6 +120,12 @@ def test_c_refuses_a_bundle_without_a_graph_with_the_exports_reason(bundle_dir, 
     assert rc == 2 and "schema_version 99 is not supported" in err
 
 
+def test_c_refuses_a_default_export_naming_the_option_that_builds_the_graph(default_bundle, c_build, ort_library, test_samples):
+    _, bundle = default_bundle
+    rc, _, err = infer(c_build, ort_library, bundle, [test_samples[0].image_path])
+    assert rc == 2 and "no pipeline graph: not built: hiad-export --pipeline builds the whole-image graph" in err
+
+
 def _stress(binary, bundle, image, n, ort_library):
     env = {"HIAD_ORT_LIBRARY": str(ort_library), "PATH": "/usr/bin:/bin"}
     done = subprocess.run([str(binary), str(bundle), str(image), str(n)], capture_output=True, text=True, env=env)

@@ -34,7 +34,7 @@ def files(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_ray_checkpoint_and_bundle_equal_the_single_process_ones(cluster, trained, bundle_dir, train_samples, parity_images, tmp_path):
+def test_ray_checkpoint_and_bundle_equal_the_single_process_ones(cluster, trained, default_bundle, train_samples, parity_images, tmp_path):
     executor = RayExecutor()
     model = HRTrainer(tiny_config(), progress=False, executor=executor).fit(train_samples)
     assert set(executor.seconds["tasks"]) == {"task_0", "task_1", "task_2", "task_3"}
@@ -42,7 +42,7 @@ def test_ray_checkpoint_and_bundle_equal_the_single_process_ones(cluster, traine
     assert files(local) == files(remote)  # every tensor bit for bit, and checkpoint.json
 
     write_bundle(model, tmp_path / "bundle", parity_images)
-    manifests = [json.loads((b / "manifest.json").read_text()) for b in (bundle_dir, tmp_path / "bundle")]
+    manifests = [json.loads((b / "manifest.json").read_text()) for b in (default_bundle[1], tmp_path / "bundle")]
     for m in manifests:
         del m["created"]
     assert manifests[0] == manifests[1]

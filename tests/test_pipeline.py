@@ -9,7 +9,8 @@ import onnx
 import pytest
 import torch
 
-from hiad_export.pipeline import AreaShrink, GaussianBlur, PipelineUnsupported, bundle_identity
+from hiad_export.pipeline import AreaShrink, GaussianBlur, Pipeline, PipelineUnsupported, bundle_identity, export_pipeline
+from hiad_export.pipeline_memory import MB, LiveTensorBytes, pipeline_cost
 from hiad_export.writer import write_bundle
 from hiad_runtime.bundle import SCHEMA_VERSION, BundleError
 from hiad_runtime.inspector import Inspector
@@ -124,3 +125,43 @@ def test_predict_cli_runs_the_pipeline_engine(bundle_dir, elpv_root, tmp_path):
         assert np.abs(ma - mb).max() <= TOLERANCE * (ma.max() - ma.min())
     bench = runner.invoke(app, ["bench", str(bundle_dir), "--engine", "pipeline", "--repeat", "2"])
     assert bench.exit_code == 0 and "pipeline" in bench.output
+
+
+def test_the_graph_is_built_only_when_asked_for(default_bundle, bundle_dir):
+    manifest, out = default_bundle
+    why = manifest.pipeline.unsupported
+    assert manifest.pipeline.graph is None and why.startswith("not built: hiad-export --pipeline builds the whole-image graph")
+    assert "MB to build and run" in why and "MB of weights: pipeline.onnx" in why  # its cost, stated
+    assert not list(out.glob("pipeline.onnx*")) and "pipeline" not in manifest.parity
+    assert "pipeline.onnx" not in manifest.files and any(why in n for n in manifest.parity["notes"])
+    with pytest.raises(BundleError, match="no pipeline graph: not built: hiad-export --pipeline"):
+        Inspector.load(out, engine="pipeline")
+    # asked for (the fixture's --pipeline): built, and its note states the size on disk and the memory it needs
+    notes = json.loads((bundle_dir / "manifest.json").read_text())["parity"]["notes"]
+    assert any(n.startswith("pipeline graph built: ") and "MB on disk" in n for n in notes)
+
+
+def test_memory_estimate_is_the_real_forward_pass_and_holds_every_tile(trained):
+    """The meta-device pass counts the same tensors as a real forward pass (so building and running the
+    graph need what it says), and the graph holds every tile's features at once: its peak grows with
+    the tile count (8192^2: 256 tiles, 16 GB with the demo's PatchCore), which is why it has a budget."""
+    pipeline = Pipeline(trained).eval()
+    cost = pipeline_cost(pipeline, (256, 256))
+    with torch.no_grad(), LiveTensorBytes() as real:
+        pipeline(torch.zeros(1, 256, 256, 3, dtype=torch.uint8))
+    assert cost.activations == real.peak
+    tiles = len(trained.tiling.tiles)
+    features = trained.tile_embeddings(np.zeros((256, 256, 3), np.uint8), [0])
+    assert tiles == 4 and cost.activations > tiles * sum(f.numel() * f.element_size() for f in features)
+    assert cost.constants == sum(t.numel() * t.element_size() for t in [*pipeline.parameters(), *pipeline.buffers()])
+
+
+def test_a_graph_over_the_memory_budget_is_left_out_with_what_it_needs(trained, tmp_path):
+    need = pipeline_cost(Pipeline(trained).eval(), (256, 256)).total_mb
+    spec, note = export_pipeline(trained, tmp_path, "id", requested=True, memory_mb=need - 1)
+    assert spec.graph is None and not list(tmp_path.iterdir())  # nothing traced, nothing written
+    assert f"runs all 4 tiles at once, about {need} MB to build and run" in spec.unsupported
+    assert f"over the budget of {need - 1} MB" in spec.unsupported and f"--pipeline-memory {need})" in spec.unsupported
+    assert note == f"pipeline graph {spec.unsupported}"
+    spec, note = export_pipeline(trained, tmp_path, "id", requested=True, memory_mb=need)
+    assert spec.graph is not None and (tmp_path / "pipeline.onnx").stat().st_size < need * MB

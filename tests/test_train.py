@@ -6,6 +6,7 @@ import pytest
 from hiad_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hiad_train.trainer import HRTrainer
 
+from conftest import tiny_config
 
 
 def test_one_detector_per_tile_with_a_coreset_bank(trained, train_samples):
@@ -22,6 +23,35 @@ def test_defective_cells_score_higher_than_good_ones(trained, test_samples):
     assert preds.maps[0].shape == (256, 256) and preds.maps[0].dtype == np.float32
     # Real EL defects (cracks, dark areas) are far from every good cell in the bank.
     assert preds.scores[preds.labels == 1].mean() > preds.scores[preds.labels == 0].mean()
+
+
+def test_each_task_gathers_its_training_features_when_its_fit_starts(train_samples, monkeypatch):
+    """The memory rule of training at 8192^2 (O2O, 256 tasks): every task's copy of its features made
+    up front is a second copy of all images' features (537 MB per training image); gathered as each
+    fit starts, one task's copy is held at a time."""
+    import hiad_train.trainer as trainer
+
+    gathered, at_fit = [], []
+    inputs, fit = trainer.TaskInputs, trainer.fit_task
+    monkeypatch.setattr(trainer, "TaskInputs", lambda **kw: gathered.append(kw) or inputs(**kw))
+    monkeypatch.setattr(trainer, "fit_task", lambda shared, task: at_fit.append(len(gathered)) or fit(shared, task))
+    model = HRTrainer(tiny_config(), progress=False).fit(train_samples[:2])
+    assert len(model.tasks) == 4 and at_fit == [1, 2, 3, 4]  # all tasks' copies before the first fit: [4, 4, 4, 4]
+
+
+def test_pytorch_reference_embeds_and_scores_a_chunk_of_tiles_at_a_time(trained, test_samples, monkeypatch):
+    """The parity check's reference holds one chunk's features at any image size, as the runtime does."""
+    import hiad_train.model as model_module
+
+    image = test_samples[0].image((256, 256))
+    whole_map, whole_score = trained.predict(image)
+    calls, embed = [], trained.tile_embeddings
+    monkeypatch.setattr(model_module, "STREAM_TILES", 1, raising=False)
+    monkeypatch.setattr(trained, "tile_embeddings", lambda im, ids=None: calls.append(ids) or embed(im, ids))
+    streamed_map, streamed_score = trained.predict(image)
+    assert calls == [[0], [1], [2], [3]]
+    span = float(whole_map.max() - whole_map.min())
+    assert np.abs(streamed_map - whole_map).max() <= 1e-5 * span and abs(streamed_score - whole_score) <= 1e-5 * span
 
 
 def test_checkpoint_roundtrip_is_exact_and_safe(trained, test_samples, tmp_path):
