@@ -1,4 +1,4 @@
-"""`hiad-export CHECKPOINT_DIR --out BUNDLE_DIR [--index ...] [--formats onnx[,trt]] [--precision fp32|fp16|int8] [--images ...]
+"""`hiad-export CHECKPOINT_DIR --out BUNDLE_DIR [--index ...] [--precision fp32|fp16|int8] [--images ...]
 [--pipeline [--pipeline-memory MB]]`."""
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ def export(
     out: Path = typer.Option(..., "--out", help="bundle: a symlink switched atomically to each new version OUT.v<N>"),
     index: str = typer.Option("Flat", "--index", help="k-NN heads' faiss index_factory string: Flat (exact), IVF64,Flat, HNSW32, SQ8, ..."),
     search: str = typer.Option("", "--search", help="k-NN heads' faiss search parameters, e.g. nprobe=8 or efSearch=64"),
-    formats: str = typer.Option("onnx", "--formats", help="onnx, or onnx,trt to also build TensorRT engines"),
     images: Optional[List[Path]] = typer.Option(None, "--images", help="held-back images for the parity check"),
     tolerance: float = typer.Option(1e-4, "--tolerance", min=0.0, help="max map difference relative to the map's range"),
     archive: bool = typer.Option(False, "--archive", help="also write OUT.tar (the full name plus .tar)"),
@@ -74,16 +73,12 @@ def export(
     from hiad_export.writer import ExportOptions, write_bundle
     from hiad_train.checkpoint import CheckpointError, load_checkpoint
 
-    fmts = [f.strip() for f in formats.split(",") if f.strip()]
-    unknown = set(fmts) - {"onnx", "trt"}
-    if unknown or "onnx" not in fmts:
-        raise typer.BadParameter(f"formats must be onnx or onnx,trt (got {formats})", param_hint="--formats")
     try:
         model = load_checkpoint(checkpoint)
         meta = json.loads((checkpoint / "checkpoint.json").read_text())
         parity_images = _parity_images(list(images or []), meta.get("data"), model.tiling.image_size)
         calibration = _calibration_images(meta.get("data"), model.tiling.image_size, calibration_images) if precision == Precision.int8 else []
-        opts = ExportOptions({"index": index, "search_params": search}, formats=fmts, tolerance=tolerance, archive=archive,
+        opts = ExportOptions({"index": index, "search_params": search}, tolerance=tolerance, archive=archive,
                              precision=precision.value, calibration=calibration, pipeline=pipeline,
                              pipeline_memory_mb=pipeline_memory or PIPELINE_MEMORY_MB)
         manifest = write_bundle(model, out, parity_images, opts)

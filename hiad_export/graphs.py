@@ -92,38 +92,3 @@ def export_head(head: nn.Module, feature_shapes: list[tuple[int, ...]], path: Pa
         outputs=[TensorSpec("scores", "float32", ["batch", *out.shape[1:]])],
         opset=OPSET,
     )
-
-
-def tensorrt_status() -> tuple[bool, str]:
-    """Whether TensorRT engines can be built here, and why not when they cannot."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False, "the `tensorrt` Python package is not installed"
-    if not torch.cuda.is_available():
-        return False, "no CUDA GPU is visible"
-    return True, "tensorrt and a CUDA GPU are available"
-
-
-def build_engine(onnx_path: Path, engine_path: Path, input_shapes: list[list], max_batch: int = 16, fp16: bool = False) -> None:
-    """Build a serialized TensorRT engine from an ONNX graph (batch 1..max_batch)."""
-    import tensorrt as trt
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {[parser.get_error(i) for i in range(parser.num_errors)]}")
-    config = builder.create_builder_config()
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile()
-    for i, shape in enumerate(input_shapes):
-        dims = [int(d) for d in shape[1:]]
-        profile.set_shape(network.get_input(i).name, [1, *dims], [max(1, max_batch // 2), *dims], [max_batch, *dims])
-    config.add_optimization_profile(profile)
-    engine = builder.build_serialized_network(network, config)
-    if engine is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
-    engine_path.write_bytes(bytes(engine))

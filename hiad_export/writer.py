@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hiad_export import __version__
-from hiad_export.graphs import build_engine, export_embedder, export_head, tensorrt_status
+from hiad_export.graphs import export_embedder, export_head
 from hiad_export.parity import DEFAULT_TOLERANCE, ParityError, ParityReport, measure
 from hiad_export.pipeline import bundle_identity, export_pipeline
 from hiad_export.pipeline_memory import PIPELINE_MEMORY_MB
@@ -56,7 +56,6 @@ PARITY_HEAD_MEMORY_MB = 256  # task heads each parity path keeps loaded (more ar
 @dataclass
 class ExportOptions:
     native: dict = field(default_factory=dict)  # options of native head paths, e.g. {"index": "IVF64,Flat", "search_params": "nprobe=8"}
-    formats: Sequence[str] = ("onnx",)
     tolerance: float = DEFAULT_TOLERANCE
     archive: bool = False
     precision: str = "fp32"  # embedder graphs: fp32, fp16 or int8 (heads stay fp32)
@@ -139,21 +138,6 @@ def _resized(tiles: np.ndarray, size: list[int]) -> np.ndarray:
     if tiles.shape[1:3] == (size[1], size[0]):
         return tiles
     return np.stack([resize_image(t, tuple(size)) for t in tiles])
-
-
-def _build_engines(tmp: Path, fields: dict, opts: ExportOptions) -> dict:
-    if "trt" not in opts.formats:
-        return fields
-    ok, why = tensorrt_status()
-    if not ok:
-        opts.notes.append(f"TensorRT engines skipped: {why}")
-        return fields
-    embedders = {}
-    for name, e in fields["embedders"].items():
-        engine = e.graph.file.replace(".onnx", ".engine")
-        build_engine(tmp / e.graph.file, tmp / engine, [t.shape for t in e.graph.inputs])
-        embedders[name] = replace(e, graph=replace(e.graph, engine=engine))
-    return {**fields, "embedders": embedders}
 
 
 def _files(tmp: Path) -> dict:
@@ -247,7 +231,6 @@ def write_bundle(model: HRModel, out: str | Path, parity_images: Sequence[np.nda
             fields = _reduce_precision(model, tmp, fields, opts)
             _write_manifest(tmp / MANIFEST, _manifest(model, tmp, fields, None))
             parity.update(check_parity(model, tmp, parity_images, opts, reference, opts.precision))  # recorded
-        fields = _build_engines(tmp, fields, opts)
         parity["notes"] = list(opts.notes)
         manifest = _manifest(model, tmp, fields, parity)
         _write_manifest(tmp / MANIFEST, manifest)

@@ -64,7 +64,6 @@ class GraphSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     opset: int
-    engine: RelPath | None = None  # TensorRT engine built from this graph, when one was built
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -168,7 +167,7 @@ class Manifest:
 
     def referenced_files(self) -> list[str]:
         """Every file the manifest points to (each must be listed, with its sha256, in `files`)."""
-        refs = [f for e in self.embedders.values() for f in (e.graph.file, e.graph.engine)]
+        refs = [e.graph.file for e in self.embedders.values()]
         refs += [f for h in self.heads() for f in (h.graph.file, *h.files.values())]
         refs += [self.routing.centres] if self.routing else []
         refs += [self.pipeline.graph.file] if self.pipeline and self.pipeline.graph else []
@@ -231,7 +230,7 @@ class Bundle:
                 f"(this runtime reads {SCHEMA_VERSION}){hint}"
             )
         try:
-            manifest = Manifest.from_dict(raw)
+            manifest = Manifest.from_dict(_without_engine_entries(raw, manifest_file))
             manifest.geometry  # the stored tiles must equal their recomputation
         except ValidationError as e:
             raise BundleError(f"{manifest_file}: malformed manifest: {_field_errors(e)}") from None
@@ -245,6 +244,29 @@ class Bundle:
         if verify:
             verify_files(path, manifest.files)
         return cls(path, manifest)
+
+
+def _without_engine_entries(raw: dict, manifest_file: Path) -> dict:
+    """The manifest without the `"engine": null` entries earlier exports wrote into every graph (TensorRT
+    engine files, which no runtime path ever loaded or checked, are no longer part of a bundle); a graph
+    that names an engine file is refused."""
+
+    def graphs(node):
+        if isinstance(node, dict):
+            if "file" in node and "opset" in node:
+                yield node
+            for value in node.values():
+                yield from graphs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from graphs(value)
+
+    for graph in graphs(raw):
+        if graph.get("engine") is not None:
+            raise BundleError(f"{manifest_file}: graph {graph.get('file')!r} names a TensorRT engine file "
+                              f"({graph['engine']!r}), which this runtime does not load; re-export the bundle from its checkpoint")
+        graph.pop("engine", None)
+    return raw
 
 
 def confined(root: Path, name: str) -> Path:

@@ -20,10 +20,11 @@ except ImportError as e:  # the base package pulls neither build on purpose
 
 from hiad_runtime.bundle import BundleError
 
-# Best first; only those this onnxruntime build offers are used.
-PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# Best first; only those this onnxruntime build offers are used. TensorRT's provider is never taken by
+# default: no parity check has run it (docs/bundle.md "TensorRT" says how to name it).
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 BACKENDS = ("auto", "onnxruntime", "openvino")
-GPU_PROVIDERS = PREFERRED_PROVIDERS[:2]
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 def resolve_backend(backend: str, providers: Sequence[str] | None = None) -> str:

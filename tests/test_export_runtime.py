@@ -109,6 +109,22 @@ def test_wrong_schema_version_and_corrupt_manifest(bundle_dir, tmp_path):
         Bundle.load(b)
 
 
+def test_engine_entries_of_earlier_exports(bundle_dir, tmp_path):
+    """Earlier exports wrote `"engine": null` into every graph: such bundles still load; one naming a
+    TensorRT engine file (never loaded or checked by any runtime path) is refused by name."""
+    b = _copy(bundle_dir, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    graphs = [e["graph"] for e in m["embedders"].values()] + [t["head"]["graph"] for t in m["tasks"]]
+    for g in graphs:
+        g["engine"] = None
+    (b / "manifest.json").write_text(json.dumps(m))
+    assert Bundle.load(b).manifest == Bundle.load(bundle_dir).manifest
+    graphs[0]["engine"] = "embedder_patch.engine"
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="embedder_patch.engine.*re-export"):
+        Bundle.load(b)
+
+
 def test_failed_export_leaves_previous_bundle_intact(trained, bundle_dir, parity_images, tmp_path):
     b = _copy(bundle_dir, tmp_path)
     before = {p.name: p.read_bytes() for p in b.rglob("*") if p.is_file()}
@@ -237,9 +253,9 @@ def test_export_cli_and_archive(bundle_dir, tmp_path, elpv_root, trained):
     from hiad_train.checkpoint import save_checkpoint
 
     ckpt = save_checkpoint(trained, tmp_path / "ckpt", data=elpv_root)
-    result = CliRunner().invoke(app, [str(ckpt), "--out", str(tmp_path / "b"), "--formats", "onnx,trt", "--archive"])
+    result = CliRunner().invoke(app, [str(ckpt), "--out", str(tmp_path / "b"), "--archive"])
     assert result.exit_code == 0, result.output
-    assert "TensorRT engines skipped" in result.output or "engine" in json.dumps(json.loads((tmp_path / "b" / "manifest.json").read_text()))
+    assert "engine" not in json.dumps(json.loads((tmp_path / "b" / "manifest.json").read_text()))  # no TensorRT files
     assert "parity [onnx]" in result.output
     r = Inspector.load(tmp_path / "b.tar").predict(str(next((elpv_root / "test" / "good").iterdir())))
     assert r.anomaly_map.shape == (256, 256)
