@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hiad_export import __version__
+from hiad_export.artifacts import write_native
 from hiad_export.graphs import export_embedder, export_head
 from hiad_export.parity import DEFAULT_TOLERANCE, ParityError, ParityReport, measure
 from hiad_export.pipeline import bundle_identity, export_pipeline
@@ -78,7 +79,7 @@ def _preprocessing(model: HRModel) -> dict:
 def _export_head(detector: Detector, folder: Path, stem: str, embedder: str, shapes, opts: ExportOptions, prefix: str) -> HeadSpec:
     """The detector's head graph plus whatever native artifacts it offers, with paths relative to the bundle."""
     graph = export_head(detector.head(), shapes, folder / f"{stem}_head.onnx")
-    files, native_params = detector.native_artifacts(folder, stem, opts.native)
+    files, native_params = write_native(detector.head_kind, detector.state(), folder, stem, opts.native, detector.seed)
     return HeadSpec(
         kind=detector.head_kind,
         embedder=embedder,

@@ -6,9 +6,8 @@ the line's own images: each task's min-max normalization (normal images with syn
 as the validation set does, plus any real defective images), then the image and pixel thresholds
 by false-alarm rate on the normal images as they are (thresholds.py). Works on a checkpoint (PyTorch)
 or on a bundle (its own heads, torch-free scoring); either is re-published atomically as a new
-version, every other file copied byte for byte. A bundle's whole-image graph holds the export-time
-normalization and thresholds, so a calibrated bundle leaves it out and says why (re-export a
-calibrated checkpoint to rebuild it).
+version, every other file copied byte for byte: a checkpoint here (`write_checkpoint`), a bundle by
+hiad_export/calibrate.py (training never imports export; `hiad-train calibrate` composes the two).
 """
 
 from __future__ import annotations
@@ -102,7 +101,7 @@ def bundle_scorer(inspector) -> RawScorer:
                      None if m.thumbnail is None else tuple(m.thumbnail.size))
 
 
-def _copy_except(source: Path, target: Path, skip: set[str]) -> None:
+def copy_except(source: Path, target: Path, skip: set[str]) -> None:
     """Every file under `source` but those in `skip` (relative paths), bytes and times as they are."""
     for f in sorted(source.rglob("*")):
         rel = f.relative_to(source).as_posix()
@@ -121,34 +120,5 @@ def write_checkpoint(source: Path, out: Path, cal: Calibration) -> None:
         meta["thumbnail"]["normalization"] = cal.thumbnail_normalization.to_dict()
     meta["thresholds"] = cal.thresholds
     with atomic_directory(out) as tmp:
-        _copy_except(source, tmp, {"checkpoint.json"})
+        copy_except(source, tmp, {"checkpoint.json"})
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=1))
-
-
-def write_bundle(source: Path, out: Path, cal: Calibration) -> None:
-    """The bundle with new normalization and thresholds in manifest.json, without the
-    whole-image graph (it holds the old ones); every other file copied byte for byte; verified."""
-    from hiad_runtime.bundle import MANIFEST, Bundle, Manifest
-    from hiad_runtime.files import atomic_directory
-
-    m = json.loads((source / MANIFEST).read_text())
-    for task in m["tasks"]:
-        task["normalization"] = cal.task_normalization[task["name"]].to_dict()
-    if m.get("thumbnail") is not None:
-        m["thumbnail"]["normalization"] = cal.thumbnail_normalization.to_dict()
-    m["thresholds"] = cal.thresholds
-    dropped = set()
-    if m.get("pipeline") and m["pipeline"].get("graph"):
-        dropped.add(m["pipeline"]["graph"]["file"])
-        m["pipeline"] = {"graph": None, "metadata": {},
-                         "unsupported": "left out by hiad-train calibrate: the graph holds the export-time normalization and "
-                                        "thresholds; export a calibrated checkpoint to rebuild it"}
-    m["files"] = {k: v for k, v in m["files"].items() if k not in dropped}
-    if m.get("parity") is not None:
-        m["parity"]["notes"] = [*m["parity"].get("notes", []), f"calibrated {cal.thresholds['rules']['image']['calibrated']}: "
-                                "normalization and thresholds recomputed after the parity check (the heads it checked are unchanged)"]
-    Manifest.from_dict(m)  # the schema still holds
-    with atomic_directory(out) as tmp:
-        _copy_except(source, tmp, dropped | {MANIFEST})
-        (tmp / MANIFEST).write_text(json.dumps(m, indent=1))
-        Bundle.load(tmp)  # every checksum and path before it is published

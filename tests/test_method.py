@@ -11,9 +11,10 @@ from hiad_export.writer import write_bundle
 from hiad_runtime.inspector import Inspector
 from hiad_runtime.postprocess import Normalization
 from hiad_train import tasks as generators
+from hiad_train.components.epochs import CheckpointSelector
 from hiad_train.synthesis import ColorShift, CutPaste, ImageBlending, RandomBox
 from hiad_train.trainer import HRTrainer
-from hiad_train.validation import CheckpointSelector, min_max_normalization
+from hiad_train.validation import min_max_normalization
 
 from conftest import tiny_config
 
