@@ -26,11 +26,12 @@ BIN = Path(sys.executable).parent
 ARENA_SNIPPET = """
 import json, resource, sys, time
 import numpy as np
+import hiad_runtime.backends.onnxruntime as ort_backend
 import hiad_runtime.inspector as ins
 from hiad_runtime.image import load_image
 allowed = sys.argv[3] == "on"
-create = ins.SessionFactory.create
-ins.SessionFactory.create = lambda self, path, arena=False: create(self, path, allowed and arena)
+create = ort_backend.OnnxRuntimeBackend.create
+ort_backend.OnnxRuntimeBackend.create = lambda self, path, arena=False: create(self, path, allowed and arena)
 inspector = ins.Inspector.load(sys.argv[1], backend='onnxruntime')
 image = load_image(sys.argv[2])
 inspector.predict(image)

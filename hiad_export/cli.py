@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import json
 import resource
-from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-
+from hiad_runtime.bundle import Precision
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn a training checkpoint into a deployment bundle.")
 
@@ -77,9 +71,10 @@ def export(
         model = load_checkpoint(checkpoint)
         meta = json.loads((checkpoint / "checkpoint.json").read_text())
         parity_images = _parity_images(list(images or []), meta.get("data"), model.tiling.image_size)
-        calibration = _calibration_images(meta.get("data"), model.tiling.image_size, calibration_images) if precision == Precision.int8 else []
+        calibration = (_calibration_images(meta.get("data"), model.tiling.image_size, calibration_images)
+                       if precision is Precision.int8 else [])
         opts = ExportOptions({"index": index, "search_params": search}, tolerance=tolerance, archive=archive,
-                             precision=precision.value, calibration=calibration, pipeline=pipeline,
+                             precision=precision, calibration=calibration, pipeline=pipeline,
                              pipeline_memory_mb=pipeline_memory or PIPELINE_MEMORY_MB)
         manifest = write_bundle(model, out, parity_images, opts)
     except (CheckpointError, ParityError, ValueError) as e:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hiad_export.writer import write_bundle
-from hiad_runtime.heads import HEAD_PATHS
+from hiad_runtime.heads import HeadPath
 from hiad_runtime.inspector import Inspector
 from hiad_train.checkpoint import load_checkpoint, save_checkpoint
 from hiad_train.detectors import DETECTORS, EpochConfig
@@ -58,7 +58,7 @@ def test_train_export_runtime_parity(name, train_samples, test_samples, parity_i
 
     manifest = write_bundle(loaded, tmp_path / "bundle", parity_images)
     assert manifest.detector == name and manifest.tasks[0].training == model.training["task_0"]
-    paths = [p for p in HEAD_PATHS if p in manifest.parity]
+    paths = [p for p in HeadPath if p in manifest.parity]
     assert "onnx" in paths and all(manifest.parity[p]["passed"] for p in paths)
     for path in paths:
         inspector = Inspector.load(tmp_path / "bundle", head_path=path)

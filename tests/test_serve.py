@@ -289,6 +289,34 @@ def test_service_imports_nothing_of_training():
     assert out.returncode == 0, out.stderr
 
 
+def test_serve_takes_predicts_runtime_options_and_serves_with_them(bundle_dir, images, monkeypatch):
+    """#19: serve had none of predict's runtime options; they are one RuntimeOptions for every bundle it loads."""
+    from typer.testing import CliRunner
+
+    import hiad_runtime.serve.server as server
+    from hiad_runtime.cli import app
+    from hiad_runtime.inspector import Inspector
+    from hiad_runtime.options import RuntimeOptions
+    from hiad_runtime.serve.model_slot import ModelSlot
+
+    seen = []
+    monkeypatch.setattr(server, "run", lambda settings, host, port: seen.append(settings) or 0)
+    args = ["--backend", "onnxruntime", "--head-path", "onnx", "--engine", "tiles", "--batch", "2", "--stream-tiles", "3",
+            "--head-memory", "64", "--threads", "1"]
+    result = CliRunner().invoke(app, ["serve", str(bundle_dir), *args])
+    assert result.exit_code == 0, result.output
+    runtime = seen[0].runtime
+    expected = RuntimeOptions(backend="onnxruntime", head_path="onnx", batch_size=2, stream_tiles=3, head_memory=64, threads=1)
+    assert runtime == expected
+    served = ModelSlot(runtime).reload(bundle_dir)
+    engine = served.inspector.engine
+    assert (engine.stream_tiles, engine.head_memory, served.inspector.sessions.backend) == (3, 64, "onnxruntime")
+    same = Inspector.load(bundle_dir, runtime).predict(str(images[0]))
+    assert served.inspector.predict(str(images[0])).score == same.score
+    bad = CliRunner().invoke(app, ["serve", str(bundle_dir), "--head-memory", "0"])
+    assert bad.exit_code == 2 and "head_memory must be > 0 MB" in bad.output
+
+
 # -- publishing, pixel rule, PNG answers -------------------------------------------------------------
 
 def _bundle_id(folder: Path) -> str:
