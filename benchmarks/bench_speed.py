@@ -203,7 +203,7 @@ def section_accuracy(bundles: dict[str, Path], data: Path, work: Path) -> list:
 
 
 def synthetic_accuracy(work: Path) -> list:
-    from hiad_train.data.synthetic import build_synthetic
+    from hiad_train.data.textures import build_synthetic
 
     syn = build_synthetic(work / "syn", size=(2048, 2048), n_train=8, n_test=10)
     run(BIN / "hiad-train", ROOT / "configs" / "demo.yaml", "--data", syn, "--out", work / "syn_model")

@@ -17,16 +17,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn a train
 
 def _parity_images(paths: list[Path], data: str | None, size) -> list:
     """Images given on the command line, else one good and one anomalous test image of the training data."""
-    from hiad_runtime.image import IMAGE_SUFFIXES, load_image, resize_image
+    from hiad_runtime.image import load_image, resize_image
+    from hiad_runtime.results import find_inputs
 
-    files: list[Path] = []
-    for p in paths:
-        files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+    files = find_inputs(paths)
     if not files and data:
         test = Path(data) / "test"
         if test.is_dir():
             for kind in sorted(d for d in test.iterdir() if d.is_dir()):
-                files += sorted(f for f in kind.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)[:1]
+                files += find_inputs([kind])[:1]
     if not files:
         raise typer.BadParameter("no held-back images for the parity check: pass --images DIR_OR_FILES", param_hint="--images")
     return [resize_image(load_image(f), size) for f in files[:4]]

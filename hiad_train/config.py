@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
 from hiad_runtime.geometry import Tiling, as_size, tiles_along
+from hiad_train.detectors import DETECTORS, get_detector
 from hiad_train.schema import SizeSpec, Strict
 from hiad_train.synthesis import SynthesizerConfig
 from hiad_train.tasks import A2O, GENERATORS
@@ -166,8 +167,6 @@ def _models_in(annotation) -> list[type[BaseModel]]:
 @functools.cache
 def config_model(detector: str) -> type[TrainConfig]:
     """TrainConfig with `patch` typed as the detector's Config and `thumbnail` as it plus thumbnail_size."""
-    from hiad_train.detectors import get_detector  # on first use: the detector modules bring torch and timm
-
     section = get_detector(detector).Config
     thumbnail = create_model(f"{section.__name__}Thumbnail", __base__=section, thumbnail_size=(SizeSpec, ...))
     try:
@@ -247,8 +246,6 @@ def _mapping_paths(node, path: tuple):
 def parse_config(data: dict, source: str = "config") -> TrainConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
-    from hiad_train.detectors import DETECTORS, get_detector  # on first use, as in config_model
-
     detector = data.get("detector", "patchcore")
     try:
         get_detector(detector)

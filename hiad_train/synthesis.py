@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from hiad_runtime.image import load_image
+from hiad_runtime.results import find_inputs
 from hiad_train.schema import Strict
 
 Synthesized = tuple[np.ndarray, np.ndarray]
@@ -166,8 +167,7 @@ class ImageBlending(Synthesizer):
         if source_dir is None:
             self.sources = bundled_textures()
         else:
-            exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-            self.sources = sorted(f for f in Path(source_dir).rglob("*") if f.suffix.lower() in exts)
+            self.sources = find_inputs([Path(source_dir)])
         if not self.sources:
             raise ValueError(f"ImageBlending: no anomaly-source images in {source_dir or 'scikit-image data'}")
         self._cache: dict[Path, np.ndarray] = {}

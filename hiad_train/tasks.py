@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import Field
 
 from hiad_runtime.geometry import Tiling
+from hiad_runtime.plan import routing_key
 from hiad_runtime.tasks import Task, task_of_tile
 from hiad_train.schema import Strict
 
@@ -103,20 +104,13 @@ def threshold_clustering(embeddings: np.ndarray, cluster_threshold: float, featu
     return labels_to_tasks(labels)
 
 
-def routing_descriptors(embeddings) -> np.ndarray:
-    """The retrieval key of each tile: its embedding averaged over the grid, L2-normalized (N, D).
-    The runtime computes the same from the exported embedder's output."""
-    flat = np.asarray(embeddings, np.float32).mean(axis=(-2, -1))
-    return flat / np.maximum(np.linalg.norm(flat, axis=-1, keepdims=True), 1e-12)
-
-
 def retrieve(embeddings: np.ndarray, cluster_number: int, seed: int = 0) -> tuple[list[Task], np.ndarray, np.ndarray]:
     """k-means over every (image, tile) key, ignoring position. Returns the tasks (which own no fixed
     tiles), the centres (k, D) used for routing at inference, and each (image, tile)'s cluster."""
     from sklearn.cluster import KMeans
 
     n_img, n_tiles = embeddings.shape[:2]
-    keys = routing_descriptors(embeddings).reshape(n_img * n_tiles, -1)
+    keys = routing_key(embeddings).reshape(n_img * n_tiles, -1)
     k = min(cluster_number, len(keys))
     km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(keys)
     centres = km.cluster_centers_.astype(np.float32)
