@@ -22,6 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="hiad-deploy 
 REGISTRIES = (f"tasks.generator: {', '.join(GENERATORS)}; "
               f"val_config.anomaly_syn_fn.name: {', '.join(SYNTHESIZERS)}")
 
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)

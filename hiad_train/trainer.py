@@ -182,6 +182,13 @@ class HRTrainer:
         return cfg.model_copy(update={"p": 1.0}).build()
 
     def fit(self, samples: Sequence[HRSample]) -> HRModel:
+        """Train HiAD on `samples` (normal images) and return the model, normalized and thresholded.
+
+        In order: hold out the validation images (val_config), embed every tile, share the tiles out
+        among tasks (the `tasks:` generator), build the validation tiles with synthetic anomalies, fit
+        one detector per task (through the executor: here or on Ray, the same numbers either way), fit
+        the thumbnail detector, then calibrate normalization and thresholds on the held-out images.
+        Every task's detector is seeded from `config.seed` alone, so the result is reproducible."""
         cfg = self.config
         if not samples:
             raise ValueError("no training samples")

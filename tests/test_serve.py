@@ -185,7 +185,14 @@ def test_token_is_required_on_v1(server, images):
     assert httpx.get(f"{server}/healthz").status_code == 200  # probes and scrapers need no token
 
 
-def test_model_summary_and_metrics(server, bundle_dir):
+def _metric(text: str, name: str) -> float:
+    """The value of an unlabelled sample in Prometheus text format."""
+    values = [float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, f"{name} not in /metrics"
+    return values[0]
+
+
+def test_model_summary_and_metrics(server, bundle_dir, images):
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     summary = httpx.get(f"{server}/v1/model", headers=AUTH).json()
     assert summary["tiling"]["image_size"] == manifest["tiling"]["image_size"]
@@ -196,7 +203,11 @@ def test_model_summary_and_metrics(server, bundle_dir):
     assert summary["bundle_id"].endswith("@" + manifest["created"])
     metrics = httpx.get(f"{server}/metrics").text
     assert f'hiad_model_info{{bundle_id="{summary["bundle_id"]}"' in metrics
-    assert "hiad_inspect_latency_seconds_bucket" in metrics and "hiad_images_per_second" in metrics
+    count, inspected = _metric(metrics, "hiad_inspect_latency_seconds_count"), _metric(metrics, "hiad_images_total")
+    assert httpx.post(f"{server}/v1/inspect", content=images[0].read_bytes(), headers=AUTH, timeout=60).status_code == 200
+    metrics = httpx.get(f"{server}/metrics").text  # one more inspection, timed and counted
+    assert _metric(metrics, "hiad_inspect_latency_seconds_count") == count + 1
+    assert _metric(metrics, "hiad_images_total") == inspected + 1 and _metric(metrics, "hiad_images_per_second") > 0
 
 
 def test_reload_under_load_and_a_tampered_bundle_is_refused(bundle_dir, images, tmp_path):

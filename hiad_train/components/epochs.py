@@ -79,8 +79,8 @@ class CheckpointSelector:
         return self.since_best >= self.patience
 
 
-def train_epochs(detector, config, data, step: Callable[[int], float], progress: bool = False) -> dict:
-    """Run `step(epoch) -> mean loss` for up to config.total_epochs epochs; returns the training record.
+def train_epochs(detector, config, data, step: Callable[[], float], progress: bool = False) -> dict:
+    """Run `step() -> mean loss` (one epoch) for up to config.total_epochs epochs; returns the training record.
 
     With a validation callback (val_config set), every `eval_interval` epochs the current state is
     scored; the best one by image AUROC (ties: mean of the other metrics) is restored at the end, and
@@ -91,7 +91,7 @@ def train_epochs(detector, config, data, step: Callable[[int], float], progress:
     bar = tqdm(range(1, config.total_epochs + 1), desc=f"{detector.name} epochs", leave=False, disable=not progress)
     epoch = 0
     for epoch in bar:
-        loss = float(step(epoch))
+        loss = float(step())
         postfix = {"loss": f"{loss:.4g}"}
         if data.validate is not None and epoch % config.eval_interval == 0:
             metrics = data.validate(detector)

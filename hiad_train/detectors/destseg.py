@@ -156,10 +156,10 @@ class DeSTSeg(NetworkDetector):
             target = F.interpolate(masks, size=probability.shape[-2:], mode="bilinear", align_corners=False)
             return segmentation_loss(probability, (target >= 0.5).float(), cfg.gamma)
 
-        def student_epoch(epoch: int) -> float:
+        def student_epoch() -> float:
             return optimize(self.net.student, self._batches(data, rng), student_loss_of, [student_opt])
 
-        def segmentation_epoch(epoch: int) -> float:
+        def segmentation_epoch() -> float:
             self.net.student.eval()
             return optimize(self.net.segmentation, self._batches(data, rng), segmentation_loss_of, [seg_opt])
 

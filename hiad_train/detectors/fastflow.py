@@ -85,7 +85,7 @@ class FastFlow(NetworkDetector):
         generator = torch.Generator().manual_seed(data.seed)
         n = data.features[0].shape[0]
 
-        def step(epoch: int) -> float:
+        def step() -> float:
             batches = torch.randperm(n, generator=generator).split(self.config.batch_size)
             return optimize(self.net, batches, lambda b: self.net.nll([f[b] for f in data.features]), [optimizer], len)
 

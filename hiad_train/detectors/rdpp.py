@@ -218,7 +218,7 @@ class RDPP(NetworkDetector):
             distill = distillation_loss(normal, model.reconstruct(projected_normal))
             return distill + cfg.weight_proj * projection_loss(noisy, projected_noisy, projected_normal, generator)
 
-        def step(epoch: int) -> float:
+        def step() -> float:
             batches = torch.randperm(n, generator=generator).split(cfg.batch_size)
             return optimize(model, batches, loss, [opt_proj, opt_distill])
 

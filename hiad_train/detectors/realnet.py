@@ -251,7 +251,7 @@ class RealNet(NetworkDetector):
             logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=True)
             return F.cross_entropy(logits, masks[:, 0].long()) + sum(F.mse_loss(r, t) for r, t in zip(recon, target))
 
-        def epoch(_: int) -> float:
+        def epoch() -> float:
             return optimize(self.net, self._batches(data, rng, cfg.p), loss, [optimizer])
 
         record = train_epochs(self, cfg, data, epoch, progress)

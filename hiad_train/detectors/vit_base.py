@@ -77,7 +77,7 @@ class ViTReconstruction(NetworkDetector):
         generator = torch.Generator().manual_seed(data.seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
-        def step(epoch: int) -> float:
+        def step() -> float:
             batches = torch.randperm(n, generator=generator).split(cfg.batch_size)
             return optimize(model, batches, lambda b: model.loss([f[b] for f in data.features]), [optimizer])
 
