@@ -22,12 +22,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from hiad_runtime.results import find_inputs
+
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def images_in(path: Path) -> list[bytes]:
-    files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    files = find_inputs([path])
     if not files:
         raise SystemExit(f"{path}: no images")
     return [f.read_bytes() for f in files]

@@ -26,11 +26,12 @@ BIN = Path(sys.executable).parent
 ARENA_SNIPPET = """
 import json, resource, sys, time
 import numpy as np
+import hiad_runtime.backends.onnxruntime as ort_backend
 import hiad_runtime.inspector as ins
 from hiad_runtime.image import load_image
 allowed = sys.argv[3] == "on"
-create = ins.SessionFactory.create
-ins.SessionFactory.create = lambda self, path, arena=False: create(self, path, allowed and arena)
+create = ort_backend.OnnxRuntimeBackend.create
+ort_backend.OnnxRuntimeBackend.create = lambda self, path, arena=False: create(self, path, allowed and arena)
 inspector = ins.Inspector.load(sys.argv[1], backend='onnxruntime')
 image = load_image(sys.argv[2])
 inspector.predict(image)
@@ -202,7 +203,7 @@ def section_accuracy(bundles: dict[str, Path], data: Path, work: Path) -> list:
 
 
 def synthetic_accuracy(work: Path) -> list:
-    from hiad_train.data.synthetic import build_synthetic
+    from hiad_train.data.textures import build_synthetic
 
     syn = build_synthetic(work / "syn", size=(2048, 2048), n_train=8, n_test=10)
     run(BIN / "hiad-train", ROOT / "configs" / "demo.yaml", "--data", syn, "--out", work / "syn_model")

@@ -5,34 +5,27 @@ from __future__ import annotations
 
 import json
 import resource
-from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-
+from hiad_runtime.bundle import Precision
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn a training checkpoint into a deployment bundle.")
 
 
 def _parity_images(paths: list[Path], data: str | None, size) -> list:
     """Images given on the command line, else one good and one anomalous test image of the training data."""
-    from hiad_runtime.image import IMAGE_SUFFIXES, load_image, resize_image
+    from hiad_runtime.image import load_image, resize_image
+    from hiad_runtime.results import find_inputs
 
-    files: list[Path] = []
-    for p in paths:
-        files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+    files = find_inputs(paths)
     if not files and data:
         test = Path(data) / "test"
         if test.is_dir():
             for kind in sorted(d for d in test.iterdir() if d.is_dir()):
-                files += sorted(f for f in kind.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)[:1]
+                files += find_inputs([kind])[:1]
     if not files:
         raise typer.BadParameter("no held-back images for the parity check: pass --images DIR_OR_FILES", param_hint="--images")
     return [resize_image(load_image(f), size) for f in files[:4]]
@@ -77,9 +70,10 @@ def export(
         model = load_checkpoint(checkpoint)
         meta = json.loads((checkpoint / "checkpoint.json").read_text())
         parity_images = _parity_images(list(images or []), meta.get("data"), model.tiling.image_size)
-        calibration = _calibration_images(meta.get("data"), model.tiling.image_size, calibration_images) if precision == Precision.int8 else []
+        calibration = (_calibration_images(meta.get("data"), model.tiling.image_size, calibration_images)
+                       if precision is Precision.int8 else [])
         opts = ExportOptions({"index": index, "search_params": search}, tolerance=tolerance, archive=archive,
-                             precision=precision.value, calibration=calibration, pipeline=pipeline,
+                             precision=precision, calibration=calibration, pipeline=pipeline,
                              pipeline_memory_mb=pipeline_memory or PIPELINE_MEMORY_MB)
         manifest = write_bundle(model, out, parity_images, opts)
     except (CheckpointError, ParityError, ValueError) as e:

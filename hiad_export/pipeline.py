@@ -20,6 +20,7 @@ import hashlib
 from pathlib import Path
 
 import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,7 +28,7 @@ from torch import nn
 from hiad_export.graphs import OPSET, _export
 from hiad_export.pipeline_memory import MB, PIPELINE_MEMORY_MB, pipeline_cost
 from hiad_runtime.bundle import SCHEMA_VERSION, GraphSpec, PipelineSpec, TensorSpec
-from hiad_runtime.geometry import Box, Size, context_crop
+from hiad_runtime.geometry import Box, Size
 from hiad_train.model import HRModel
 
 PIPELINE_FILE = "pipeline.onnx"
@@ -120,54 +121,53 @@ class Pipeline(nn.Module):
 
     def __init__(self, model: HRModel):
         super().__init__()
-        tiling = self.tiling = model.tiling
+        plan = self.plan = model.plan
+        tiling = self.tiling = plan.tiling
         self.image_size = tiling.image_size
         self.embedder = model.embedder.eval()
-        self.weights = [float(w) for w in model.fusion_weights]
-        self.levels = []  # per context level: (distinct windows, their shrink, per tile window index)
+        fusion = plan.fusion()
+        self.weights = [float(w) for w in (fusion.weight, *(level.weight for level in fusion.levels))]
+        self.levels = fusion.levels  # per context level: distinct windows, per tile its window and offsets
         self.shrinks = nn.ModuleList()
-        for level in range(1, len(tiling.ds_factors)):
-            windows = tiling.context_windows(level)
-            sizes = {(w.width, w.height) for w in windows}
+        for k, level in enumerate(fusion.levels, start=1):
+            sizes = {(w.width, w.height) for w in level.windows}
             if len(sizes) != 1:
-                raise PipelineUnsupported(f"tiling.ds_factors: context windows of level {level} differ in size {sorted(sizes)}")
-            self.shrinks.append(AreaShrink(sizes.pop(), tiling.patch_size, f"context windows of level {level}"))
-            self.levels.append((windows, [windows.index(t.context[level - 1]) for t in tiling.tiles]))
-        self.heads = nn.ModuleList(model.detectors[t.name].head().eval() for t in model.tasks)
-        norms = model.task_normalization
-        self.norms = nn.ModuleList(Normalize(norms[t.name]) if norms else nn.Identity() for t in model.tasks)
-        self.task_tiles = [list(t.tiles) for t in model.tasks]
-        self.routed = model.routing is not None
+                raise PipelineUnsupported(
+                    f"tiling.ds_factors: context windows of level {k} differ in size {sorted(sizes)}")
+            self.shrinks.append(AreaShrink(sizes.pop(), tiling.patch_size, f"context windows of level {k}"))
+        self.heads = nn.ModuleList(model.detectors[t.name].head().eval() for t in plan.tasks)
+        norms = plan.normalization
+        self.norms = nn.ModuleList(Normalize(norms[t.name]) if norms else nn.Identity() for t in plan.tasks)
+        self.task_tiles = [list(t.tiles) for t in plan.tasks]
+        self.routed = plan.routed
         if self.routed:
-            self.register_buffer("centres", torch.from_numpy(model.routing.astype("float32")))
+            self.register_buffer("centres", torch.from_numpy(plan.centres.astype("float32")))
         self.register_buffer("counts", self._overlap_counts())
         self.thumbnail = model.thumbnail
         if self.thumbnail is not None:
             t = self.thumbnail
-            self.thumb_shrink = AreaShrink(self.image_size, t.size, "thumbnail.size")
+            self.thumb_shrink = AreaShrink(self.image_size, plan.thumbnail_size, "thumbnail.size")
             self.thumb_embedder = t.embedder.eval()
             self.thumb_head = t.detector.head().eval()
-            self.thumb_norm = Normalize(t.normalization) if t.normalization is not None else nn.Identity()
-        spec = self.post = model.postprocess
+            norm = plan.thumbnail_normalization
+            self.thumb_norm = Normalize(norm) if norm is not None else nn.Identity()
+        spec = self.post = plan.postprocess
         self.blur = GaussianBlur(spec.gaussian_sigma, spec.gaussian_truncate, self.image_size) if spec.gaussian_sigma > 0 else None
         # per-tile blur (at each tile's size, and at the thumbnail's), when the detector asks for it
-        sizes = {tiling.patch_size} | ({tuple(self.thumbnail.size)} if self.thumbnail is not None else set())
+        sizes = {tiling.patch_size} | ({plan.thumbnail_size} if self.thumbnail is not None else set())
         self.tile_blurs = nn.ModuleDict(
             {f"{w}x{h}": GaussianBlur(spec.tile_blur_sigma, spec.gaussian_truncate, (w, h), "postprocess.tile_blur_sigma")
              for w, h in sizes} if spec.tile_blur_sigma > 0 else {}
         )
-        thresholds = model.thresholds or {}
-        self.image_threshold = thresholds.get("image")
-        self.pixel_threshold = thresholds.get("pixel")
+        self.image_threshold = plan.image_threshold
+        self.pixel_threshold = plan.pixel_threshold
 
     def _overlap_counts(self) -> torch.Tensor:
-        width, height = self.image_size
-        counts = torch.zeros(height, width)
-        for t in self.tiling.tiles:
-            counts[t.main.y : t.main.y + t.main.height, t.main.x : t.main.x + t.main.width] += 1
-        if bool((counts == 0).any()):
-            raise PipelineUnsupported("tiling: tiles do not cover the whole image")
-        return counts
+        try:
+            counts = self.plan.overlap_counts
+        except ValueError as e:
+            raise PipelineUnsupported(f"tiling: {e}") from None
+        return torch.from_numpy(counts.astype(np.float32))
 
     @property
     def output_names(self) -> list[str]:
@@ -187,16 +187,14 @@ class Pipeline(nn.Module):
             return x if shrink is None else shrink(x)
 
         fused = [f * self.weights[0] for f in _features(self.embedder(stack([t.main for t in tiles])))]
-        for (windows, owner), shrink, weight in zip(self.levels, self.shrinks, self.weights[1:]):
-            window_feats = _features(self.embedder(stack(windows, shrink)))
+        for level, shrink, weight in zip(self.levels, self.shrinks, self.weights[1:]):
+            window_feats = _features(self.embedder(stack(list(level.windows), shrink)))
             for s, wf in enumerate(window_feats):
-                wf = wf.reshape(b, len(windows), *wf.shape[1:])
+                wf = wf.reshape(b, len(level.windows), *wf.shape[1:])
                 gh, gw = int(fused[s].shape[-2]), int(fused[s].shape[-1])  # static: the geometry is fixed
                 parts = []
-                for i, t in enumerate(tiles):
-                    window = windows[owner[i]]
-                    up_w, up_h, ox, oy = context_crop(window, t.main, (gw, gh))
-                    parts.append(_upsample(wf[:, owner[i]], (up_h, up_w))[:, :, oy : oy + gh, ox : ox + gw])
+                for owner, (up_w, up_h, ox, oy) in zip(level.owner, level.crops((gw, gh))):
+                    parts.append(_upsample(wf[:, owner], (up_h, up_w))[:, :, oy : oy + gh, ox : ox + gw])
                 fused[s] = fused[s] + weight * torch.stack(parts, 1).reshape(fused[s].shape)
         return tuple(fused)
 
@@ -240,7 +238,7 @@ class Pipeline(nn.Module):
     def thumbnail_map(self, image: torch.Tensor) -> torch.Tensor:
         small = self.thumb_shrink(image)
         scores = self.thumb_norm(self.thumb_head(*_features(self.thumb_embedder(small))))
-        small_map = self.tile_map(scores, tuple(self.thumbnail.size))
+        small_map = self.tile_map(scores, self.plan.thumbnail_size)
         return _upsample(small_map[:, None], (self.image_size[1], self.image_size[0]))[:, 0]
 
     def image_score(self, m: torch.Tensor) -> torch.Tensor:

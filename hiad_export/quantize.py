@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-PRECISIONS = ("fp32", "fp16", "int8")
+from hiad_runtime.bundle import Precision
 
 
 class _TileReader:
@@ -166,8 +166,8 @@ def convert_fp16(source: Path, target: Path) -> None:
 
 def reduce_precision(source: Path, precision: str, calibration_tiles: np.ndarray | None) -> Path:
     """Write `source`'s graph at `precision` next to it (`<stem>.<precision>.onnx`) and return its path."""
-    if precision not in PRECISIONS[1:]:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in (Precision.fp16, Precision.int8):
+        raise ValueError(f"precision must be fp16 or int8 (fp32 is the graph as exported), got {precision!r}")
     target = source.with_name(f"{source.stem}.{precision}.onnx")
     if precision == "int8":
         quantize_int8(source, target, calibration_tiles if calibration_tiles is not None else np.empty((0,)))

@@ -21,11 +21,13 @@ import numpy as np
 from tqdm import tqdm
 
 from hiad_export import __version__
+from hiad_export.artifacts import write_native
 from hiad_export.graphs import export_embedder, export_head
 from hiad_export.parity import DEFAULT_TOLERANCE, ParityError, ParityReport, measure
 from hiad_export.pipeline import bundle_identity, export_pipeline
 from hiad_export.pipeline_memory import PIPELINE_MEMORY_MB
 from hiad_export.quantize import calibration_tiles, reduce_precision
+from hiad_runtime.backends import Backend, resolve_backend
 from hiad_runtime.bundle import (
     MANIFEST,
     SCHEMA,
@@ -36,6 +38,7 @@ from hiad_runtime.bundle import (
     GraphSpec,
     HeadSpec,
     Manifest,
+    Precision,
     RoutingSpec,
     TaskSpec,
     ThumbnailSpec,
@@ -45,7 +48,6 @@ from hiad_runtime.geometry import split
 from hiad_runtime.heads import has_native_path
 from hiad_runtime.image import RESIZE_POLICY, resize_image
 from hiad_runtime.inspector import Inspector
-from hiad_runtime.sessions import resolve_backend
 from hiad_train.detectors import Detector
 from hiad_train.model import HRModel
 
@@ -58,14 +60,14 @@ class ExportOptions:
     native: dict = field(default_factory=dict)  # options of native head paths, e.g. {"index": "IVF64,Flat", "search_params": "nprobe=8"}
     tolerance: float = DEFAULT_TOLERANCE
     archive: bool = False
-    precision: str = "fp32"  # embedder graphs: fp32, fp16 or int8 (heads stay fp32)
+    precision: Precision = Precision.fp32  # embedder graphs (heads stay fp32)
     calibration: Sequence[np.ndarray] = ()  # int8: training images at the model's image size
     pipeline: bool = False  # also build the whole-image graph (pipeline.onnx: what the C library runs)
     pipeline_memory_mb: float = PIPELINE_MEMORY_MB  # ... when it can be built and checked within this much memory
     notes: list[str] = field(default_factory=list)  # what was skipped and why
 
 
-def _preprocessing(model: HRModel) -> dict:
+def _preprocessing() -> dict:
     return {
         "input": "RGB uint8, decoded as is (gray replicated to 3 channels, alpha dropped, 16-bit scaled by 1/257)",
         "color_order": "RGB",
@@ -78,7 +80,7 @@ def _preprocessing(model: HRModel) -> dict:
 def _export_head(detector: Detector, folder: Path, stem: str, embedder: str, shapes, opts: ExportOptions, prefix: str) -> HeadSpec:
     """The detector's head graph plus whatever native artifacts it offers, with paths relative to the bundle."""
     graph = export_head(detector.head(), shapes, folder / f"{stem}_head.onnx")
-    files, native_params = detector.native_artifacts(folder, stem, opts.native)
+    files, native_params = write_native(detector.head_kind, detector.state(), folder, stem, opts.native, detector.seed)
     return HeadSpec(
         kind=detector.head_kind,
         embedder=embedder,
@@ -166,7 +168,7 @@ def _manifest(model: HRModel, tmp: Path, fields: dict, parity: dict | None) -> M
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         tiling=model.tiling.to_dict(),
         fusion_weights=model.fusion_weights,
-        preprocessing=_preprocessing(model),
+        preprocessing=_preprocessing(),
         postprocess=model.postprocess,
         thresholds=model.thresholds,
         validation=model.validation,
@@ -208,7 +210,7 @@ def check_parity(
     exact = all(h.params.get("exact", True) for h in native) and not reduced  # approximate indexes: recorded, not enforced
     if native:
         reports.append(measured(key + "native", exact, head_path="native", backend="onnxruntime"))
-    if resolve_backend("auto") == "openvino":  # the runtime's default backend on this box: proven too
+    if resolve_backend(Backend.auto) is Backend.openvino:  # the runtime's default backend on this box: proven too
         reports.append(measured(key + "openvino", exact, backend="openvino"))
     if bundle.manifest.pipeline and bundle.manifest.pipeline.graph and not reduced:  # the graph holds the fp32 embedder
         reports.append(measured("pipeline", True, engine="pipeline", backend="onnxruntime"))
@@ -220,6 +222,14 @@ def check_parity(
 
 
 def write_bundle(model: HRModel, out: str | Path, parity_images: Sequence[np.ndarray], opts: ExportOptions | None = None) -> Manifest:
+    """Export `model` as a bundle at `out` and return its manifest.
+
+    Writes the embedder and head graphs, each head kind's native files, the routing centres, the
+    whole-image graph when `opts.pipeline` asks for it, and the manifest into a temporary sibling
+    folder; checks that every runtime path reproduces `model.predict` on `parity_images` (ParityError
+    past `opts.tolerance`); then publishes atomically as a new version `OUT.v<N>` behind the symlink
+    `OUT`. A reduced `opts.precision` replaces the embedders after the fp32 check (its deviation is
+    recorded, not enforced); `opts.archive` also writes `OUT.tar`."""
     opts = opts or ExportOptions()
     out = Path(out)
     with atomic_directory(out) as tmp:

@@ -21,6 +21,7 @@ import shutil
 import tarfile
 import tempfile
 from dataclasses import asdict, field
+from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import IO, Annotated, Literal, Union
 
@@ -66,13 +67,21 @@ class GraphSpec:
     opset: int
 
 
+class Precision(StrEnum):
+    """An embedder graph's weights and activations (its inputs and outputs stay uint8 and float32)."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"  # for GPU providers
+    int8 = "int8"  # static QDQ, calibrated on training images: fastest on CPU
+
+
 @dataclass(frozen=True, config=STRICT)
 class EmbedderSpec:
     """uint8 RGB tiles (NHWC, tile_size) -> one or more float32 feature maps; mean/std inside."""
 
     graph: GraphSpec
     tile_size: list[Annotated[int, Field(ge=1)]]  # [width, height]
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"  # of the graph's weights/activations; I/O types never change
+    precision: Precision = Precision.fp32  # of the graph's weights/activations; I/O types never change
 
 
 @dataclass(frozen=True, config=STRICT)

@@ -5,49 +5,43 @@ from __future__ import annotations
 
 import json
 import time
-from enum import Enum
 from pathlib import Path
-from typing import List, NoReturn, Optional
+from typing import Annotated, List, NoReturn, Optional
 
 import numpy as np
 import typer
 
+from hiad_runtime.backends import Backend
 from hiad_runtime.bundle import MANIFEST, Bundle, BundleError
+from hiad_runtime.engines.base import EngineKind
 from hiad_runtime.files import sha256_file
+from hiad_runtime.heads import HeadPath
 from hiad_runtime.image import ImageError, resize_image
+from hiad_runtime.options import RuntimeOptions
 from hiad_runtime.results import OutputError, ResultsFolder, find_inputs, output_keys
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hiad-deploy inspection runtime (torch-free).")
 
-
-class Engine(str, Enum):
-    """tiles: stage by stage (the head path applies); pipeline: the bundle's whole-image graph, one run per image."""
-
-    tiles = "tiles"
-    pipeline = "pipeline"
-
-
-class HeadPath(str, Enum):
-    """How heads run: `native` uses a head kind's fast path (faiss for k-NN) where it has one."""
-
-    native = "native"
-    onnx = "onnx"
-
-
-class Backend(str, Enum):
-    """What runs the ONNX graphs: ONNX Runtime (its best providers present) or OpenVINO (Intel/AMD CPUs)."""
-
-    auto = "auto"
-    onnxruntime = "onnxruntime"
-    openvino = "openvino"
-
-
-BACKEND_HELP = "auto: openvino on a CPU-only box where it is installed (faster here at the same parity), else onnxruntime; or name one"
-STREAM_HELP = "tiles embedded and scored per chunk: bounds memory on large images (map built in place)"
+# The runtime options, declared once; predict, bench and serve each take them and build one RuntimeOptions.
+BackendOption = Annotated[Backend, typer.Option(
+    "--backend", help="auto: openvino on a CPU-only box where it is installed (faster here at the same parity), "
+    "else onnxruntime; or name one")]
+HeadPathOption = Annotated[HeadPath, typer.Option(
+    "--head-path", help="native: a head kind's fast path (faiss for k-NN) where it has one; "
+    "onnx: every head's exported graph")]
+EngineOption = Annotated[EngineKind, typer.Option(
+    "--engine", help="tiles: stage by stage; pipeline: the bundle's whole-image graph (what the C library runs)")]
+BatchOption = Annotated[int, typer.Option(
+    "--batch", min=1, help="tiles per embedder call (1: fastest and smallest ONNX Runtime arena on CPU at 512 px "
+    "tiles; more for GPU providers)")]
+StreamTilesOption = Annotated[int, typer.Option(
+    "--stream-tiles", min=1, help="tiles embedded and scored per chunk: bounds memory on large images "
+    "(map built in place)")]
+HeadMemoryOption = Annotated[Optional[float], typer.Option(
+    "--head-memory", help="MB of task heads (their files) kept loaded (default: a quarter of the memory available "
+    "at start, at least 256); a bundle with more loads each chunk's heads as it goes, and says so once")]
+ThreadsOption = Annotated[int, typer.Option("--threads", min=0, help="ONNX Runtime intra-op threads (0 = all cores)")]
 PREFETCH_HELP = "images decoded ahead on a worker thread while the current one is inferred (0 = none)"
-BATCH_HELP = "tiles per embedder call (1: fastest and smallest ONNX Runtime arena on CPU at 512 px tiles; more for GPU providers)"
-HEAD_MEMORY_HELP = ("MB of task heads (their files) kept loaded (default: a quarter of the memory available at start, "
-                    "at least 256); a bundle with more loads each chunk's heads as it goes, and says so once")
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -55,11 +49,18 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _load(bundle: Path, **kwargs):
+def _options(**fields) -> RuntimeOptions:
+    try:
+        return RuntimeOptions(**fields)
+    except ValueError as e:
+        _fail(str(e))
+
+
+def _load(bundle: Path, options: RuntimeOptions):
     from hiad_runtime.inspector import Inspector
 
     try:
-        return Inspector.load(bundle, **kwargs)
+        return Inspector.load(bundle, options)
     except (BundleError, ValueError) as e:
         _fail(str(e))
 
@@ -92,26 +93,26 @@ def predict(
     overlays: bool = typer.Option(False, "--overlays", help="also write anomaly-map overlay PNGs"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="image-score threshold (overrides the bundle's)"),
     pixel_threshold: Optional[float] = typer.Option(None, "--pixel-threshold", help="pixel threshold (overrides the bundle's)"),
-    head_path: HeadPath = typer.Option(HeadPath.native, "--head-path", help="native: a head kind's fast path (faiss for k-NN) where it has one; onnx: every head's exported graph"),
-    engine: Engine = typer.Option(Engine.tiles, "--engine", help="tiles: stage by stage; pipeline: the bundle's whole-image graph (what the C library runs)"),
-    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0 = all cores)"),
-    batch: int = typer.Option(1, "--batch", min=1, help=BATCH_HELP),
+    head_path: HeadPathOption = HeadPath.native,
+    engine: EngineOption = EngineKind.tiles,
+    threads: ThreadsOption = 0,
+    batch: BatchOption = 1,
     input_size: bool = typer.Option(False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="refuse inputs declaring more pixels (default: 4x the bundle's image area)"),
-    backend: Backend = typer.Option(Backend.auto, "--backend", help=BACKEND_HELP),
-    stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
-    head_memory: Optional[float] = typer.Option(None, "--head-memory", help=HEAD_MEMORY_HELP),
+    backend: BackendOption = Backend.auto,
+    stream_tiles: StreamTilesOption = 16,
+    head_memory: HeadMemoryOption = None,
     prefetch: int = typer.Option(0, "--prefetch", min=0, help=PREFETCH_HELP),
 ) -> None:
     """Score images; one JSON line per image (written as soon as it is done), a float32 map per image."""
     from hiad_runtime.overlay import overlay, save_rgb
     from hiad_runtime.prefetch import prefetched
 
-    inspector = _load(
-        bundle, head_path=head_path.value, engine=engine.value, threads=threads, batch_size=batch,
-        image_threshold=threshold, pixel_threshold=pixel_threshold, max_pixels=max_pixels,
-        backend=backend.value, stream_tiles=stream_tiles, head_memory=head_memory,
-    )
+    inspector = _load(bundle, _options(
+        backend=backend, head_path=head_path, engine=engine, batch_size=batch, stream_tiles=stream_tiles,
+        head_memory=head_memory, threads=threads, max_pixels=max_pixels, image_threshold=threshold,
+        pixel_threshold=pixel_threshold,
+    ))
     files = find_inputs(inputs)
     if not files:
         _fail("no images found in the inputs")
@@ -192,24 +193,23 @@ def bench(
     images: Optional[List[Path]] = typer.Argument(None, help="images to run (default: one synthetic image at the bundle's size)"),
     repeat: int = typer.Option(10, "--repeat", min=1),
     warmup: int = typer.Option(1, "--warmup", min=0),
-    head_path: HeadPath = typer.Option(HeadPath.native, "--head-path"),
-    engine: Engine = typer.Option(Engine.tiles, "--engine"),
-    threads: int = typer.Option(0, "--threads", min=0),
-    batch: int = typer.Option(1, "--batch", min=1, help=BATCH_HELP),
+    head_path: HeadPathOption = HeadPath.native,
+    engine: EngineOption = EngineKind.tiles,
+    threads: ThreadsOption = 0,
+    batch: BatchOption = 1,
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
-    backend: Backend = typer.Option(Backend.auto, "--backend", help=BACKEND_HELP),
-    stream_tiles: int = typer.Option(16, "--stream-tiles", min=1, help=STREAM_HELP),
-    head_memory: Optional[float] = typer.Option(None, "--head-memory", help=HEAD_MEMORY_HELP),
+    backend: BackendOption = Backend.auto,
+    stream_tiles: StreamTilesOption = 16,
+    head_memory: HeadMemoryOption = None,
     prefetch: int = typer.Option(0, "--prefetch", min=0, help="with IMAGES, each run decodes its image from the file: "
                                  "inline (0) or N images ahead on a worker thread (throughput mode)"),
 ) -> None:
     """Per-stage latency (median, p95), images/s and peak RSS. A benchmark that prints figures."""
-    from hiad_runtime.inspector import STAGES
     from hiad_runtime.prefetch import prefetched
 
-    inspector = _load(bundle, head_path=head_path.value, engine=engine.value, threads=threads, batch_size=batch,
-                      backend=backend.value, stream_tiles=stream_tiles, head_memory=head_memory)
-    stages = ("decode", "pipeline") if engine is Engine.pipeline else STAGES
+    inspector = _load(bundle, _options(backend=backend, head_path=head_path, engine=engine, batch_size=batch,
+                                       stream_tiles=stream_tiles, head_memory=head_memory, threads=threads))
+    stages = inspector.stages
     size = inspector.tiling.image_size
     if images:
         paths = find_inputs(images)
@@ -221,7 +221,7 @@ def bench(
         load = lambda i: frame  # noqa: E731
     per_stage = {s: [] for s in (*stages, "total")}
     source = prefetched(range(warmup + repeat), load, prefetch)
-    heads = inspector.heads if engine is Engine.tiles else None
+    heads = inspector.engine.heads  # None where the engine loads no heads one by one (the whole-image graph)
     for i in range(warmup + repeat):
         if i == warmup:
             t_start = time.perf_counter()
@@ -250,7 +250,7 @@ def bench(
         "precision": inspector.precision,
         "stream_tiles": stream_tiles,
         "batch": batch,
-        "head_memory_mb": inspector.head_memory if heads else None,
+        "head_memory_mb": inspector.engine.head_memory if heads else None,
         "head_loads": heads.loads if heads else None,  # heads read from the bundle, preload included
         "head_loads_per_image": (heads.loads - loads_before) / repeat if heads else None,  # timed runs; 0: all resident
         "prefetch": prefetch,
@@ -268,7 +268,8 @@ def bench(
         typer.echo(f"{s:<9} {v['median']:>10.1f} {v['p95']:>10.1f}")
     if heads:
         typer.echo(f"head loads per image {figures['head_loads_per_image']:.1f} ({len(heads.sizes)} heads, "
-                   f"{sum(heads.sizes.values()) / 2**20:.0f} MB of files; head memory {inspector.head_memory:.0f} MB)")
+                   f"{sum(heads.sizes.values()) / 2**20:.0f} MB of files; "
+                   f"head memory {inspector.engine.head_memory:.0f} MB)")
     typer.echo(f"images/s {figures['images_per_s']:.2f}; peak RSS {figures['peak_rss_mb']:.0f} MB")
     if json_out:
         json_out.write_text(json.dumps(figures, indent=1))
@@ -295,7 +296,14 @@ def serve(
         "the open-file limit)"
     ),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="file holding the bearer token /v1/* requires"),
-    threads: int = typer.Option(0, "--threads", help="ONNX Runtime intra-op threads per inference (0 = cores / workers)"),
+    threads: int = typer.Option(0, "--threads", min=0,
+                                help="ONNX Runtime intra-op threads per inference (0 = cores / workers)"),
+    head_path: HeadPathOption = HeadPath.native,
+    engine: EngineOption = EngineKind.tiles,
+    batch: BatchOption = 1,
+    backend: BackendOption = Backend.auto,
+    stream_tiles: StreamTilesOption = 16,
+    head_memory: HeadMemoryOption = None,
 ) -> None:
     """Serve the bundle over HTTP (POST /v1/inspect); needs the `serve` extra."""
     import os
@@ -312,20 +320,24 @@ def serve(
         if not token:
             typer.secho(f"error: {token_file}: no token in this file", fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
+    runtime = _options(
+        backend=backend, head_path=head_path, engine=engine, batch_size=batch, stream_tiles=stream_tiles,
+        head_memory=head_memory, threads=threads or max(1, (os.cpu_count() or 1) // max(workers, 1)),
+        max_pixels=None if max_megapixels is None else int(max_megapixels * 1e6),
+    )
     try:
         settings = ServeSettings(
             bundle=bundle,
+            runtime=runtime,
             workers=workers,
             max_queue=max_queue,
             max_body_bytes=int(max_body_mb * (1 << 20)),
             max_inflight_bytes=int(max_inflight_mb * (1 << 20)),
-            max_pixels=None if max_megapixels is None else int(max_megapixels * 1e6),
             timeout_s=timeout,
             header_timeout_s=header_timeout,
             body_timeout_s=body_timeout,
             max_connections=max_connections,
             token=token,
-            threads=threads or max(1, (os.cpu_count() or 1) // max(workers, 1)),
         )
     except ValueError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)

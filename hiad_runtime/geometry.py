@@ -1,7 +1,8 @@
-"""Tiling of a high-resolution image into patches, their context windows, and gathering back.
+"""Tiling of a high-resolution image into patches and their context windows.
 
 This is HiAD's `MultiResolutionHRImageSpliter` semantics, owned here (torch-free) so that training,
-export and the runtime cut and merge images in exactly the same way. Sizes are (width, height).
+export and the runtime cut images in exactly the same way (hiad_runtime/plan.py merges them back).
+Sizes are (width, height).
 """
 
 from __future__ import annotations
@@ -46,9 +47,6 @@ class Box:
 
     def slices(self) -> tuple[slice, slice]:
         return slice(self.y, self.y + self.height), slice(self.x, self.x + self.width)
-
-    def relative_to(self, outer: "Box") -> "Box":
-        return Box(self.x - outer.x, self.y - outer.y, self.width, self.height)
 
 
 @dataclass(frozen=True)
@@ -173,9 +171,10 @@ class Tiling:
     def cols(self) -> int:
         return max(t.col for t in self.tiles) + 1
 
-    def context_windows(self, level: int) -> list[Box]:
-        """Distinct context windows of one ds_factor level (1-based), in first-use order."""
-        return list(dict.fromkeys(t.context[level - 1] for t in self.tiles))
+    def context_windows(self, level: int, tiles: Sequence[Tile] | None = None) -> list[Box]:
+        """Distinct context windows of one ds_factor level (1-based) that `tiles` (default: all) use, in
+        first-use order: each is embedded once however many tiles read it."""
+        return list(dict.fromkeys(t.context[level - 1] for t in (self.tiles if tiles is None else tiles)))
 
     def to_dict(self) -> dict:
         return {
@@ -207,28 +206,6 @@ def crop(image: np.ndarray, box: Box) -> np.ndarray:
 def split(image: np.ndarray, tiles: Sequence[Tile]) -> np.ndarray:
     """Stack the main patches of `tiles` (N, patch_h, patch_w, ...)."""
     return np.stack([crop(image, t.main) for t in tiles])
-
-
-def gather(
-    maps: Sequence[np.ndarray],
-    tiles: Sequence[Tile],
-    image_size: Size,
-    weight: np.ndarray | None = None,
-) -> np.ndarray:
-    """Merge per-tile maps into one image map, averaging (optionally weighted) where tiles overlap."""
-    width, height = image_size
-    total = np.zeros((height, width), np.float32)
-    norm = np.zeros((height, width), np.float32)
-    for m, t in zip(maps, tiles, strict=True):
-        if m.shape != (t.main.height, t.main.width):
-            raise ValueError(f"map of tile {t.index} has shape {m.shape}, expected {(t.main.height, t.main.width)}")
-        w = 1.0 if weight is None else weight
-        total[t.main.slices()] += m * w
-        norm[t.main.slices()] += w
-    if np.any(norm == 0):
-        raise ValueError("tiles do not cover the whole image")
-    total /= norm
-    return total
 
 
 def context_crop(window: Box, tile: Box, grid: tuple[int, int]) -> tuple[int, int, int, int]:

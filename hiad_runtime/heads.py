@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
+from enum import StrEnum
 from pathlib import Path
 from typing import Callable, Mapping, Protocol, Sequence
 
@@ -21,15 +22,35 @@ try:
 except ImportError as e:  # the base package pulls neither build on purpose
     raise ImportError("hiad_runtime needs faiss: pip install 'hiad-deploy[cpu]' (or '[gpu]' on a CUDA box)") from e
 
+from hiad_runtime.backends import SessionFactory
 from hiad_runtime.bundle import BundleError, HeadSpec
-from hiad_runtime.sessions import SessionFactory
 
-HEAD_PATHS = ("native", "onnx")  # native: a kind's fast path where it has one, else its graph
 log = logging.getLogger("hiad_runtime")
 
 
+class HeadPath(StrEnum):
+    """How heads run: `native` takes a head kind's fast path (faiss for k-NN) where it has one, else its
+    graph; `onnx` runs every head's exported graph (what a C program runs)."""
+
+    native = "native"
+    onnx = "onnx"
+
+
 class Head(Protocol):
+    """The embedder's outputs (each (B, C, h, w)) -> anomaly scores (B, h, w)."""
+
     def __call__(self, features: Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+class NativeHead(Head, Protocol):
+    """A head kind's fast path, made from the bundle files its spec names."""
+
+    @staticmethod
+    def files(spec: HeadSpec) -> list[str]:
+        """The bundle files loading reads (the head memory budget counts their bytes)."""
+        ...
+
+    def __init__(self, root: Path, spec: HeadSpec, sessions: SessionFactory): ...
 
 
 class OnnxHead:
@@ -86,7 +107,7 @@ class FaissKnnHead:
         return exact_knn_distance(queries, self.bank, idx).reshape(b, h, w).astype(np.float32)
 
 
-NATIVE: dict[str, type[FaissKnnHead]] = {"knn": FaissKnnHead}  # kind -> its fast path: (root, spec, sessions) -> Head, .files(spec)
+NATIVE: dict[str, type[NativeHead]] = {"knn": FaissKnnHead}  # head kind -> its fast path (a class + an entry)
 
 
 def has_native_path(spec: HeadSpec) -> bool:
@@ -95,9 +116,11 @@ def has_native_path(spec: HeadSpec) -> bool:
 
 def native(spec: HeadSpec, path: str) -> bool:
     """Whether head path `path` runs this head by its kind's native path (else its ONNX graph)."""
-    if path not in HEAD_PATHS:
-        raise ValueError(f"head path {path!r} is not one of {HEAD_PATHS}")
-    return path == "native" and spec.kind in NATIVE
+    try:
+        path = HeadPath(path)
+    except ValueError:
+        raise ValueError(f"head path {path!r} is not one of {[p.value for p in HeadPath]}") from None
+    return path is HeadPath.native and spec.kind in NATIVE
 
 
 def load_head(root: Path, spec: HeadSpec, sessions: SessionFactory, path: str = "native") -> Head:

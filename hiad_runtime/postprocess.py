@@ -3,20 +3,20 @@
 upsample each tile's map to the tile -> [per-tile blur] -> gather (overlaps averaged) -> [max with the
 thumbnail map] -> Gaussian blur -> image score (block-mean max, or top-k mean) -> [threshold].
 A detector declares which of the optional steps HiAD applies for it; this module knows no detector.
-Training's PyTorch inference calls these same functions, so this step is identical on both sides.
+It holds the maths; hiad_runtime/plan.py says in which order they run, for training's PyTorch
+inference, the runtime and calibration alike, so this step is identical on every side.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated, Literal, Sequence
+from typing import Annotated, Literal
 
 import cv2
 import numpy as np
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
-from hiad_runtime.geometry import Tile, gather
 from hiad_runtime.image import resize_map
 
 
@@ -62,13 +62,6 @@ def tile_map(scores: np.ndarray, size: tuple[int, int], spec: PostprocessSpec) -
     """One tile's score grid upsampled to the tile (bilinear), then the optional per-tile blur."""
     full = resize_map(np.asarray(scores, np.float32), size)
     return gaussian_blur(full, spec.tile_blur_sigma, spec.gaussian_truncate)
-
-
-def tile_maps_to_image(
-    tile_maps: Sequence[np.ndarray], tiles: Sequence[Tile], image_size: tuple[int, int], spec: PostprocessSpec
-) -> np.ndarray:
-    """Each tile's map at its tile size, gathered into the image (overlaps averaged)."""
-    return gather([tile_map(m, (t.main.width, t.main.height), spec) for m, t in zip(tile_maps, tiles)], tiles, image_size)
 
 
 def fuse_thumbnail(high: np.ndarray, thumbnail_map: np.ndarray | None) -> np.ndarray:

@@ -5,7 +5,7 @@ embeds and scores `stream_tiles` tiles at a time and adds each tile's map into o
 buffer, so peak memory is the image, its map and one chunk's features, whatever the tile count;
 the task heads are kept within a memory budget (`heads.HeadCache`; default: `memory.default_head_memory_mb`),
 loaded per chunk beyond it.
-The result equals `postprocess.tile_maps_to_image` (gather: overlaps averaged), computed in place.
+The overlaps are averaged by the plan's overlap counts (`InferencePlan.coverage`, hiad_runtime/plan.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from hiad_runtime.geometry import Size, Tile
 from hiad_runtime.postprocess import PostprocessSpec, tile_map
 
+
 def chunks(count: int, size: int) -> Iterator[list[int]]:
     """Tile indices 0..count-1 in consecutive runs of at most `size`."""
     if size < 1:
@@ -25,19 +26,9 @@ def chunks(count: int, size: int) -> Iterator[list[int]]:
         yield list(range(start, min(start + size, count)))
 
 
-def coverage(tiles: Sequence[Tile], image_size: Size) -> np.ndarray | None:
-    """How many tiles cover each pixel (uint8), or None when every pixel is covered exactly once."""
-    width, height = image_size
-    counts = np.zeros((height, width), np.uint8)
-    for t in tiles:
-        counts[t.main.slices()] += 1
-    if counts.min() == 0:
-        raise ValueError("tiles do not cover the whole image")
-    return None if counts.max() == 1 else counts
-
-
 class MapAssembler:
-    """Adds tile maps into one float32 image map as they come; `result()` averages the overlaps."""
+    """Adds tile maps into one float32 image map as they come; `result()` averages the overlaps by
+    `counts` (None: every pixel is covered once)."""
 
     def __init__(self, tiles: Sequence[Tile], image_size: Size, spec: PostprocessSpec, counts: np.ndarray | None):
         self.tiles, self.spec, self.counts = tiles, spec, counts

@@ -1,12 +1,10 @@
 """Tasks: which tiles each detector owns. Static tasks list their tiles; retrieval tasks own none
-and receive tiles by nearest cluster centre at inference."""
+and receive tiles by nearest cluster centre at inference (hiad_runtime/plan.py: route)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
-
-import numpy as np
 
 from hiad_runtime.geometry import Tiling
 
@@ -33,9 +31,3 @@ def task_of_tile(tasks: Sequence[Task], tiling: Tiling) -> list[str | None]:
                 raise ValueError(f"tile {i} belongs to both {owner[i]} and {task.name}")
             owner[i] = task.name
     return owner
-
-
-def route(embeddings: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """Retrieval routing: index of the nearest centre (L2) for each row of `embeddings` (N, D)."""
-    d2 = (embeddings**2).sum(1, keepdims=True) - 2 * embeddings @ centres.T + (centres**2).sum(1)[None]
-    return np.argmin(d2, axis=1)

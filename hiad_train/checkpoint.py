@@ -78,6 +78,12 @@ def save_checkpoint(model: HRModel, out: str | Path, data: str | Path | None = N
 
 
 def load_checkpoint(path: str | Path) -> HRModel:
+    """The HRModel saved at `path` by `save_checkpoint`, ready to predict or export.
+
+    Refuses (CheckpointError, naming the file) a folder without checkpoint.json, another format or
+    version, a tensor file that is missing or whose sha256 differs, and a config or detector this
+    code cannot read. Tensors are read from safetensors only (nothing is unpickled); each detector is
+    rebuilt from its config and its state (`Detector.from_state`)."""
     path = Path(path)
     meta_file = path / "checkpoint.json"
     if not meta_file.is_file():

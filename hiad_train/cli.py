@@ -8,25 +8,19 @@ import logging
 import resource
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from hiad_train.config import ConfigError, load_config
+from hiad_train.config import ConfigError, NormalizationMode, load_config
+from hiad_train.data.elpv import ModuleType
+from hiad_train.synthesis import SYNTHESIZERS
+from hiad_train.tasks import GENERATORS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hiad-deploy training stage (PyTorch).")
-
-
-class ModuleType(str, Enum):
-    mono = "mono"
-    poly = "poly"
-
-
-class Normalizing(str, Enum):
-    global_ = "global"
-    per_task = "per_task"
+REGISTRIES = (f"tasks.generator: {', '.join(GENERATORS)}; "
+              f"val_config.anomaly_syn_fn.name: {', '.join(SYNTHESIZERS)}")
 
 
 def _fail(message: str) -> None:
@@ -67,7 +61,7 @@ def _evaluate(model, data: Path, out: Path) -> dict:
 
 @app.command("train")
 def train(
-    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="training YAML (see configs/)"),
+    config: Path = typer.Argument(..., exists=True, dir_okay=False, help=f"training YAML (see configs/); {REGISTRIES}"),
     data: Path = typer.Option(..., "--data", exists=True, file_okay=False, help="class folder in MVTec-AD layout (train/, test/, ground_truth/) or with train.jsonl/test.jsonl"),
     out: Path = typer.Option(Path("models/run"), "--out", help="run folder; the checkpoint goes to OUT/checkpoint"),
     eval_: bool = typer.Option(False, "--eval", help="evaluate on the test split afterwards"),
@@ -190,16 +184,18 @@ def calibrate_cmd(
     out: Path = typer.Option(None, "--out", help="where the calibrated copy is published (default: SOURCE, as its new version)"),
     rate: float = typer.Option(0.01, "--rate", min=1e-6, max=0.5, help="target false-alarm rate on normal images"),
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the synthetic anomalies and the bootstrap"),
-    normalization: Optional[Normalizing] = typer.Option(None, "--normalization", help="global: one min-max for every task (keeps their relative scale); per_task: HiAD's (default: a checkpoint's own val_config, else global)"),
+    normalization: Optional[NormalizationMode] = typer.Option(None, "--normalization", help="global: one min-max for every task (keeps their relative scale); per_task: HiAD's (default: a checkpoint's own val_config, else global)"),
 ) -> None:
-    """Recompute thresholds (by false-alarm rate) and normalization from new images, without retraining."""
+    """Recompute thresholds (by false-alarm rate) and normalization from new images, without retraining.
+
+    A checkpoint is re-published by hiad_train.calibration, a bundle by hiad_export.calibrate (this
+    command composes the two; training modules never import export)."""
     from hiad_runtime.bundle import MANIFEST, BundleError
     from hiad_runtime.cli import describe_threshold
     from hiad_runtime.image import ImageError, default_max_pixels, load_image, resize_image
     from hiad_runtime.results import find_inputs
     from hiad_train import calibration
-    from hiad_train.config import SynthesizerConfig
-    from hiad_train.validation import make_synthesizer
+    from hiad_train.synthesis import SynthesizerConfig
 
     try:
         if (source / "checkpoint.json").is_file():
@@ -212,9 +208,10 @@ def calibrate_cmd(
             scorer, write = calibration.model_scorer(model), calibration.write_checkpoint
             val = model.config.val_config
         elif (source / MANIFEST).is_file():
+            from hiad_export.calibrate import publish_calibrated
             from hiad_runtime.inspector import Inspector
 
-            scorer, write, val = calibration.bundle_scorer(Inspector.load(source)), calibration.write_bundle, None
+            scorer, write, val = calibration.bundle_scorer(Inspector.load(source)), publish_calibrated, None
         else:
             _fail(f"{source}: neither a checkpoint (checkpoint.json) nor a bundle ({MANIFEST})")
         size = scorer.tiling.image_size
@@ -223,8 +220,8 @@ def calibrate_cmd(
                   for name, d in (("normal", normal), ("defective", defective))}
         if not images["normal"]:
             _fail(f"{normal}: no images found")
-        synthesizer = make_synthesizer(val.anomaly_syn_fn if val is not None else SynthesizerConfig())
-        mode = normalization.value if normalization else (val.normalization if val is not None else "global")
+        synthesizer = (val.anomaly_syn_fn if val is not None else SynthesizerConfig()).build()
+        mode = normalization or (val.normalization if val is not None else NormalizationMode.GLOBAL)
         cal = calibration.calibrate(scorer, images["normal"], images["defective"], synthesizer, rate, seed, mode)
         target = out or source
         write(source.resolve(), target, cal)
@@ -245,14 +242,14 @@ def demo_data(
     cell_size: int = typer.Option(512, min=8, help="pixels per cell side (image = cols*cell x rows*cell)"),
     n_train: int = typer.Option(10, min=1),
     n_test: int = typer.Option(10, min=2, help="test modules (half of them defective)"),
-    module_type: ModuleType = typer.Option(ModuleType.mono, help="ELPV cell type"),
+    module_type: ModuleType = typer.Option(ModuleType.MONO, help="ELPV cell type"),
     seed: int = typer.Option(0, min=0),
 ) -> None:
     """Build the ELPV demo: real EL solar-cell images composed into module images (CC BY-NC-SA 4.0)."""
     from hiad_train.data.elpv import build_elpv_demo
 
     try:
-        root = build_elpv_demo(out, rows, cols, cell_size, n_train, n_test, module_type.value, seed)
+        root = build_elpv_demo(out, rows, cols, cell_size, n_train, n_test, module_type, seed)
     except ValueError as e:
         _fail(str(e))
     typer.echo(f"demo dataset: {root} ({n_train} train, {n_test} test modules of {rows}x{cols} cells, {cols * cell_size}x{rows * cell_size} px)")

@@ -11,13 +11,18 @@ from __future__ import annotations
 import difflib
 import functools
 import typing
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
 from hiad_runtime.geometry import Tiling, as_size, tiles_along
+from hiad_train.detectors import DETECTORS, get_detector
+from hiad_train.schema import SizeSpec, Strict
+from hiad_train.synthesis import SynthesizerConfig
+from hiad_train.tasks import A2O, GENERATORS
 
 # Bytes per pixel of one image in the pipeline: decoded RGB uint8 (3) + the float32 map and its
 # blurred copy (8); the stacked tile crops (3 per tile pixel) come on top.
@@ -25,73 +30,19 @@ PIPELINE_BYTES_PER_PIXEL = 11
 MAX_IMAGE_BYTES = 8 << 30  # refuse a geometry needing more than this per image
 
 
-def _size(value):
-    """An int or a (width, height) pair of positive ints, kept in the form given."""
-    def whole(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if whole(value):
-        pair = (value, value)
-    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(map(whole, value)):
-        pair = tuple(value)
-    else:
-        raise ValueError(f"must be a positive int or a [width, height] pair of ints, got {value!r}")
-    if min(pair) <= 0:
-        raise ValueError(f"must be positive, got {value!r}")
-    return value if whole(value) else pair
-
-
-SizeSpec = Annotated[Union[int, tuple[int, int]], BeforeValidator(_size)]
-
-
 class ConfigError(ValueError):
     """A configuration that does not validate; the message names every bad key."""
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+# `tasks:` is one of the registered task generators' sections, told apart by its `generator` key.
+TaskConfig = Annotated[Union[tuple(GENERATORS.values())], Field(discriminator="generator")]
 
 
-class A2O(Strict):
-    generator: Literal["a2o"]
+class NormalizationMode(StrEnum):
+    """How validation (and calibration) min-max normalize the raw scores of the tasks."""
 
-
-class O2O(Strict):
-    generator: Literal["o2o"]
-
-
-class Neighborhood(Strict):
-    generator: Literal["neighborhood"]
-    num_groups_width: int = Field(ge=1)
-    num_groups_height: int | None = Field(None, ge=1)
-
-
-class SpatialClustering(Strict):
-    generator: Literal["spatial_clustering"]
-    cluster_number: int = Field(ge=1)
-    feature_resolution: int = Field(1, ge=1)
-
-
-class ThresholdClustering(Strict):
-    generator: Literal["threshold_clustering"]
-    cluster_threshold: float = Field(gt=0)
-    feature_resolution: int = Field(1, ge=1)
-
-
-class Retrieve(Strict):
-    generator: Literal["retrieve"]
-    cluster_number: int = Field(ge=1)
-
-
-TaskConfig = Annotated[
-    Union[A2O, O2O, Neighborhood, SpatialClustering, ThresholdClustering, Retrieve], Field(discriminator="generator")
-]
-
-
-class SynthesizerConfig(Strict):
-    name: Literal["random_box", "cut_paste", "color_shift", "image_blending"] = "random_box"
-    p: float = Field(0.5, ge=0, le=1)  # probability that a validation patch gets a synthetic anomaly
-    source_dir: str | None = None  # image_blending: anomaly-source images (default: scikit-image textures)
+    GLOBAL = "global"  # one min-max over every task's scores: tasks keep their relative scale
+    PER_TASK = "per_task"  # HiAD's: each task's own min-max
 
 
 class ThresholdConfig(Strict):
@@ -112,7 +63,7 @@ class ValConfig(Strict):
     # global: one min-max over every task's validation scores, so tasks keep their relative scale (the
     # default: per-task min-max from a few held-out tiles cost 0.08-0.42 image AUROC on 6 of the 7 sets
     # of docs/quality.md); per_task: HiAD's, each task's own min-max (detectors whose scales differ by task)
-    normalization: Literal["global", "per_task"] = "global"
+    normalization: NormalizationMode = NormalizationMode.GLOBAL
 
 
 class EvaluationConfig(Strict):
@@ -216,8 +167,6 @@ def _models_in(annotation) -> list[type[BaseModel]]:
 @functools.cache
 def config_model(detector: str) -> type[TrainConfig]:
     """TrainConfig with `patch` typed as the detector's Config and `thumbnail` as it plus thumbnail_size."""
-    from hiad_train.detectors.registry import get_detector
-
     section = get_detector(detector).Config
     thumbnail = create_model(f"{section.__name__}Thumbnail", __base__=section, thumbnail_size=(SizeSpec, ...))
     try:
@@ -297,8 +246,6 @@ def _mapping_paths(node, path: tuple):
 def parse_config(data: dict, source: str = "config") -> TrainConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
-    from hiad_train.detectors.registry import DETECTORS, get_detector
-
     detector = data.get("detector", "patchcore")
     try:
         get_detector(detector)

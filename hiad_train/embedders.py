@@ -44,10 +44,3 @@ class BackboneFeatures(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.backbone(self.normalize(image)))
-
-
-@torch.no_grad()
-def output_shapes(embedder: nn.Module, tile_size: tuple[int, int]) -> list[tuple[int, ...]]:
-    """(C, h, w) of each embedder output for tiles of (width, height)."""
-    out = embedder(torch.zeros(1, tile_size[1], tile_size[0], 3, dtype=torch.uint8))
-    return [tuple(o.shape[1:]) for o in out]

@@ -1,7 +1,8 @@
 """The trained high-resolution model in PyTorch: tiling + tasks + embedder + one detector per task.
 
-`predict` is the PyTorch reference that export's parity check holds the runtime to. It shares the
-runtime's geometry and post-processing, so the only differences the check sees are the graphs' maths.
+`predict` is the PyTorch reference that export's parity check holds the runtime to. It follows the
+runtime's inference plan (hiad_runtime/plan.py: fusion windows and offsets, routing, merge, thumbnail,
+finish) with torch embedders and detectors, so the only differences the check sees are the graphs' maths.
 Like the runtime, it embeds and scores `STREAM_TILES` tiles at a time and adds each tile's map into
 one image-sized map in place, so its memory is one chunk's features at any image size (8192^2: 256
 tiles, 537 MB of features at once before).
@@ -17,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiad_runtime.geometry import Box, Tile, Tiling, context_crop, crop, split
+from hiad_runtime.geometry import Tiling
 from hiad_runtime.image import resize_image
-from hiad_runtime.postprocess import Normalization, PostprocessSpec, finish, fuse_thumbnail, tile_maps_to_image
-from hiad_runtime.streaming import MapAssembler, chunks, coverage
-from hiad_runtime.tasks import Task, route
+from hiad_runtime.plan import InferencePlan
+from hiad_runtime.postprocess import Normalization, PostprocessSpec
+from hiad_runtime.streaming import chunks
+from hiad_runtime.tasks import Task
 from hiad_train.config import TrainConfig
 from hiad_train.detectors import Detector
-from hiad_train.tasks import routing_descriptors
 
 STREAM_TILES = 16  # tiles embedded and scored at a time by `predict` (the runtime's default `--stream-tiles`)
 
@@ -41,12 +42,9 @@ def embed(embedder: nn.Module, tiles: np.ndarray, batch_size: int) -> list[torch
     return [torch.cat(outs) for outs in zip(*runs)]
 
 
-def crop_context(window_features: torch.Tensor, window: Box, tile: Box) -> torch.Tensor:
-    """The part of a context window's features (C, h, w) that covers `tile`, at the tile's grid size."""
-    c, h, w = window_features.shape
-    up_w, up_h, ox, oy = context_crop(window, tile, (w, h))
-    up = F.interpolate(window_features[None], size=(up_h, up_w), mode="bilinear", align_corners=False)[0]
-    return up[:, oy : oy + h, ox : ox + w]
+def upsample(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(C, h, w) -> (C, size_h, size_w), bilinear with half-pixel centres: the plan's upsampling in torch."""
+    return F.interpolate(features[None], size=(size[1], size[0]), mode="bilinear", align_corners=False)[0]
 
 
 @dataclass
@@ -63,13 +61,6 @@ class Thumbnail:
     def raw_scores(self, image: np.ndarray) -> np.ndarray:
         """The raw score grid of the whole image at thumbnail size."""
         return self.detector.score(embed(self.embedder, resize_image(image, self.size)[None], 1))[0].numpy()
-
-    def score_map(self, image: np.ndarray, spec: PostprocessSpec) -> np.ndarray:
-        """The (normalized) thumbnail map at thumbnail size."""
-        scores = self.raw_scores(image)
-        if self.normalization is not None:
-            scores = self.normalization(scores)
-        return tile_maps_to_image([scores], [Tile(0, 0, 0, Box(0, 0, *self.size))], self.size, spec)
 
 
 @dataclass
@@ -93,30 +84,36 @@ class HRModel:
     def fusion_weights(self) -> list[float]:
         return self.config.normalized_fusion_weights
 
+    @property
+    def plan(self) -> InferencePlan:
+        """The inference plan of the model as it stands (validation sets its normalization after fitting)."""
+        thumb, thresholds = self.thumbnail, self.thresholds or {}
+        return InferencePlan(
+            tiling=self.tiling,
+            tasks=tuple(self.tasks),
+            fusion_weights=tuple(self.fusion_weights),
+            postprocess=self.postprocess,
+            normalization=dict(self.task_normalization or {}),
+            thumbnail_size=None if thumb is None else (int(thumb.size[0]), int(thumb.size[1])),
+            thumbnail_normalization=None if thumb is None else thumb.normalization,
+            centres=self.routing,
+            image_threshold=thresholds.get("image"),
+            pixel_threshold=thresholds.get("pixel"),
+        )
+
     @torch.no_grad()
     def tile_embeddings(self, image: np.ndarray, tile_ids: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Per embedder output, the features (N, C, h, w) of the chosen tiles fused with their context windows'."""
-        tiles = [self.tiling.tiles[i] for i in (tile_ids if tile_ids is not None else range(len(self.tiling.tiles)))]
-        weights = self.fusion_weights
-        out = [f * weights[0] for f in embed(self.embedder, split(image, tiles), self.config.batch_size)]
-        for level in range(1, len(self.tiling.ds_factors)):
-            windows = list(dict.fromkeys(t.context[level - 1] for t in tiles))
-            small = np.stack([resize_image(crop(image, w), self.tiling.patch_size) for w in windows])
-            for scale, window_features in enumerate(embed(self.embedder, small, self.config.batch_size)):
-                by_window = dict(zip(windows, window_features))
-                for i, t in enumerate(tiles):
-                    w = t.context[level - 1]
-                    out[scale][i] += weights[level] * crop_context(by_window[w], w, t.main)
-        return out
+        fusion = self.plan.fusion(tile_ids)
+        main = embed(self.embedder, fusion.patches(image), self.config.batch_size)
+        windows = [embed(self.embedder, fusion.window_images(image, level), self.config.batch_size)
+                   for level in fusion.levels]
+        return fusion.fuse(main, windows, upsample)
 
     def assignments(self, features: list[torch.Tensor], tile_ids: Sequence[int] | None = None) -> dict[str, list[int]]:
         """Per task, the positions in `tile_ids` (the tiles whose `features` these are; default all) that it scores:
         fixed for static tasks, by nearest centre for retrieval tasks."""
-        if self.routing is None:
-            position = {tile: p for p, tile in enumerate(tile_ids if tile_ids is not None else range(len(self.tiling.tiles)))}
-            return {t.name: [position[i] for i in t.tiles if i in position] for t in self.tasks}
-        labels = route(routing_descriptors(features[0].numpy()), self.routing)
-        return {t.name: [int(i) for i in np.flatnonzero(labels == k)] for k, t in enumerate(self.tasks)}
+        return self.plan.assign(features[0].numpy(), tile_ids)
 
     @torch.no_grad()
     def raw_tile_scores(self, image: np.ndarray) -> list[tuple[str, int, np.ndarray]]:
@@ -131,22 +128,13 @@ class HRModel:
                     out += [(name, ids[p], s.numpy()) for p, s in zip(positions, scores)]
         return out
 
-    def tile_maps(self, image: np.ndarray) -> list[np.ndarray]:
-        """Per-tile score grids, normalized per task when the model has validation statistics."""
-        maps: list[np.ndarray | None] = [None] * len(self.tiling.tiles)
-        for name, i, s in self.raw_tile_scores(image):
-            maps[i] = s if self.task_normalization is None else self.task_normalization[name](s)
-        return maps
-
     def predict(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         """Anomaly map at image_size and image score, for an RGB uint8 image at image_size."""
         if image.shape[:2] != (self.tiling.image_size[1], self.tiling.image_size[0]):
             raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, the model expects {self.tiling.image_size}")
-        tiles, size = self.tiling.tiles, self.tiling.image_size
-        assembler = MapAssembler(tiles, size, self.postprocess, coverage(tiles, size))
-        for i, grid in enumerate(self.tile_maps(image)):
-            assembler.add(i, grid)
-        anomaly_map = assembler.result()
-        if self.thumbnail is not None:
-            anomaly_map = fuse_thumbnail(anomaly_map, self.thumbnail.score_map(image, self.postprocess))
-        return finish(anomaly_map, self.postprocess, in_place=True)
+        plan = self.plan
+        grids: list[np.ndarray | None] = [None] * len(self.tiling.tiles)
+        for name, i, grid in self.raw_tile_scores(image):
+            grids[i] = plan.normalize(name, grid)
+        thumbnail = None if self.thumbnail is None else plan.thumbnail_map(self.thumbnail.raw_scores(image))
+        return plan.finish(plan.merge(grids), thumbnail, in_place=True)

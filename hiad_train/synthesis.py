@@ -1,20 +1,41 @@
 """Anomaly synthesizers for the validation set: patch -> (patch with a defect, exact mask).
 
 Each synthesizer applies its defect with probability `p` (else returns the patch and an empty mask),
-as HiAD's RandomBox, CutPaste, ColorShift and ImageBlending synthesizers do.
+as HiAD's RandomBox, CutPaste, ColorShift and ImageBlending synthesizers do. They are registered by
+name; the config section `val_config.anomaly_syn_fn` (SynthesizerConfig) names one, is validated
+against the registry and the keys that synthesizer reads, and builds it. Adding a synthesizer is one
+class here with `@register_synthesizer`.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import cv2
 import numpy as np
+from pydantic import Field, field_validator, model_validator
 
 from hiad_runtime.image import load_image
+from hiad_runtime.results import find_inputs
+from hiad_train.schema import Strict
 
 Synthesized = tuple[np.ndarray, np.ndarray]
+
+
+SYNTHESIZERS: dict[str, type["Synthesizer"]] = {}
+
+
+def register_synthesizer(cls: type["Synthesizer"]) -> type["Synthesizer"]:
+    """Class decorator: add a Synthesizer under its `name`."""
+    if not (isinstance(cls, type) and issubclass(cls, Synthesizer) and isinstance(cls.__dict__.get("name"), str)):
+        raise TypeError(f"{cls!r} is not a Synthesizer with a `name`")
+    if cls.name in SYNTHESIZERS and SYNTHESIZERS[cls.name] is not cls:
+        raise ValueError(f"synthesizer {cls.name!r} is registered twice ({SYNTHESIZERS[cls.name].__name__}, {cls.__name__})")
+    SYNTHESIZERS[cls.name] = cls
+    return cls
 
 
 def _box(h: int, w: int, rng: np.random.Generator, min_frac=0.05, max_frac=0.3) -> tuple[int, int, int, int]:
@@ -24,8 +45,11 @@ def _box(h: int, w: int, rng: np.random.Generator, min_frac=0.05, max_frac=0.3) 
 
 
 class Synthesizer:
-    """Applies `defect` with probability `p`; otherwise the patch is returned with an empty mask."""
+    """Applies `defect` with probability `p`; otherwise the patch is returned with an empty mask.
+    A registered subclass names itself (`name`) and the SynthesizerConfig keys it is built from (`keys`)."""
 
+    name: ClassVar[str]
+    keys: ClassVar[tuple[str, ...]] = ("p",)
     p: float
 
     def __call__(self, patch: np.ndarray, rng: np.random.Generator) -> Synthesized:
@@ -37,9 +61,12 @@ class Synthesizer:
         raise NotImplementedError
 
 
+@register_synthesizer
 @dataclass(frozen=True)
 class RandomBox(Synthesizer):
     """A rectangle of one random colour."""
+
+    name = "random_box"
 
     p: float = 0.5
 
@@ -52,9 +79,12 @@ class RandomBox(Synthesizer):
         return out, mask
 
 
+@register_synthesizer
 @dataclass(frozen=True)
 class CutPaste(Synthesizer):
     """A rectangle of the patch itself, brightness-jittered, pasted elsewhere."""
+
+    name = "cut_paste"
 
     p: float = 0.5
 
@@ -72,9 +102,12 @@ class CutPaste(Synthesizer):
         return out, mask
 
 
+@register_synthesizer
 @dataclass(frozen=True)
 class ColorShift(Synthesizer):
     """A region whose colour and brightness are shifted (a stain, a discolouration)."""
+
+    name = "color_shift"
 
     p: float = 0.5
     strength: float = 60.0
@@ -121,8 +154,12 @@ def bundled_textures() -> list[Path]:
     return [p for name in ("brick.png", "grass.png", "gravel.png", "rough-wall.png", "coffee.png") if (p := data / name).is_file()]
 
 
+@register_synthesizer
 class ImageBlending(Synthesizer):
     """Blend a Perlin-noise-shaped region of an anomaly-source image into the patch (DRAEM-style)."""
+
+    name = "image_blending"
+    keys = ("p", "source_dir")
 
     def __init__(self, p: float = 0.5, source_dir: str | Path | None = None, blend: tuple[float, float] = (0.5, 1.0)):
         self.p = p
@@ -130,8 +167,7 @@ class ImageBlending(Synthesizer):
         if source_dir is None:
             self.sources = bundled_textures()
         else:
-            exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-            self.sources = sorted(f for f in Path(source_dir).rglob("*") if f.suffix.lower() in exts)
+            self.sources = find_inputs([Path(source_dir)])
         if not self.sources:
             raise ValueError(f"ImageBlending: no anomaly-source images in {source_dir or 'scikit-image data'}")
         self._cache: dict[Path, np.ndarray] = {}
@@ -159,4 +195,32 @@ class ImageBlending(Synthesizer):
         return out, mask
 
 
-SYNTHESIZERS = {"random_box": RandomBox, "cut_paste": CutPaste, "color_shift": ColorShift, "image_blending": ImageBlending}
+
+class SynthesizerConfig(Strict):
+    """`val_config.anomaly_syn_fn`: a registered synthesizer by name and the keys it reads."""
+
+    name: str = "random_box"
+    p: float = Field(0.5, ge=0, le=1)  # probability that a validation patch gets a synthetic anomaly
+    source_dir: str | None = None  # image_blending: anomaly-source images (default: scikit-image textures)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in SYNTHESIZERS:
+            close = difflib.get_close_matches(name, list(SYNTHESIZERS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown synthesizer {name!r}{hint}; registered: {', '.join(sorted(SYNTHESIZERS))}")
+        return name
+
+    @model_validator(mode="after")
+    def _keys_read(self) -> "SynthesizerConfig":
+        unread = [k for k in self.model_fields_set - {"name"} if k not in SYNTHESIZERS[self.name].keys
+                  and getattr(self, k) != type(self).model_fields[k].default]
+        if unread:
+            raise ValueError(f"{', '.join(sorted(unread))}: not read by synthesizer {self.name!r}")
+        return self
+
+    def build(self) -> Synthesizer:
+        """The synthesizer this section names, built from the keys it reads."""
+        cls = SYNTHESIZERS[self.name]
+        return cls(**{k: getattr(self, k) for k in cls.keys})

@@ -29,15 +29,15 @@ from hiad_runtime.geometry import Tiling, as_size, split
 from hiad_runtime.image import resize_image
 from hiad_runtime.postprocess import PostprocessSpec
 from hiad_runtime.streaming import chunks
-from hiad_train import tasks as generators
-from hiad_train.config import SynthesizerConfig, TrainConfig
+from hiad_train.config import TrainConfig
 from hiad_train.data.samples import HRSample
 from hiad_train.detectors import DetectorConfig, TaskData, get_detector
 from hiad_train.detectors.base import Synthesizer
 from hiad_train.evaluation import Evaluator, default_evaluators, evaluate
 from hiad_train.executors import LocalExecutor, Stage
 from hiad_train.model import STREAM_TILES, HRModel, Thumbnail, embed
-from hiad_train.validation import TaskValidation, TaskValidator, make_synthesizer, split_validation, validate
+from hiad_train.synthesis import SynthesizerConfig
+from hiad_train.validation import TaskValidation, TaskValidator, split_validation, validate
 
 
 def seed_everything(seed: int) -> None:
@@ -175,33 +175,20 @@ class HRTrainer:
         self.detector_cls = get_detector(config.detector)
         self.executor = executor or LocalExecutor()
 
-    def _plan_tasks(self, tiling: Tiling, embeddings: np.ndarray):
-        """Tasks, optional retrieval centres, and per task the (image, tile) pairs it trains on."""
-        spec, n_img = self.config.tasks, embeddings.shape[0]
-        if spec.generator == "retrieve":
-            tasks, centres, labels = generators.retrieve(embeddings, spec.cluster_number, self.config.seed)
-            pairs = {t.name: [tuple(p) for p in np.argwhere(labels == k)] for k, t in enumerate(tasks)}
-            return tasks, centres, pairs
-        if spec.generator == "a2o":
-            tasks = generators.all_to_one(tiling)
-        elif spec.generator == "o2o":
-            tasks = generators.one_to_one(tiling)
-        elif spec.generator == "neighborhood":
-            tasks = generators.neighborhood(tiling, spec.num_groups_width, spec.num_groups_height)
-        elif spec.generator == "spatial_clustering":
-            tasks = generators.spatial_clustering(embeddings, spec.cluster_number, spec.feature_resolution, self.config.seed)
-        else:
-            tasks = generators.threshold_clustering(embeddings, spec.cluster_threshold, spec.feature_resolution)
-        pairs = {t.name: [(i, j) for i in range(n_img) for j in t.tiles] for t in tasks}
-        return tasks, None, pairs
-
     def _training_synthesizer(self):
         """Anomalies for detectors trained on tiles: the validation synthesizer's kind, always applied."""
         val = self.config.val_config
         cfg = val.anomaly_syn_fn if val is not None else SynthesizerConfig(name="image_blending")
-        return make_synthesizer(cfg.model_copy(update={"p": 1.0}))
+        return cfg.model_copy(update={"p": 1.0}).build()
 
     def fit(self, samples: Sequence[HRSample]) -> HRModel:
+        """Train HiAD on `samples` (normal images) and return the model, normalized and thresholded.
+
+        In order: hold out the validation images (val_config), embed every tile, share the tiles out
+        among tasks (the `tasks:` generator), build the validation tiles with synthetic anomalies, fit
+        one detector per task (through the executor: here or on Ray, the same numbers either way), fit
+        the thumbnail detector, then calibrate normalization and thresholds on the held-out images.
+        Every task's detector is seeded from `config.seed` alone, so the result is reproducible."""
         cfg = self.config
         if not samples:
             raise ValueError("no training samples")
@@ -214,7 +201,8 @@ class HRTrainer:
             cfg, tiling, [], self.detector_cls.build_embedder(cfg.patch), {}, PostprocessSpec(**self.detector_cls.postprocess)
         )
         features, tiles, thumbnails = self._feature_pass(model, samples)
-        model.tasks, model.routing, pairs = self._plan_tasks(tiling, features[0].numpy())
+        assignment = cfg.tasks.generate(tiling, features[0].numpy(), cfg.seed)
+        model.tasks, model.routing, pairs = assignment.tasks, assignment.routing, assignment.pairs
         synthesizer = self._training_synthesizer()
         validation = TaskValidation.build(model, val_samples, cfg.val_config, cfg.seed) if val_samples else None
         for task in model.tasks:

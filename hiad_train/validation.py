@@ -1,26 +1,21 @@
 """The validation set: held-out training images with synthetic anomalies. It gives each task its
 min-max normalization (validation scores span [0, 1]), the image and pixel thresholds (by false-alarm rate on
 the held-out images as they are, or F1 on their synthetic anomalies; see thresholds.py), validation
-metrics, and, for detectors trained over epochs, checkpoint selection with early stopping."""
+metrics, and, for detectors trained over epochs, the held-out tiles of each task that their epoch loop
+(components/epochs.py) selects the checkpoint on."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 
 from hiad_runtime.geometry import Tiling
 from hiad_runtime.postprocess import Normalization, PostprocessSpec, finish, tile_map
-from hiad_train.config import SynthesizerConfig, ValConfig
+from hiad_train.config import ValConfig
 from hiad_train.evaluation import aupro, evaluate, image_auroc, pixel_metrics
-from hiad_train.synthesis import SYNTHESIZERS
 from hiad_train.thresholds import f1_threshold, false_alarm_thresholds
-
-
-def make_synthesizer(cfg: SynthesizerConfig):
-    cls = SYNTHESIZERS[cfg.name]
-    return cls(p=cfg.p, source_dir=cfg.source_dir) if cfg.name == "image_blending" else cls(p=cfg.p)
 
 
 def split_validation(samples: list, ratio: float, seed: int) -> tuple[list, list]:
@@ -66,7 +61,7 @@ def validate(model, val_samples: list, cfg: ValConfig, seed: int = 0) -> None:
     """Fill model.task_normalization, the thumbnail's normalization,
     model.thresholds (with the rule that set them) and model.validation."""
     rng = np.random.default_rng(seed)
-    synth = make_synthesizer(cfg.anomaly_syn_fn)
+    synth = cfg.anomaly_syn_fn.build()
     tiling = model.tiling
     records, thumbs = [], []  # (task, tile, raw grid, mask crop); (raw thumbnail grid)
     for sample in val_samples:
@@ -137,7 +132,7 @@ class TaskValidation:
         import torch
 
         rng = np.random.default_rng(seed + 1)
-        synth = make_synthesizer(cfg.anomaly_syn_fn)
+        synth = cfg.anomaly_syn_fn.build()
         tiling = model.tiling
         feats: dict[str, list] = {t.name: [] for t in model.tasks}
         masks: dict[str, list] = {t.name: [] for t in model.tasks}
@@ -172,29 +167,3 @@ class TaskValidator:
     def __call__(self, detector) -> dict:
         grids = detector.score(self.features).numpy()
         return tile_metrics(grids, self.masks, self.sizes, self.spec)
-
-
-@dataclass
-class CheckpointSelector:
-    """Keeps the best epoch by validation image AUROC, ties broken by the mean of the other metrics;
-    stops after `patience` epochs without improvement. For detectors trained over epochs."""
-
-    patience: int = 5
-    best_epoch: int | None = None
-    best_key: tuple = field(default=(-np.inf, -np.inf))
-    since_best: int = 0
-
-    def update(self, epoch: int, metrics: dict) -> bool:
-        """Record an epoch's validation metrics; True when it is the new best (save it)."""
-        others = [v for k, v in metrics.items() if k != "image_auroc" and np.isfinite(v)]
-        auroc = metrics.get("image_auroc", -np.inf)
-        key = (auroc if np.isfinite(auroc) else -np.inf, float(np.mean(others)) if others else -np.inf)
-        if key > self.best_key:
-            self.best_key, self.best_epoch, self.since_best = key, epoch, 0
-            return True
-        self.since_best += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.since_best >= self.patience

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from hiad_export.writer import write_bundle
-from hiad_runtime.heads import HEAD_PATHS
+from hiad_runtime.heads import HeadPath
 from hiad_runtime.inspector import Inspector
 from hiad_train.checkpoint import load_checkpoint, save_checkpoint
 from hiad_train.detectors import DETECTORS, EpochConfig
 from hiad_train.trainer import HRTrainer
+from hiad_train.validation import TaskValidation, split_validation
 
 from conftest import tiny_config
 
@@ -49,7 +50,14 @@ def test_train_export_runtime_parity(name, train_samples, test_samples, parity_i
     assert len(model.tasks) == 2 and set(model.training) == {"task_0", "task_1"}
     if issubclass(DETECTORS[name].Config, EpochConfig):  # the validation set chose the epoch
         record = model.training["task_0"]
-        assert 1 <= record["epochs_run"] <= config.patch.total_epochs and "selection_metrics" in record
+        assert 1 <= record["selected_epoch"] <= record["epochs_run"] <= config.patch.total_epochs
+        chosen = record["selection_metrics"]  # the kept state's metrics: re-scoring it gives them again
+        assert set(chosen) == {"image_auroc", "pixel_auroc", "pixel_ap", "pixel_f1_max"}
+        assert all(v is None or 0 <= v <= 1 for v in chosen.values()) and chosen["image_auroc"] is not None
+        _, held_out = split_validation(list(train_samples), config.val_config.val_sample_ratio, config.seed)
+        validation = TaskValidation.build(model, held_out, config.val_config, config.seed)
+        rescored = validation.validator("task_0", model.postprocess)(model.detectors["task_0"])
+        assert chosen == pytest.approx({k: v if np.isfinite(v) else None for k, v in rescored.items()}, rel=1e-6)
 
     checkpoint = save_checkpoint(model, tmp_path / "ckpt")
     loaded = load_checkpoint(checkpoint)
@@ -58,7 +66,7 @@ def test_train_export_runtime_parity(name, train_samples, test_samples, parity_i
 
     manifest = write_bundle(loaded, tmp_path / "bundle", parity_images)
     assert manifest.detector == name and manifest.tasks[0].training == model.training["task_0"]
-    paths = [p for p in HEAD_PATHS if p in manifest.parity]
+    paths = [p for p in HeadPath if p in manifest.parity]
     assert "onnx" in paths and all(manifest.parity[p]["passed"] for p in paths)
     for path in paths:
         inspector = Inspector.load(tmp_path / "bundle", head_path=path)

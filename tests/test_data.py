@@ -3,7 +3,7 @@ import numpy as np
 from hiad_runtime.image import load_image
 from hiad_train.data import read_jsonl, read_mvtec
 from hiad_train.data.elpv import build_elpv_demo, elpv_cells
-from hiad_train.data.synthetic import build_synthetic
+from hiad_train.data.textures import build_synthetic
 
 
 def test_elpv_demo_layout_labels_and_masks(elpv_root):

@@ -53,10 +53,10 @@ def test_runtime_matches_pytorch_on_real_demo_images(trained, bundle_dir, test_s
 def test_onnx_head_agrees_with_faiss(bundle_dir, test_samples):
     onnx_inspector = Inspector.load(bundle_dir, head_path="onnx")
     faiss_inspector = Inspector.load(bundle_dir, head_path="native")
-    features = onnx_inspector.tile_embeddings(test_samples[0].image((256, 256)), {})
-    for task in onnx_inspector.tasks:
-        a = onnx_inspector.heads[task.name]([f[list(task.tiles)] for f in features])
-        b = faiss_inspector.heads[task.name]([f[list(task.tiles)] for f in features])
+    features = onnx_inspector.engine.tile_embeddings(test_samples[0].image((256, 256)), {})
+    for task in onnx_inspector.plan.tasks:
+        a = onnx_inspector.engine.heads[task.name]([f[list(task.tiles)] for f in features])
+        b = faiss_inspector.engine.heads[task.name]([f[list(task.tiles)] for f in features])
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -185,7 +185,7 @@ def test_runtime_is_torch_free(bundle_dir, test_samples):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "SCORE" in out.stdout
+    assert np.isfinite(float(out.stdout.split("SCORE")[-1]))
 
 
 def test_odd_inputs_are_converted_and_resized(bundle_dir, tmp_path, test_samples):

@@ -97,7 +97,8 @@ def test_map_is_minus_the_mean_likelihood_over_scales(real_features):
 def test_state_round_trip_gives_the_same_head(real_features):
     config = FastFlowConfig(total_epochs=1, flow_step=2)
     model = _randomized(FastFlowModel([tuple(f.shape[1:]) for f in real_features], config), seed=2).float()
-    detector = FastFlow(config, net=model.eval())
+    detector = FastFlow(config)
+    detector.net = model.eval()
     restored = FastFlow.from_state(config, detector.state())
     features = [f[:2] for f in real_features]
     torch.testing.assert_close(restored.score(features), detector.score(features), rtol=0, atol=0)

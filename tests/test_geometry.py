@@ -5,7 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hiad_runtime.geometry import Tiling, gather, split
+from hiad_runtime.geometry import Tiling, split
+from hiad_runtime.plan import InferencePlan
+from hiad_runtime.postprocess import PostprocessSpec
 
 # HiAD's advanced tutorial: image 2048, patch 512, ds_factors [0, 1].
 TUTORIAL_CONTEXT = [(0, 0), (0, 0), (1024, 0), (1024, 0)] * 2 + [(0, 1024), (0, 1024), (1024, 1024), (1024, 1024)] * 2
@@ -51,7 +53,7 @@ sizes = st.integers(min_value=8, max_value=96)
 
 @settings(max_examples=60, deadline=None)
 @given(w=sizes, h=sizes, data=st.data())
-def test_tiles_cover_every_pixel_and_gather_inverts_split(w, h, data):
+def test_tiles_cover_every_pixel_and_merge_inverts_split(w, h, data):
     pw = data.draw(st.integers(4, w))
     ph = data.draw(st.integers(4, h))
     sw = data.draw(st.integers(1, pw))
@@ -67,13 +69,9 @@ def test_tiles_cover_every_pixel_and_gather_inverts_split(w, h, data):
     image = np.random.default_rng(0).random((h, w)).astype(np.float32)
     patches = split(image, tiling.tiles)
     assert patches.shape == (len(tiling.tiles), ph, pw)
-    np.testing.assert_allclose(gather(list(patches), tiling.tiles, (w, h)), image, rtol=1e-5)  # float32 sums
-
-
-def test_gather_averages_overlaps():
-    tiling = Tiling.create((6, 2), (4, 2), (2, 2))
-    merged = gather([np.zeros((2, 4)), np.ones((2, 4))], tiling.tiles, (6, 2))
-    np.testing.assert_allclose(merged[0], [0, 0, 0.5, 0.5, 1, 1])
+    plan = InferencePlan(tiling, (), (0.5, 0.5), PostprocessSpec())
+    assert (plan.overlap_counts == count).all()
+    np.testing.assert_allclose(plan.merge(list(patches)), image, rtol=1e-5)  # float32 sums
 
 
 @pytest.fixture()

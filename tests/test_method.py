@@ -11,9 +11,10 @@ from hiad_export.writer import write_bundle
 from hiad_runtime.inspector import Inspector
 from hiad_runtime.postprocess import Normalization
 from hiad_train import tasks as generators
+from hiad_train.components.epochs import CheckpointSelector
 from hiad_train.synthesis import ColorShift, CutPaste, ImageBlending, RandomBox
 from hiad_train.trainer import HRTrainer
-from hiad_train.validation import CheckpointSelector, min_max_normalization
+from hiad_train.validation import min_max_normalization
 
 from conftest import tiny_config
 
@@ -89,9 +90,9 @@ def test_retrieval_routing_equals_training_assignment(train_samples, parity_imag
     write_bundle(model, tmp_path / "b", parity_images)
     inspector = _assert_parity(model, tmp_path / "b", parity_images, "native")
     for image, expected in zip(images, labels):
-        routed = inspector.assignments(inspector.tile_embeddings(image, {}))
+        routed = inspector.plan.assign(inspector.engine.tile_embeddings(image, {})[0])
         got = np.empty(len(expected), int)
-        for k, task in enumerate(inspector.tasks):
+        for k, task in enumerate(inspector.plan.tasks):
             got[routed[task.name]] = k
         np.testing.assert_array_equal(got, expected)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment, minimize
 
+from hiad_train.backbones import backbone_geometry
 from hiad_train.components.cosine import cosine_distance, multiscale_cosine_distance
 from hiad_train.components.decoder import Decoder
 from hiad_train.detectors.rdpp import (
@@ -16,7 +17,6 @@ from hiad_train.detectors.rdpp import (
     RDPPConfig,
     RDPPHead,
     distillation_loss,
-    encoder_geometry,
     sinkhorn_plan,
     transport_cost,
 )
@@ -54,7 +54,7 @@ def test_multiscale_map_sums_scales_resized_bilinearly_to_the_first_grid():
     ],
 )
 def test_decoder_reproduces_the_encoder_shapes(backbone, layers):
-    channels, strides = encoder_geometry(RDPPConfig(backbone_name=backbone, layers_to_extract_from=layers))
+    channels, strides = backbone_geometry(RDPPConfig(backbone_name=backbone, layers_to_extract_from=layers))
     assert channels == {"tf_efficientnet_lite0": [24, 40, 112], "resnet18": [64, 128, 256]}[backbone][-len(layers) :]
     head = RDPPHead(channels, strides).eval()
     encoder = [torch.randn(2, c, 128 // s, 96 // s) for c, s in zip(channels, strides)]

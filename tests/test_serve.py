@@ -185,7 +185,14 @@ def test_token_is_required_on_v1(server, images):
     assert httpx.get(f"{server}/healthz").status_code == 200  # probes and scrapers need no token
 
 
-def test_model_summary_and_metrics(server, bundle_dir):
+def _metric(text: str, name: str) -> float:
+    """The value of an unlabelled sample in Prometheus text format."""
+    values = [float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, f"{name} not in /metrics"
+    return values[0]
+
+
+def test_model_summary_and_metrics(server, bundle_dir, images):
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     summary = httpx.get(f"{server}/v1/model", headers=AUTH).json()
     assert summary["tiling"]["image_size"] == manifest["tiling"]["image_size"]
@@ -196,7 +203,11 @@ def test_model_summary_and_metrics(server, bundle_dir):
     assert summary["bundle_id"].endswith("@" + manifest["created"])
     metrics = httpx.get(f"{server}/metrics").text
     assert f'hiad_model_info{{bundle_id="{summary["bundle_id"]}"' in metrics
-    assert "hiad_inspect_latency_seconds_bucket" in metrics and "hiad_images_per_second" in metrics
+    count, inspected = _metric(metrics, "hiad_inspect_latency_seconds_count"), _metric(metrics, "hiad_images_total")
+    assert httpx.post(f"{server}/v1/inspect", content=images[0].read_bytes(), headers=AUTH, timeout=60).status_code == 200
+    metrics = httpx.get(f"{server}/metrics").text  # one more inspection, timed and counted
+    assert _metric(metrics, "hiad_inspect_latency_seconds_count") == count + 1
+    assert _metric(metrics, "hiad_images_total") == inspected + 1 and _metric(metrics, "hiad_images_per_second") > 0
 
 
 def test_reload_under_load_and_a_tampered_bundle_is_refused(bundle_dir, images, tmp_path):
@@ -287,6 +298,34 @@ def test_service_imports_nothing_of_training():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_serve_takes_predicts_runtime_options_and_serves_with_them(bundle_dir, images, monkeypatch):
+    """#19: serve had none of predict's runtime options; they are one RuntimeOptions for every bundle it loads."""
+    from typer.testing import CliRunner
+
+    import hiad_runtime.serve.server as server
+    from hiad_runtime.cli import app
+    from hiad_runtime.inspector import Inspector
+    from hiad_runtime.options import RuntimeOptions
+    from hiad_runtime.serve.model_slot import ModelSlot
+
+    seen = []
+    monkeypatch.setattr(server, "run", lambda settings, host, port: seen.append(settings) or 0)
+    args = ["--backend", "onnxruntime", "--head-path", "onnx", "--engine", "tiles", "--batch", "2", "--stream-tiles", "3",
+            "--head-memory", "64", "--threads", "1"]
+    result = CliRunner().invoke(app, ["serve", str(bundle_dir), *args])
+    assert result.exit_code == 0, result.output
+    runtime = seen[0].runtime
+    expected = RuntimeOptions(backend="onnxruntime", head_path="onnx", batch_size=2, stream_tiles=3, head_memory=64, threads=1)
+    assert runtime == expected
+    served = ModelSlot(runtime).reload(bundle_dir)
+    engine = served.inspector.engine
+    assert (engine.stream_tiles, engine.head_memory, served.inspector.sessions.backend) == (3, 64, "onnxruntime")
+    same = Inspector.load(bundle_dir, runtime).predict(str(images[0]))
+    assert served.inspector.predict(str(images[0])).score == same.score
+    bad = CliRunner().invoke(app, ["serve", str(bundle_dir), "--head-memory", "0"])
+    assert bad.exit_code == 2 and "head_memory must be > 0 MB" in bad.output
 
 
 # -- publishing, pixel rule, PNG answers -------------------------------------------------------------

@@ -112,20 +112,22 @@ def test_heads_held_per_chunk_within_a_tiny_budget_give_the_all_resident_map(man
     bundle = Bundle.load(many_tiles_bundle)
     image = test_samples[-1].image((160, 160))
     resident = Inspector(bundle, stream_tiles=4)
-    assert len(resident.heads.heads) == 9 and resident.heads.loads == 9  # the default budget holds every head
+    heads = resident.engine.heads
+    assert len(heads.heads) == 9 and heads.loads == 9  # the default budget holds every head
     expected = resident.predict(image)
-    assert resident.heads.loads == 9  # nothing read again
+    assert resident.engine.heads.loads == 9  # nothing read again
 
     for head_path in ("native", "onnx"):
         largest = max(sum(bundle.manifest.files[f].bytes for f in head_files(t.head, head_path)) for t in bundle.manifest.tasks)
         paged = Inspector(bundle, stream_tiles=4, head_memory=(largest + 1) / 2**20, head_path=head_path)  # room for one head
-        assert len(paged.heads.heads) == 1 and paged.heads.resident_bytes <= paged.heads.budget
+        assert len(paged.engine.heads.heads) == 1 and paged.engine.heads.resident_bytes <= paged.engine.heads.budget
         for _ in range(2):  # twice: evicted heads are read again
             r = paged.predict(image)
             np.testing.assert_allclose(r.anomaly_map, expected.anomaly_map, rtol=1e-5, atol=1e-6 * expected.anomaly_map.max())
             assert r.score == pytest.approx(expected.score, rel=1e-5)
-            assert len(paged.heads.heads) == 1
-        assert paged.heads.loads == 1 + 2 * 9 - 1  # the preloaded first head is reused once, then every task per image
+            assert len(paged.engine.heads.heads) == 1
+        # the preloaded first head is reused once, then every task per image
+        assert paged.engine.heads.loads == 1 + 2 * 9 - 1
 
 
 @pytest.mark.parametrize("budget", [0, -5])
@@ -225,10 +227,10 @@ def test_default_head_memory_is_a_quarter_of_the_memory_available(many_tiles_bun
     assert 0 < memory.available_bytes() <= int(meminfo["MemTotal"].split()[0]) * 1024
     bundle = Bundle.load(many_tiles_bundle)
     monkeypatch.setattr(memory, "available_bytes", lambda: 8 << 30)
-    assert Inspector(bundle).head_memory == 2048
+    assert Inspector(bundle).engine.head_memory == 2048
     monkeypatch.setattr(memory, "available_bytes", lambda: 100 << 20)  # a small box: never under 256 MB
-    assert Inspector(bundle).head_memory == memory.MIN_HEAD_MEMORY_MB == 256
-    assert Inspector(bundle, head_memory=32).head_memory == 32  # given: used as it is
+    assert Inspector(bundle).engine.head_memory == memory.MIN_HEAD_MEMORY_MB == 256
+    assert Inspector(bundle, head_memory=32).engine.head_memory == 32  # given: used as it is
 
 
 def test_heads_read_again_are_reported_once_with_the_figure_to_set(many_tiles_bundle, test_samples, caplog, tmp_path):

@@ -1,5 +1,6 @@
 """The HTTP application: routes, bearer-token check, JSON errors, and the model's life cycle.
 
+`Service` holds the state and one handler per route; `create_app` wraps it into a Starlette app.
 POST /v1/inspect, GET /v1/model, POST /v1/reload (bearer token when configured); GET /healthz,
 /readyz, /metrics (open, for probes and scrapers). The bundle loads in the background at start-up:
 /healthz answers at once, /readyz once the bundle is verified and warmed up. The bundle's extracted
@@ -15,7 +16,8 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +30,7 @@ from starlette.routing import Route
 from hiad_runtime.bundle import EXTRACT_PREFIX, BundleError, remove_extractions
 from hiad_runtime.files import remove_stale
 from hiad_runtime.image import ImageError, decode
-from hiad_runtime.inspector import STAGES
+from hiad_runtime.options import RuntimeOptions
 from hiad_runtime.serve.budget import BodyBudget, Claim
 from hiad_runtime.serve.metrics import ServiceMetrics
 from hiad_runtime.serve.model_slot import LoadedModel, ModelSlot
@@ -43,23 +45,21 @@ PATHS = ("/v1/inspect", "/v1/model", "/v1/reload", "/healthz", "/readyz", "/metr
 @dataclass(frozen=True)
 class ServeSettings:
     bundle: Path
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # how each bundle is run (as predict and bench)
     workers: int = 1  # inferences at once
     max_queue: int = 8  # requests waiting for a worker; one more is answered 503
     max_body_bytes: int = 64 << 20
     max_inflight_bytes: int = 256 << 20  # request bodies held in memory at once, all requests together
-    max_pixels: int | None = None  # declared width x height, checked before decoding (None: the Inspector's rule)
     timeout_s: float = 30.0  # per request once its body is in, queue wait included
     header_timeout_s: float = 10.0  # for a request's headers to arrive
     body_timeout_s: float = 30.0  # for a request's body to arrive
     max_connections: int | None = None  # open at once (None: from the open-file limit)
     token: str | None = None  # bearer token for /v1/*
-    threads: int = 0  # ONNX Runtime intra-op threads per inference (0 = ORT's default)
 
     def __post_init__(self):
         limits = {"workers": self.workers >= 1, "max_queue": self.max_queue >= 0, "max_body_bytes": self.max_body_bytes > 0}
-        limits |= {"max_pixels": self.max_pixels is None or self.max_pixels > 0, "timeout_s": self.timeout_s > 0}
+        limits |= {"timeout_s": self.timeout_s > 0}
         limits |= {"header_timeout_s": self.header_timeout_s > 0, "body_timeout_s": self.body_timeout_s > 0}
-        limits |= {"threads": self.threads >= 0}
         limits |= {"max_connections": self.max_connections is None or self.max_connections >= 1}
         limits |= {"max_inflight_bytes": self.max_inflight_bytes >= self.max_body_bytes}  # one largest body must fit
         wrong = [f"{name}={getattr(self, name)}" for name, ok in limits.items() if not ok]
@@ -68,93 +68,85 @@ class ServeSettings:
             raise ValueError(f"serve settings out of range: {', '.join(wrong)}{below}")
 
 
-def create_app(settings: ServeSettings, on_load_failure: Callable[[str], None] = log.error) -> "CountedApp":
-    """The service; `on_load_failure` hears when the bundle given at start-up cannot be served."""
-    slot = ModelSlot(threads=settings.threads, max_pixels=settings.max_pixels)
-    pool = InferencePool(settings.workers, settings.max_queue)
-    budget = BodyBudget(settings.max_inflight_bytes, pool.retry_after_s)
-    metrics = ServiceMetrics(pool, budget)
-    state = {"load_error": None}
+class Service:
+    """The service's state (the model slot, the inference pool, the body budget, the metrics) and one
+    handler per route."""
 
-    def authorize(request: Request) -> None:
-        if settings.token is None:
+    def __init__(self, settings: ServeSettings, on_load_failure: Callable[[str], None]):
+        self.settings = settings
+        self.on_load_failure = on_load_failure  # hears when the bundle given at start-up cannot be served
+        self.slot = ModelSlot(settings.runtime)
+        self.pool = InferencePool(settings.workers, settings.max_queue)
+        self.budget = BodyBudget(settings.max_inflight_bytes, self.pool.retry_after_s)
+        self.metrics = ServiceMetrics(self.pool, self.budget)
+        self.load_error: str | None = None
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/inspect", self.inspect, methods=["POST"]),
+            Route("/v1/model", self.model_summary, methods=["GET"]),
+            Route("/v1/reload", self.reload_route, methods=["POST"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/metrics", self.metrics_route, methods=["GET"]),
+        ]
+
+    def authorize(self, request: Request) -> None:
+        token = self.settings.token
+        if token is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.token.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def serving() -> LoadedModel:
+    def serving(self) -> LoadedModel:
         """The model in service, leased: release it when the request is done."""
-        model = slot.lease()
+        model = self.slot.lease()
         if model is None:
             raise HTTPException(503, "no bundle in service: loading, or stopping", headers={"Retry-After": "5"})
         return model
 
-    async def reload(path: str | None) -> LoadedModel:
+    async def reload(self, path: str | None) -> LoadedModel:
         """Load, verify, warm up, then switch; BundleError leaves the current model serving."""
         try:
-            model = await asyncio.to_thread(slot.reload, path)
+            model = await asyncio.to_thread(self.slot.reload, path)
         except BundleError:
-            metrics.reloads.labels("refused").inc()
+            self.metrics.reloads.labels("refused").inc()
             raise
-        metrics.reloads.labels("done").inc()
-        metrics.set_model(model.bundle_id, str(model.source))
+        self.metrics.reloads.labels("done").inc()
+        self.metrics.set_model(model.bundle_id, str(model.source))
         log.info("serving bundle %s from %s (%s)", model.bundle_id, model.source, model.path)
         return model
 
-    async def inspect(request: Request) -> Response:
+    async def inspect(self, request: Request) -> Response:
         started = time.perf_counter()
-        authorize(request)
+        self.authorize(request)
         want_map, want_mask = (_png_option(request, name) for name in ("map", "mask"))
         as_png = _prefers_png(request.headers.get("accept", ""))
         if as_png and want_map and want_mask:
             raise HTTPException(400, "Accept: image/png answers one PNG: map=png or mask=png (both come in JSON)")
         want_map |= as_png and not want_mask
-        model = serving()  # kept to the end: a reload meanwhile does not affect this request
+        model = self.serving()  # kept to the end: a reload meanwhile does not affect this request
         try:
-            with budget.claim() as claim:
-                return await inspect_with(request, model, claim, want_map, want_mask, as_png, started)
+            with self.budget.claim() as claim:
+                return await self.inspect_with(request, model, claim, want_map, want_mask, as_png, started)
         finally:
             model.release()
 
     async def inspect_with(
-        request: Request, model: LoadedModel, claim: Claim, want_map: bool, want_mask: bool, as_png: bool,
+        self, request: Request, model: LoadedModel, claim: Claim, want_map: bool, want_mask: bool, as_png: bool,
         started: float,
     ) -> Response:
+        settings = self.settings
         if want_mask and model.inspector.pixel_threshold is None:
             raise HTTPException(400, "mask=png: this bundle has no pixel threshold")
         try:
             data = await image_bytes(request, settings.max_body_bytes, claim, settings.body_timeout_s)
         except Overloaded as e:
             raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after_s), **CLOSE}) from None
-
-        def job() -> tuple[dict, dict[str, Png]]:
-            if not model.acquire():  # only after this request was answered 504 and the model replaced
-                raise RuntimeError("the model was replaced meanwhile")
-            try:
-                t0 = time.perf_counter()
-                image = decode(data, "request body", model.inspector.max_pixels)
-                decoded = time.perf_counter() - t0
-                result = model.inspector.predict(image)
-                seconds = {**result.timings, "decode": decoded + result.timings.get("decode", 0.0)}
-                answer = {
-                    "score": float(result.score),
-                    "decision": result.decision,
-                    "bundle_id": model.bundle_id,
-                    "input_size": list(result.input_size),
-                    "latency_ms": {s: round(seconds.get(s, 0.0) * 1000, 3) for s in STAGES},
-                }
-                images = {}
-                if want_map:
-                    images["map"] = map_png(result.anomaly_map)
-                if want_mask:
-                    images["mask"] = mask_png(result.mask)
-                return answer, images
-            finally:
-                model.release()
-
         try:
-            (answer, images), queued_s = await pool.run(job, settings.timeout_s)
+            job = partial(infer, model, data, want_map, want_mask)
+            (answer, images), queued_s = await self.pool.run(job, settings.timeout_s)
         except Overloaded as e:
             raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
         except asyncio.TimeoutError:
@@ -163,24 +155,24 @@ def create_app(settings: ServeSettings, on_load_failure: Callable[[str], None] =
             raise HTTPException(400, str(e)) from None
         total = time.perf_counter() - started
         answer["latency_ms"].update(queue=round(queued_s * 1000, 3), total=round(total * 1000, 3))
-        metrics.latency.observe(total)
-        metrics.image_done()
+        self.metrics.latency.observe(total)
+        self.metrics.image_done()
         if as_png:
             return png_answer(answer, images.get("map") or images["mask"])
         answer |= {name: image.as_json() for name, image in images.items()}
         return JSONResponse(answer, headers={"Vary": "Accept"})
 
-    async def model_summary(request: Request) -> JSONResponse:
-        authorize(request)
-        model = serving()
+    async def model_summary(self, request: Request) -> JSONResponse:
+        self.authorize(request)
+        model = self.serving()
         try:
             return JSONResponse(summary(model))
         finally:
             model.release()
 
-    async def reload_route(request: Request) -> JSONResponse:
-        authorize(request)
-        body = await read_body(request, 64 << 10, timeout_s=settings.body_timeout_s)
+    async def reload_route(self, request: Request) -> JSONResponse:
+        self.authorize(request)
+        body = await read_body(request, 64 << 10, timeout_s=self.settings.body_timeout_s)
         path = None
         if body.strip():
             try:
@@ -189,60 +181,85 @@ def create_app(settings: ServeSettings, on_load_failure: Callable[[str], None] =
                 raise HTTPException(400, f"reload body: {e}") from None
             if path is not None and not isinstance(path, str):
                 raise HTTPException(400, "reload body: 'bundle' must be a path string")
-        current = serving()  # 503 while no bundle is loaded yet
+        current = self.serving()  # 503 while no bundle is loaded yet
         previous = current.bundle_id
         current.release()
         try:
-            model = await reload(path)
+            model = await self.reload(path)
         except BundleError as e:
             return JSONResponse({"error": f"bundle refused, still serving {previous}: {e}", "bundle_id": previous}, 422)
         answer = {"bundle_id": model.bundle_id, "path": str(model.source), "resolved": str(model.path), "previous": previous}
         return JSONResponse(answer)
 
-    async def healthz(request: Request) -> JSONResponse:
+    async def healthz(self, request: Request) -> JSONResponse:
         return JSONResponse({"alive": True})
 
-    async def readyz(request: Request) -> JSONResponse:
-        model = slot.current
+    async def readyz(self, request: Request) -> JSONResponse:
+        model = self.slot.current
         if model is None:
-            return JSONResponse({"ready": False, "error": state["load_error"] or "loading the bundle"}, 503)
+            return JSONResponse({"ready": False, "error": self.load_error or "loading the bundle"}, 503)
         return JSONResponse({"ready": True, "bundle_id": model.bundle_id})
 
-    async def metrics_route(request: Request) -> Response:
-        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics_route(self, request: Request) -> Response:
+        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def first_load(self) -> None:
+        try:
+            await self.reload(str(self.settings.bundle))
+        except BundleError as e:
+            self.load_error = str(e)
+            self.on_load_failure(f"cannot serve {self.settings.bundle}: {e}")
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
+    async def lifespan(self, app: Starlette):
         remove_stale(Path(tempfile.gettempdir()), EXTRACT_PREFIX)  # bundles extracted by servers that were killed
-
-        async def first_load() -> None:
-            try:
-                await reload(str(settings.bundle))
-            except BundleError as e:
-                state["load_error"] = str(e)
-                on_load_failure(f"cannot serve {settings.bundle}: {e}")
-
-        loading = asyncio.create_task(first_load())
+        loading = asyncio.create_task(self.first_load())
         yield
         loading.cancel()
-        pool.shutdown()  # waits for the inferences running
-        slot.close()
+        self.pool.shutdown()  # waits for the inferences running
+        self.slot.close()
         remove_extractions()  # uvicorn ends a SIGTERM/SIGINT stop by re-raising the signal: no atexit
 
+
+def infer(model: LoadedModel, data: bytes, want_map: bool, want_mask: bool) -> tuple[dict, dict[str, Png]]:
+    """One request's inference, on a pool worker: decode the body, predict, the answer and its PNGs."""
+    if not model.acquire():  # only after this request was answered 504 and the model replaced
+        raise RuntimeError("the model was replaced meanwhile")
+    try:
+        inspector = model.inspector
+        t0 = time.perf_counter()
+        image = decode(data, "request body", inspector.max_pixels)
+        decoded = time.perf_counter() - t0
+        result = inspector.predict(image)
+        seconds = {**result.timings, "decode": decoded + result.timings.get("decode", 0.0)}
+        answer = {
+            "score": float(result.score),
+            "decision": result.decision,
+            "bundle_id": model.bundle_id,
+            "input_size": list(result.input_size),
+            "latency_ms": {s: round(seconds.get(s, 0.0) * 1000, 3) for s in inspector.stages},
+        }
+        images = {}
+        if want_map:
+            images["map"] = map_png(result.anomaly_map)
+        if want_mask:
+            images["mask"] = mask_png(result.mask)
+        return answer, images
+    finally:
+        model.release()
+
+
+def create_app(settings: ServeSettings, on_load_failure: Callable[[str], None] = log.error) -> "CountedApp":
+    """The service as an ASGI application; `on_load_failure` hears when the bundle given at start-up cannot be
+    served."""
+    service = Service(settings, on_load_failure)
     app = Starlette(
-        routes=[
-            Route("/v1/inspect", inspect, methods=["POST"]),
-            Route("/v1/model", model_summary, methods=["GET"]),
-            Route("/v1/reload", reload_route, methods=["POST"]),
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/readyz", readyz, methods=["GET"]),
-            Route("/metrics", metrics_route, methods=["GET"]),
-        ],
+        routes=service.routes(),
         exception_handlers={HTTPException: _json_error, Exception: _internal_error},
-        lifespan=lifespan,
+        lifespan=service.lifespan,
     )
-    app.state.reload = reload
-    return CountedApp(app, metrics)
+    app.state.reload = service.reload
+    return CountedApp(app, service.metrics)
 
 
 def png_answer(answer: dict, image: Png) -> Response:

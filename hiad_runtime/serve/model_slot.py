@@ -21,6 +21,7 @@ import numpy as np
 
 from hiad_runtime.bundle import MANIFEST, Bundle, BundleError, remove_extraction
 from hiad_runtime.inspector import Inspector
+from hiad_runtime.options import RuntimeOptions
 
 
 class LoadedModel:
@@ -66,7 +67,7 @@ class LoadedModel:
             remove_extraction(self.path)
 
 
-def load_model(source: str | Path, **options) -> LoadedModel:
+def load_model(source: str | Path, options: RuntimeOptions) -> LoadedModel:
     """Load, verify and warm up a bundle; BundleError names what is wrong with it."""
     source = Path(source).expanduser().absolute()
     try:
@@ -74,7 +75,7 @@ def load_model(source: str | Path, **options) -> LoadedModel:
     except OSError as e:
         raise BundleError(f"{source}: cannot be read ({e})") from e
     try:
-        inspector = Inspector(bundle, **options)
+        inspector = Inspector(bundle, options)
         width, height = inspector.tiling.image_size
         warm = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
         inspector.predict(warm)  # first runs allocate and optimize; no request should pay for that
@@ -94,8 +95,8 @@ def load_model(source: str | Path, **options) -> LoadedModel:
 class ModelSlot:
     """Holds the model in service; `reload` replaces it only with a fully loaded, warmed-up one."""
 
-    def __init__(self, **options):
-        self.options = options  # Inspector options, the same for every bundle served
+    def __init__(self, options: RuntimeOptions):
+        self.options = options  # how every bundle served is run
         self.current: LoadedModel | None = None
         self._reload_lock = threading.Lock()
 
@@ -112,7 +113,7 @@ class ModelSlot:
         if path is None and self.current is None:
             raise BundleError("no bundle path given and none loaded yet")
         with self._reload_lock:  # one reload at a time; requests keep going meanwhile
-            model = load_model(path if path is not None else self.current.source, **self.options)
+            model = load_model(path if path is not None else self.current.source, self.options)
             previous, self.current = self.current, model  # one reference assignment: atomic for every reader
             if previous is not None:
                 previous.retire()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import cv2
@@ -21,11 +22,18 @@ from tqdm import tqdm
 CLASS_NAME = "elpv"
 
 
+class ModuleType(StrEnum):
+    """The ELPV cell type (monocrystalline, polycrystalline) a demo module is made of."""
+
+    MONO = "mono"
+    POLY = "poly"
+
+
 @dataclass(frozen=True)
 class ElpvCell:
     path: Path
     probability: float
-    module_type: str
+    module_type: ModuleType
 
 
 def elpv_cells() -> list[ElpvCell]:
@@ -39,7 +47,7 @@ def elpv_cells() -> list[ElpvCell]:
     for line in (data / "labels.csv").read_text().splitlines():
         parts = line.split()
         if len(parts) == 3:
-            cells.append(ElpvCell(data / parts[0], float(parts[1]), parts[2]))
+            cells.append(ElpvCell(data / parts[0], float(parts[1]), ModuleType(parts[2])))
     return cells
 
 
@@ -63,7 +71,7 @@ def build_elpv_demo(
     cell_size: int = 512,
     n_train: int = 10,
     n_test: int = 10,
-    module_type: str = "mono",
+    module_type: ModuleType = ModuleType.MONO,
     seed: int = 0,
 ) -> Path:
     """Write the demo dataset under `out/elpv` (deterministic by seed) and return that folder."""

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hiad_runtime.image import IMAGE_SUFFIXES
+from hiad_runtime.results import find_inputs
 from hiad_train.data.samples import HRSample
-
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def read_mvtec(root: str | Path, split: str) -> list[HRSample]:
@@ -21,7 +16,7 @@ def read_mvtec(root: str | Path, split: str) -> list[HRSample]:
         raise FileNotFoundError(f"{folder}: no such folder (expected the MVTec-AD layout: {split}/<type>/*.png)")
     samples = []
     for kind in sorted(p for p in folder.iterdir() if p.is_dir()):
-        for image in _images(kind):
+        for image in find_inputs([kind]):
             if kind.name == "good":
                 samples.append(HRSample(image, 0, None, root.name, "good"))
                 continue

@@ -1,15 +1,20 @@
-"""Inspection sets from natural textures that scikit-image ships (gravel, brick, grass), with faint
-synthetic defects and their exact masks; deterministic by seed, MVTec-AD layout.
+"""Inspection sets from natural textures that scikit-image ships (gravel, brick, grass), with synthetic
+defects and their exact masks; deterministic by seed, MVTec-AD layout. One builder (`write_set`), two sets:
 
-Each image is a random crop of the texture (random flip and quarter turn) resized to `image_size`,
-so no two images are alike, as on a line. A defect is a Perlin-noise blob inside an ellipse where the
-surface is faintly altered: brightness shifted by 8-15% or the texture smoothed away. The mask is
-the altered region itself, so pixel metrics are exact.
+- `build_texture_set` (benchmarks/quality.py): each image a random crop of the texture (random flip and
+  quarter turn) resized to `image_size`, so no two images are alike, as on a line. A defect is a
+  Perlin-noise blob inside an ellipse where the surface is faintly altered: brightness shifted by 8-15%
+  or the texture smoothed away.
+- `build_synthetic` (tests, benchmarks/bench_speed.py): RGB crops, brightness-jittered, with a small
+  black or white blob (an ellipse, a scratch line) pasted with a hard edge.
+
+The mask is the altered region itself, so pixel metrics are exact.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -17,6 +22,8 @@ import numpy as np
 from hiad_train.synthesis import perlin_noise
 
 TEXTURES = ("gravel", "brick", "grass")
+Sample = Callable[[np.random.Generator], np.ndarray]
+Defect = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
 def texture(name: str) -> np.ndarray:
@@ -38,6 +45,20 @@ def sample_surface(source: np.ndarray, size: int, rng: np.random.Generator) -> n
     return cv2.resize(np.ascontiguousarray(crop), (size, size), interpolation=cv2.INTER_AREA)
 
 
+def jittered_crop(source: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A random (width, height) crop of a gray texture (enlarged first if smaller), brightness-jittered
+    by up to 5%, as RGB uint8."""
+    base = source
+    w, h = size
+    scale = max(w / base.shape[1], h / base.shape[0], 1.0)
+    if scale > 1:
+        base = cv2.resize(base, (int(np.ceil(base.shape[1] * scale)), int(np.ceil(base.shape[0] * scale))))
+    y = int(rng.integers(0, base.shape[0] - h + 1))
+    x = int(rng.integers(0, base.shape[1] - w + 1))
+    crop = base[y : y + h, x : x + w].astype(np.float32) * float(rng.uniform(0.95, 1.05))
+    return np.repeat(np.clip(crop, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+
+
 def faint_defect(surface: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(altered surface, bool mask): a blob of 2-6% of the side's square, faintly brighter, darker or smoothed."""
     h, w = surface.shape
@@ -56,21 +77,58 @@ def faint_defect(surface: np.ndarray, rng: np.random.Generator) -> tuple[np.ndar
     return np.clip(out, 0, 255).astype(np.uint8), mask
 
 
-def build_texture_set(out: str | Path, name: str, image_size: int = 512, n_train: int = 12, n_test: int = 24, seed: int = 0) -> Path:
-    """Write `out/<name>` (train/good, test/good, test/defect, ground_truth/defect); half the test set defective."""
+def painted_defect(image: np.ndarray, rng: np.random.Generator, max_size: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """Paint one small black or white defect (an ellipse or a scratch line); returns (image, exact bool mask)."""
+    h, w = image.shape[:2]
+    mask = np.zeros((h, w), np.uint8)
+    cx, cy = int(rng.integers(max_size, w - max_size)), int(rng.integers(max_size, h - max_size))
+    if rng.random() < 0.5:
+        axes = (int(rng.integers(max_size // 4, max_size)), int(rng.integers(max_size // 4, max_size)))
+        cv2.ellipse(mask, (cx, cy), axes, float(rng.uniform(0, 180)), 0, 360, 255, -1)
+    else:
+        angle = rng.uniform(0, np.pi)
+        dx, dy = int(np.cos(angle) * max_size * 1.5), int(np.sin(angle) * max_size * 1.5)
+        cv2.line(mask, (cx - dx, cy - dy), (cx + dx, cy + dy), 255, int(rng.integers(3, 8)))
+    out = image.copy()
+    colour = np.array([0, 0, 0] if rng.random() < 0.5 else [255, 255, 255], np.uint8)
+    out[mask > 0] = colour
+    return out, mask > 0
+
+
+def write_set(root: Path, n_train: int, n_test: int, seed: int, sample: Sample, defect: Defect) -> Path:
+    """Write `root` (train/good, test/good, test/defect, ground_truth/defect) from one seeded generator:
+    `sample` draws each image (gray, or RGB), `defect` alters every second test image."""
     rng = np.random.default_rng(seed)
-    source = texture(name)
-    root = Path(out) / name
     for sub in ("train/good", "test/good", "test/defect", "ground_truth/defect"):
         (root / sub).mkdir(parents=True, exist_ok=True)
+
+    def write(path: Path, image: np.ndarray) -> None:
+        cv2.imwrite(str(path), image[:, :, ::-1] if image.ndim == 3 else image)
+
     for i in range(n_train):
-        cv2.imwrite(str(root / f"train/good/{i:03d}.png"), sample_surface(source, image_size, rng))
+        write(root / f"train/good/{i:03d}.png", sample(rng))
     for i in range(n_test):
-        surface = sample_surface(source, image_size, rng)
+        image = sample(rng)
         if i % 2 == 0:
-            cv2.imwrite(str(root / f"test/good/{i:03d}.png"), surface)
+            write(root / f"test/good/{i:03d}.png", image)
             continue
-        surface, mask = faint_defect(surface, rng)
-        cv2.imwrite(str(root / f"test/defect/{i:03d}.png"), surface)
+        image, mask = defect(image, rng)
+        write(root / f"test/defect/{i:03d}.png", image)
         cv2.imwrite(str(root / f"ground_truth/defect/{i:03d}_mask.png"), mask.astype(np.uint8) * 255)
     return root
+
+
+def build_texture_set(out: str | Path, name: str, image_size: int = 512, n_train: int = 12, n_test: int = 24, seed: int = 0) -> Path:
+    """`out/<name>`: faint defects on flipped and turned gray crops; half the test set defective."""
+    source = texture(name)
+    return write_set(Path(out) / name, n_train, n_test, seed, lambda rng: sample_surface(source, image_size, rng), faint_defect)
+
+
+def build_synthetic(
+    out: str | Path, size: tuple[int, int] = (512, 512), n_train: int = 6, n_test: int = 6, texture_name: str = "brick", seed: int = 0
+) -> Path:
+    """`out/synthetic_<texture>`: painted defects on jittered RGB crops; half the test set defective."""
+    source = texture(texture_name)
+    return write_set(Path(out) / f"synthetic_{texture_name}", n_train, n_test, seed,
+                     lambda rng: jittered_crop(source, size, rng),
+                     lambda image, rng: painted_defect(image, rng, max_size=max(8, min(size) // 12)))

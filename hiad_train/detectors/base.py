@@ -4,15 +4,15 @@ A detector sees its task's tiles through an *embedder* (an exportable module fro
 tuple of feature maps, shared by every task) and owns a *head* (an exportable module from those
 feature maps to a per-position anomaly score). It declares its config section, how it embeds, how
 it trains (on cached features, or on tiles with synthetic anomalies, optionally over epochs with a
-validation callback), its head, any native artifacts (a faiss index for k-NN heads), and the
-post-processing options HiAD applies for it. Export, parity and the runtime know no detector.
+validation callback), its head and the head's kind (export writes a kind's native files, e.g. the
+faiss index of a 'knn' head: hiad_export/artifacts.py), its learned state, and the post-processing
+options HiAD applies for it. Export, parity and the runtime know no detector.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence, Union
 
 import numpy as np
@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from hiad_train.backbones import DEFAULT_BACKBONE
-from hiad_train.config import SizeSpec, Strict
+from hiad_train.schema import SizeSpec, Strict
 
 
 class DetectorConfig(Strict):
@@ -93,18 +93,20 @@ class Detector(ABC):
     def state(self) -> dict[str, torch.Tensor]:
         """Every learned tensor, for safetensors."""
 
-    @classmethod
     @abstractmethod
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take a `state()` (a checkpoint's, or an earlier epoch's) as this detector's learned state."""
+
+    @classmethod
     def from_state(cls, config: DetectorConfig, state: dict[str, torch.Tensor]) -> "Detector":
         """Rebuild a fitted detector from its config and `state()`."""
+        detector = cls(config)
+        detector.load_state(state)
+        return detector
 
     def head_params(self) -> dict[str, Any]:
         """JSON facts about the head for the manifest (sizes, parameters a runtime path needs)."""
         return {}
-
-    def native_artifacts(self, folder: Path, stem: str, options: dict) -> tuple[dict[str, str], dict[str, Any]]:
-        """Files for a native runtime path, written into `folder` as `stem*`: (role -> file name, params)."""
-        return {}, {}
 
 
 class NetworkDetector(Detector):
@@ -121,9 +123,6 @@ class NetworkDetector(Detector):
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone().contiguous() for k, v in self.net.state_dict().items()}
 
-    @classmethod
-    def from_state(cls, config: DetectorConfig, state: dict[str, torch.Tensor]) -> "NetworkDetector":
-        detector = cls(config)
-        detector.net.load_state_dict(state)
-        detector.net.eval()
-        return detector
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.net.load_state_dict(state)
+        self.net.eval()

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from hiad_train.components.epochs import train_epochs
+from hiad_train.backbones import backbone_geometry
+from hiad_train.components.epochs import optimize, seeded, train_epochs
 from hiad_train.components.segmentation import SegmentationNet, segmentation_loss
 from hiad_train.components.student import Student, student_loss
 from hiad_train.detectors.base import EpochConfig, NetworkDetector, TaskData
@@ -104,9 +105,9 @@ class DeSTSeg(NetworkDetector):
 
     def __init__(self, config: DeSTSegConfig, seed: int = 0):
         super().__init__(config, seed)
-        teacher = BackboneFeatures.create(config, pretrained=False)  # for its channels and reductions
-        torch.manual_seed(seed)
-        self.net = DeSTSegHead(teacher.channels, teacher.reductions)
+        channels, reductions = backbone_geometry(config)
+        with seeded(seed):
+            self.net = DeSTSegHead(channels, reductions)
 
     @classmethod
     def build_embedder(cls, config: DeSTSegConfig, pretrained: bool = True) -> nn.Module:
@@ -142,33 +143,25 @@ class DeSTSeg(NetworkDetector):
             weight_decay=1e-4,
         )
 
-        def student_epoch(epoch: int) -> float:
-            self.net.student.train()
-            losses = []
-            for idx, outputs, _ in self._batches(data, rng):
-                teacher = [f[idx] for f in clean_teacher]
-                loss = student_loss(self.net.student(outputs[-1], teacher), teacher)
-                student_opt.zero_grad()
-                loss.backward()
-                student_opt.step()
-                losses.append(loss.item())
-            return float(np.mean(losses))
+        def student_loss_of(batch: tuple) -> torch.Tensor:
+            idx, outputs, _ = batch
+            teacher = [f[idx] for f in clean_teacher]
+            return student_loss(self.net.student(outputs[-1], teacher), teacher)
 
-        def segmentation_epoch(epoch: int) -> float:
+        def segmentation_loss_of(batch: tuple) -> torch.Tensor:
+            _, outputs, masks = batch
+            with torch.no_grad():
+                products = self.net.products(outputs)
+            probability = self.net.segmentation(products)
+            target = F.interpolate(masks, size=probability.shape[-2:], mode="bilinear", align_corners=False)
+            return segmentation_loss(probability, (target >= 0.5).float(), cfg.gamma)
+
+        def student_epoch() -> float:
+            return optimize(self.net.student, self._batches(data, rng), student_loss_of, [student_opt])
+
+        def segmentation_epoch() -> float:
             self.net.student.eval()
-            self.net.segmentation.train()
-            losses = []
-            for _, outputs, masks in self._batches(data, rng):
-                with torch.no_grad():
-                    products = self.net.products(outputs)
-                probability = self.net.segmentation(products)
-                target = F.interpolate(masks, size=probability.shape[-2:], mode="bilinear", align_corners=False)
-                loss = segmentation_loss(probability, (target >= 0.5).float(), cfg.gamma)
-                seg_opt.zero_grad()
-                loss.backward()
-                seg_opt.step()
-                losses.append(loss.item())
-            return float(np.mean(losses))
+            return optimize(self.net.segmentation, self._batches(data, rng), segmentation_loss_of, [seg_opt])
 
         stage1 = train_epochs(
             self,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import AliasChoices, Field
 from torch import nn
 
-from hiad_train.components.epochs import train_epochs
+from hiad_train.components.epochs import optimize, seeded, train_epochs
 from hiad_train.components.flow import Flow2d, gaussian_nll
 from hiad_train.detectors.base import EpochConfig, NetworkDetector, TaskData
 from hiad_train.detectors.registry import register_detector
@@ -69,9 +69,9 @@ class FastFlow(NetworkDetector):
     name = "fastflow"
     Config = FastFlowConfig
 
-    def __init__(self, config: FastFlowConfig, seed: int = 0, net: FastFlowModel | None = None):
+    def __init__(self, config: FastFlowConfig, seed: int = 0):
         super().__init__(config, seed)
-        self.net = net
+        self.net: FastFlowModel | None = None  # built by `fit` (its shapes are the features') or `load_state`
 
     @classmethod
     def build_embedder(cls, config: FastFlowConfig, pretrained: bool = True) -> nn.Module:
@@ -79,31 +79,20 @@ class FastFlow(NetworkDetector):
 
     def fit(self, data: TaskData, progress: bool = False) -> dict:
         shapes = [tuple(f.shape[1:]) for f in data.features]
-        with torch.random.fork_rng():
-            torch.manual_seed(data.seed)
+        with seeded(data.seed):
             self.net = FastFlowModel(shapes, self.config, seed=data.seed)
         optimizer = torch.optim.Adam(self.net.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
         generator = torch.Generator().manual_seed(data.seed)
         n = data.features[0].shape[0]
 
-        def step(epoch: int) -> float:
-            self.net.train()
-            total = 0.0
-            for batch in torch.randperm(n, generator=generator).split(self.config.batch_size):
-                loss = self.net.nll([f[batch] for f in data.features])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(batch)
-            self.net.eval()
-            return total / n
+        def step() -> float:
+            batches = torch.randperm(n, generator=generator).split(self.config.batch_size)
+            return optimize(self.net, batches, lambda b: self.net.nll([f[b] for f in data.features]), [optimizer], len)
 
         return train_epochs(self, self.config, data, step, progress)
 
-    @classmethod
-    def from_state(cls, config: FastFlowConfig, state: dict[str, torch.Tensor]) -> "FastFlow":
-        scales = sum(1 for key in state if key.startswith("norms.") and key.endswith(".weight"))
-        shapes = [tuple(state[f"norms.{i}.weight"].shape) for i in range(scales)]
-        model = FastFlowModel(shapes, config)
-        model.load_state_dict(state)
-        return cls(config, net=model.eval())
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.net is None:  # a checkpoint's: the scales' shapes are the layer norms'
+            scales = sum(1 for key in state if key.startswith("norms.") and key.endswith(".weight"))
+            self.net = FastFlowModel([tuple(state[f"norms.{i}.weight"].shape) for i in range(scales)], self.config)
+        super().load_state(state)

@@ -128,9 +128,6 @@ class PaDiM(Detector):
     def state(self) -> dict[str, torch.Tensor]:
         return {"mean": self.mean, "inverse_covariance": self.inverse_covariance}
 
-    @classmethod
-    def from_state(cls, config: PaDiMConfig, state: dict[str, torch.Tensor]) -> "PaDiM":
-        detector = cls(config)
-        detector.mean = state["mean"].float().contiguous()
-        detector.inverse_covariance = state["inverse_covariance"].float().contiguous()
-        return detector
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.mean = state["mean"].float().contiguous()
+        self.inverse_covariance = state["inverse_covariance"].float().contiguous()

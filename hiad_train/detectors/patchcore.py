@@ -3,10 +3,8 @@ a coreset memory bank of locally aware patch embeddings, scored by k-NN distance
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import Field, field_validator
 from torch import nn
@@ -43,9 +41,9 @@ class PatchCore(Detector):
     Config = PatchCoreConfig
     head_kind = "knn"
 
-    def __init__(self, config: PatchCoreConfig, seed: int = 0, memory_bank: torch.Tensor | None = None):
+    def __init__(self, config: PatchCoreConfig, seed: int = 0):
         super().__init__(config, seed)
-        self.memory_bank = memory_bank
+        self.memory_bank: torch.Tensor | None = None
 
     @classmethod
     def build_embedder(cls, config: PatchCoreConfig, pretrained: bool = True) -> nn.Module:
@@ -72,21 +70,8 @@ class PatchCore(Detector):
         n, d = self.memory_bank.shape
         return {"k": self.k, "metric": "l2", "reduce": "mean of the k exact L2 distances", "bank_size": int(n), "dim": int(d), "bytes": int(n * d * 4)}
 
-    def native_artifacts(self, folder: Path, stem: str, options: dict) -> tuple[dict[str, str], dict[str, Any]]:
-        """A faiss index of the bank (`options['index']`, an index_factory string) and the bank as .npy
-        for exact re-ranking of what the index returns."""
-        from hiad_export.indexes import build_index, write_index
-
-        factory, search = options.get("index", "Flat"), options.get("search_params", "")
-        bank = self.memory_bank.numpy().astype(np.float32)
-        np.save(folder / f"{stem}_bank.npy", bank, allow_pickle=False)
-        write_index(build_index(bank, factory, self.seed), folder / f"{stem}.faiss")
-        params = {"index_factory": factory, "search_params": search, "exact": factory.strip().lower() == "flat"}
-        return {"index": f"{stem}.faiss", "bank": f"{stem}_bank.npy"}, params
-
     def state(self) -> dict[str, torch.Tensor]:
         return {"memory_bank": self.memory_bank}
 
-    @classmethod
-    def from_state(cls, config: PatchCoreConfig, state: dict[str, torch.Tensor]) -> "PatchCore":
-        return cls(config, memory_bank=state["memory_bank"].float())
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.memory_bank = state["memory_bank"].float()

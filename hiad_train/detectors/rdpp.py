@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from hiad_train.backbones import backbone_geometry
 from hiad_train.components.cosine import cosine_distance, multiscale_cosine_distance
 from hiad_train.components.decoder import Decoder, stride_ratio
-from hiad_train.components.epochs import train_epochs
+from hiad_train.components.epochs import optimize, seeded, train_epochs
 from hiad_train.detectors.base import EpochConfig, NetworkDetector, TaskData
 from hiad_train.detectors.registry import register_detector
 from hiad_train.embedders import BackboneFeatures
@@ -164,12 +165,6 @@ def projection_loss(
     return (ssot + 0.01 * reconstruction + 0.1 * contrast) / 1.11
 
 
-def encoder_geometry(config: RDPPConfig) -> tuple[list[int], list[int]]:
-    """Channels and strides of the configured backbone stages (from timm's feature_info, no weights loaded)."""
-    embedder = BackboneFeatures.create(config, pretrained=False)
-    return embedder.channels, embedder.reductions
-
-
 @register_detector
 class RDPP(NetworkDetector):
     """RD++: reverse distillation with a multi-projection layer; head = encoder vs decoder cosine maps."""
@@ -181,9 +176,8 @@ class RDPP(NetworkDetector):
 
     def __init__(self, config: RDPPConfig, seed: int = 0):
         super().__init__(config, seed)
-        self.channels, self.strides = encoder_geometry(config)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
+        self.channels, self.strides = backbone_geometry(config)
+        with seeded(seed):
             self.net = RDPPHead(self.channels, self.strides)
         self.net.eval()
 
@@ -215,25 +209,18 @@ class RDPP(NetworkDetector):
         opt_proj = torch.optim.Adam(model.projections.parameters(), lr=cfg.proj_lr, betas=(0.5, 0.999))
         opt_distill = torch.optim.Adam(distill_params, lr=cfg.lr, betas=(0.5, 0.999))
 
-        def step(epoch: int) -> float:
-            model.train()
-            losses = []
-            for batch in torch.randperm(n, generator=generator).split(cfg.batch_size):
-                normal = [f[batch] for f in data.features]
-                noisy_tiles = np.stack([data.synthesizer(data.tiles[i], rng)[0] for i in batch.tolist()])
-                with torch.no_grad():
-                    noisy = list(data.embedder(torch.from_numpy(noisy_tiles)))
-                projected_normal, projected_noisy = model.project(normal), model.project(noisy)
-                distill = distillation_loss(normal, model.reconstruct(projected_normal))
-                loss = distill + cfg.weight_proj * projection_loss(noisy, projected_noisy, projected_normal, generator)
-                opt_proj.zero_grad()
-                opt_distill.zero_grad()
-                loss.backward()
-                opt_proj.step()
-                opt_distill.step()
-                losses.append(loss.item())
-            model.eval()
-            return float(np.mean(losses))
+        def loss(batch: torch.Tensor) -> torch.Tensor:
+            normal = [f[batch] for f in data.features]
+            noisy_tiles = np.stack([data.synthesizer(data.tiles[i], rng)[0] for i in batch.tolist()])
+            with torch.no_grad():
+                noisy = list(data.embedder(torch.from_numpy(noisy_tiles)))
+            projected_normal, projected_noisy = model.project(normal), model.project(noisy)
+            distill = distillation_loss(normal, model.reconstruct(projected_normal))
+            return distill + cfg.weight_proj * projection_loss(noisy, projected_noisy, projected_normal, generator)
+
+        def step() -> float:
+            batches = torch.randperm(n, generator=generator).split(cfg.batch_size)
+            return optimize(model, batches, loss, [opt_proj, opt_distill])
 
         return train_epochs(self, cfg, data, step, progress)
 

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from pydantic import AliasChoices, Field, model_validator
 from torch import nn
 
+from hiad_train.backbones import backbone_geometry
 from hiad_train.components.channel_selection import afs_channel_errors, select_channels, top_residual_channels
-from hiad_train.components.epochs import train_epochs
+from hiad_train.components.epochs import optimize, seeded, train_epochs
 from hiad_train.components.unet import ReconstructionUNet
 from hiad_train.detectors.base import EpochConfig, NetworkDetector, TaskData
 from hiad_train.detectors.registry import register_detector
@@ -176,9 +177,9 @@ class RealNet(NetworkDetector):
 
     def __init__(self, config: RealNetConfig, seed: int = 0):
         super().__init__(config, seed)
-        channels = BackboneFeatures.create(config, pretrained=False).channels
-        torch.manual_seed(seed)
-        self.net = RealNetHead(channels, config)
+        channels, _ = backbone_geometry(config)
+        with seeded(seed):
+            self.net = RealNetHead(channels, config)
 
     @classmethod
     def build_embedder(cls, config: RealNetConfig, pretrained: bool = True) -> nn.Module:
@@ -242,21 +243,16 @@ class RealNet(NetworkDetector):
         self._choose_channels(data, rng)
         optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=cfg.betas)  # U-Nets and segmenter
 
-        def epoch(_: int) -> float:
-            self.net.train()
-            losses = []
-            for _, inputs, clean, masks in self._batches(data, rng, cfg.p):
-                kept, target = self.net.kept(inputs), self.net.kept(clean)
-                recon = self.net.reconstruct(kept)
-                logits = self.net.logits(kept, recon)
-                logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=True)
-                loss = F.cross_entropy(logits, masks[:, 0].long()) + sum(F.mse_loss(r, t) for r, t in zip(recon, target))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-            self.net.eval()
-            return float(np.mean(losses))
+        def loss(batch: tuple) -> torch.Tensor:
+            _, inputs, clean, masks = batch
+            kept, target = self.net.kept(inputs), self.net.kept(clean)
+            recon = self.net.reconstruct(kept)
+            logits = self.net.logits(kept, recon)
+            logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=True)
+            return F.cross_entropy(logits, masks[:, 0].long()) + sum(F.mse_loss(r, t) for r, t in zip(recon, target))
+
+        def epoch() -> float:
+            return optimize(self.net, self._batches(data, rng, cfg.p), loss, [optimizer])
 
         record = train_epochs(self, cfg, data, epoch, progress)
         self.net.eval()

@@ -3,18 +3,13 @@ of detectors (config choices and sections, checkpoints, CLI help, the contract t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from hiad_train.detectors.base import Detector, DetectorConfig
 
-if TYPE_CHECKING:
-    from hiad_train.detectors.base import Detector
-
-DETECTORS: dict[str, type["Detector"]] = {}
+DETECTORS: dict[str, type[Detector]] = {}
 
 
-def register_detector(cls: type["Detector"]) -> type["Detector"]:
+def register_detector(cls: type[Detector]) -> type[Detector]:
     """Class decorator: add a Detector subclass under its `name`."""
-    from hiad_train.detectors.base import Detector, DetectorConfig
-
     if not (isinstance(cls, type) and issubclass(cls, Detector)):
         raise TypeError(f"{cls!r} is not a Detector")
     name = getattr(cls, "name", None)
@@ -28,9 +23,8 @@ def register_detector(cls: type["Detector"]) -> type["Detector"]:
     return cls
 
 
-def get_detector(name: str) -> type["Detector"]:
-    import hiad_train.detectors  # noqa: F401  (imports every detector module)
-
+def get_detector(name: str) -> type[Detector]:
+    """The registered class; every detector module is imported with this package (its __init__)."""
     try:
         return DETECTORS[name]
     except KeyError:

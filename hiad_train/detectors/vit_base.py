@@ -8,12 +8,11 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import ClassVar, Sequence
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from hiad_train.components.epochs import train_epochs
+from hiad_train.components.epochs import optimize, seeded, train_epochs
 from hiad_train.components.vit import ViTFeatures, vit_geometry
 from hiad_train.detectors.base import EpochConfig, NetworkDetector, TaskData
 
@@ -54,8 +53,7 @@ class ViTReconstruction(NetworkDetector):
 
     def __init__(self, config: ViTConfig, seed: int = 0):
         super().__init__(config, seed)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
+        with seeded(seed):
             self.net = self.build_model(config, vit_geometry(config.backbone_name))
         self.net.eval()
 
@@ -79,17 +77,9 @@ class ViTReconstruction(NetworkDetector):
         generator = torch.Generator().manual_seed(data.seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
-        def step(epoch: int) -> float:
-            model.train()
-            losses = []
-            for batch in torch.randperm(n, generator=generator).split(cfg.batch_size):
-                loss = model.loss([f[batch] for f in data.features])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-            model.eval()
-            return float(np.mean(losses))
+        def step() -> float:
+            batches = torch.randperm(n, generator=generator).split(cfg.batch_size)
+            return optimize(model, batches, lambda b: model.loss([f[b] for f in data.features]), [optimizer])
 
         return train_epochs(self, cfg, data, step, progress)
 

@@ -8,18 +8,34 @@ which backend runs them.
 from __future__ import annotations
 
 import threading
+from functools import cache
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-try:
-    import openvino as ov
-except ImportError as e:
-    raise ImportError("--backend openvino needs OpenVINO: pip install 'hiad-deploy[openvino]'") from e
-
 from hiad_runtime.bundle import BundleError
 
-_CORE = ov.Core()
+
+@cache
+def _core():
+    """OpenVINO's core, imported and made on first use: the runtime runs without OpenVINO installed."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise ImportError("--backend openvino needs OpenVINO: pip install 'hiad-deploy[openvino]'") from e
+    return ov.Core()
+
+
+class OpenVinoBackend:
+    """OpenVINO sessions for the CPU (execution providers do not apply)."""
+
+    def __init__(self, providers: Sequence[str] | None = None, threads: int = 0):
+        self.threads = threads
+        _core()
+
+    def create(self, path: Path, arena: bool = False) -> "OpenVinoSession":
+        return OpenVinoSession(path, self.threads)
 
 
 class OpenVinoSession:
@@ -31,7 +47,8 @@ class OpenVinoSession:
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads
         try:
-            self.compiled = _CORE.compile_model(_CORE.read_model(str(path)), "CPU", config)
+            core = _core()
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         except RuntimeError as e:
             raise BundleError(f"{path}: OpenVINO cannot load this graph ({e})") from e
         self.requests = threading.local()  # an infer request is not thread-safe: one per calling thread
