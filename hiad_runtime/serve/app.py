@@ -227,6 +227,8 @@ class Service:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):
+        """Starlette lifespan: clear dead servers' extractions, load the bundle in the background; at stop,
+        finish the running inferences, release the model and remove this server's extractions."""
         remove_stale(Path(tempfile.gettempdir()), EXTRACT_PREFIX)  # bundles extracted by servers that were killed
         loading = asyncio.create_task(self.first_load())
         yield
