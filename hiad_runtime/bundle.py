@@ -102,6 +102,8 @@ class HeadSpec:
 
 @dataclass(frozen=True, config=STRICT)
 class TaskSpec:
+    """One task: the tiles it scores, its head and the normalization of its scores."""
+
     name: str
     tiles: list[Annotated[int, Field(ge=0)]]  # tile indices; empty for retrieval tasks (routed at inference)
     head: HeadSpec
@@ -110,11 +112,14 @@ class TaskSpec:
 
     @property
     def task(self) -> Task:
+        """The task as the plan knows it: its name and its tiles."""
         return Task(self.name, tuple(self.tiles))
 
 
 @dataclass(frozen=True, config=STRICT)
 class ThumbnailSpec:
+    """The whole-image thumbnail task: the size the image is shrunk to, its head and normalization."""
+
     size: list[Annotated[int, Field(ge=1)]]  # [width, height]; embedder "thumbnail"
     head: HeadSpec
     normalization: Normalization | None = None
@@ -122,6 +127,8 @@ class ThumbnailSpec:
 
 @dataclass(frozen=True, config=STRICT)
 class RoutingSpec:
+    """Retrieval routing: the centres file and how a tile's key is computed."""
+
     centres: RelPath  # float32 .npy (k, D)
     key: str  # how a tile's key is computed
 
@@ -139,12 +146,16 @@ class PipelineSpec:
 
 @dataclass(frozen=True, config=STRICT)
 class FileInfo:
+    """One listed file's sha256 and size, checked before the file is used."""
+
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     bytes: Annotated[int, Field(ge=0)]
 
 
 @dataclass(frozen=True, config=STRICT)
 class Manifest:
+    """The whole `manifest.json`, validated field by field on load (see the module docstring)."""
+
     schema: Literal["hiad-bundle"]
     schema_version: int
     producer: str
@@ -165,13 +176,16 @@ class Manifest:
     files: dict[str, FileInfo] = field(default_factory=dict)  # relative path -> sha256 and size
 
     def to_dict(self) -> dict:
+        """The manifest as plain JSON-ready data, what the writer dumps."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
+        """The manifest from parsed JSON; a malformed one raises ValidationError with the field named."""
         return _MANIFEST.validate_python(d)
 
     def heads(self) -> list[HeadSpec]:
+        """Every scoring head: the tasks' in order, then the thumbnail's if there is one."""
         return [t.head for t in self.tasks] + ([self.thumbnail.head] if self.thumbnail else [])
 
     def referenced_files(self) -> list[str]:
@@ -189,6 +203,7 @@ class Manifest:
 
     @property
     def geometry(self) -> Tiling:
+        """The tile geometry the manifest records."""
         return Tiling.from_dict(self.tiling)
 
 
@@ -201,10 +216,13 @@ def _field_errors(error: ValidationError) -> str:
 
 @dataclass(frozen=True)
 class Bundle:
+    """A loaded bundle: its folder and validated manifest; file paths are resolved inside the folder only."""
+
     root: Path
     manifest: Manifest
 
     def path(self, relative: str) -> Path:
+        """The file `relative` to the bundle folder, refused if it would leave the folder."""
         return confined(self.root, relative)
 
     @classmethod

@@ -346,6 +346,7 @@ def serve(
 
 
 def main() -> None:
+    """Console entry point `hiad-runtime`."""
     app()
 
 

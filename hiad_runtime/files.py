@@ -28,6 +28,7 @@ _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
 def sha256_file(path: str | Path) -> str:
+    """The file's sha256 as hex, read in 1 MiB blocks (a bundle's graphs and indexes can be large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -39,13 +39,16 @@ class Box:
     height: int
 
     def to_dict(self) -> dict:
+        """The box as JSON: x, y, width, height."""
         return {"x": self.x, "y": self.y, "width": self.width, "height": self.height}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Box":
+        """The box `to_dict` wrote."""
         return cls(int(d["x"]), int(d["y"]), int(d["width"]), int(d["height"]))
 
     def slices(self) -> tuple[slice, slice]:
+        """(rows, columns) slices that cut the box out of an (H, W, ...) array."""
         return slice(self.y, self.y + self.height), slice(self.x, self.x + self.width)
 
 
@@ -60,6 +63,7 @@ class Tile:
     context: tuple[Box, ...] = ()
 
     def to_dict(self) -> dict:
+        """The tile as JSON, in HiAD's key names (`main_index`, `low_resolution_indexes`)."""
         return {
             "index": self.index,
             "row": self.row,
@@ -70,6 +74,7 @@ class Tile:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Tile":
+        """The tile `to_dict` wrote."""
         return cls(
             int(d["index"]),
             int(d["row"]),
@@ -118,6 +123,9 @@ class Tiling:
         stride: int | Sequence[int] | None = None,
         ds_factors: Sequence[int] = (0,),
     ) -> "Tiling":
+        """Cut an image_size image into patch_size tiles at `stride` (default: the patch size, no overlap),
+        row by row, each with one context window per ds_factor after the first (which must be 0: the tile itself).
+        Refuses a geometry of more than MAX_TILES tiles before making any."""
         image_size = as_size(image_size, "image_size")
         patch_size = as_size(patch_size, "patch_size")
         stride = patch_size if stride is None else as_size(stride, "stride")
@@ -165,10 +173,12 @@ class Tiling:
 
     @property
     def rows(self) -> int:
+        """The number of tile rows."""
         return max(t.row for t in self.tiles) + 1
 
     @property
     def cols(self) -> int:
+        """The number of tile columns."""
         return max(t.col for t in self.tiles) + 1
 
     def context_windows(self, level: int, tiles: Sequence[Tile] | None = None) -> list[Box]:
@@ -177,6 +187,7 @@ class Tiling:
         return list(dict.fromkeys(t.context[level - 1] for t in (self.tiles if tiles is None else tiles)))
 
     def to_dict(self) -> dict:
+        """The tiling as JSON: its sizes and every tile, what checkpoints and manifests store."""
         return {
             "image_size": list(self.image_size),
             "patch_size": list(self.patch_size),
@@ -200,6 +211,7 @@ class Tiling:
 
 
 def crop(image: np.ndarray, box: Box) -> np.ndarray:
+    """The pixels of `box` in an (H, W, ...) image (a view, not a copy)."""
     return image[box.slices()]
 
 

@@ -39,7 +39,8 @@ class HeadPath(StrEnum):
 class Head(Protocol):
     """The embedder's outputs (each (B, C, h, w)) -> anomaly scores (B, h, w)."""
 
-    def __call__(self, features: Sequence[np.ndarray]) -> np.ndarray: ...
+    def __call__(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        """Anomaly scores (B, h, w) for the embedder's outputs, one (B, C, h, w) array per feature scale."""
 
 
 class NativeHead(Head, Protocol):
@@ -61,6 +62,7 @@ class OnnxHead:
         self.names = [t.name for t in spec.graph.inputs]
 
     def __call__(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        """The graph's score grid (B, h, w) for the embedder's outputs, fed as float32 in the graph's input order."""
         feeds = {n: np.ascontiguousarray(f, np.float32) for n, f in zip(self.names, features, strict=True)}
         return self.session.run(None, feeds)[0]
 
@@ -99,6 +101,7 @@ class FaissKnnHead:
         self.k = int(spec.params["k"])
 
     def __call__(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        """Per position, the mean exact L2 distance to its k nearest bank vectors: (B, D, h, w) -> (B, h, w)."""
         (embedding,) = features
         b, d, h, w = embedding.shape
         queries = np.ascontiguousarray(embedding.transpose(0, 2, 3, 1).reshape(-1, d), dtype=np.float32)
@@ -111,6 +114,7 @@ NATIVE: dict[str, type[NativeHead]] = {"knn": FaissKnnHead}  # head kind -> its 
 
 
 def has_native_path(spec: HeadSpec) -> bool:
+    """Whether the head's kind has a native fast path (else only its ONNX graph runs it)."""
     return spec.kind in NATIVE
 
 
@@ -152,6 +156,7 @@ class HeadCache:
 
     @property
     def resident_bytes(self) -> int:
+        """The bytes of the heads loaded now, what `budget` bounds."""
         return sum(self.sizes[name] for name in self.heads)
 
     def __getitem__(self, name: str) -> Head:

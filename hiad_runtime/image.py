@@ -286,6 +286,7 @@ def resize_image(image: np.ndarray, size: Size) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, size: Size) -> np.ndarray:
+    """A boolean mask (H, W) resized to `size` (width, height), nearest neighbour so it stays binary."""
     width, height = size
     if mask.shape[1] == width and mask.shape[0] == height:
         return mask

@@ -26,6 +26,8 @@ from hiad_runtime.plan import InferencePlan
 
 @dataclass
 class Result:
+    """What `Inspector.predict` returns for one image: score, anomaly map, decision, mask, timings and warnings."""
+
     score: float  # in [0, 1] when the bundle's tasks carry validation normalization, raw otherwise
     anomaly_map: np.ndarray  # float32 (H, W) at the bundle's image_size, same scale as `score`
     input_size: tuple[int, int]  # (width, height) of the image as given
@@ -35,6 +37,7 @@ class Result:
     warnings: list[str] = field(default_factory=list)  # why the score may be unreliable (aspect, size)
 
     def map_at_input_size(self) -> np.ndarray:
+        """The anomaly map (float32) resized to the input image's own (width, height)."""
         return resize_map(self.anomaly_map, self.input_size)
 
 
@@ -56,14 +59,18 @@ class Inspector:
 
     @classmethod
     def load(cls, path: str | Path, options: RuntimeOptions | None = None, **fields) -> "Inspector":
+        """An Inspector for the bundle at `path`: a directory or a .tar/.tar.gz of one, verified as `Bundle.load` does.
+        `options` and `fields` as for `Inspector(...)`. Raises BundleError for a bundle that cannot be used."""
         return cls(Bundle.load(path), options, **fields)
 
     @property
     def image_threshold(self) -> float | None:
+        """The score at or above which an image is anomalous (the option's, else the bundle's; None: no decision)."""
         return self.plan.image_threshold
 
     @property
     def pixel_threshold(self) -> float | None:
+        """The map value at or above which a pixel is in the mask (the option's, else the bundle's; None: no mask)."""
         return self.plan.pixel_threshold
 
     @property
@@ -73,6 +80,7 @@ class Inspector:
 
     @property
     def providers_in_use(self) -> list[str]:
+        """The execution providers the sessions made so far really use, sorted."""
         return sorted(self.sessions.in_use)
 
     @property

@@ -23,6 +23,9 @@ def _member(kind: type[StrEnum], value, what: str):
 
 @dataclass(frozen=True)
 class RuntimeOptions:
+    """How to run a bundle: backend, engine, head path, batching, memory, threads, limits and thresholds.
+    Values are checked on construction: a ValueError names the bad field (and an enum's valid names)."""
+
     backend: Backend = Backend.auto  # what runs the graphs ('auto': hiad_runtime/backends resolves it)
     head_path: HeadPath = HeadPath.native  # tiles engine: a head kind's fast path, or every head's graph
     engine: EngineKind = EngineKind.tiles  # stage by stage, or the bundle's whole-image graph

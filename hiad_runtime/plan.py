@@ -174,6 +174,7 @@ class InferencePlan:
     # -- routing ---------------------------------------------------------------------------------
     @property
     def routed(self) -> bool:
+        """Whether tiles reach their task by retrieval routing (centres) rather than by a fixed tile list."""
         return self.centres is not None
 
     def assign(self, features: np.ndarray | None, ids: Sequence[int] | None = None) -> dict[str, list[int]]:

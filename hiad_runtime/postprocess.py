@@ -32,10 +32,12 @@ class PostprocessSpec:
     score_top_k: Annotated[int, Field(ge=1)] = 1  # top_k_mean: image score = mean of the k largest map values
 
     def to_dict(self) -> dict:
+        """The spec as the manifest stores it."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PostprocessSpec":
+        """The spec from the manifest's `postprocess` entry; an unknown key is refused."""
         return cls(**d)
 
 
@@ -51,10 +53,12 @@ class Normalization:
     maximum: float
 
     def __call__(self, values):
+        """`values` normalized to the validation scale, as float32 (not clipped)."""
         span = max(self.maximum - self.minimum, 1e-12)
         return ((np.asarray(values, np.float32) - np.float32(self.minimum)) / np.float32(span)).astype(np.float32)
 
     def to_dict(self) -> dict:
+        """The statistics as the manifest stores them."""
         return {"minimum": float(self.minimum), "maximum": float(self.maximum)}
 
 

@@ -102,12 +102,15 @@ class ResultsFolder:
 
     @property
     def results_path(self) -> Path:
+        """`results.jsonl`: one JSON record per finished image."""
         return self.out / RESULTS
 
     def map_path(self, key: str) -> Path:
+        """Where the map of input `key` goes (`maps/<key>.npy`), its folder made."""
         return self._file("maps", f"{key}.npy")
 
     def overlay_path(self, key: str) -> Path:
+        """Where the overlay of input `key` goes (`overlays/<key>.png`), its folder made."""
         return self._file("overlays", f"{key}.png")
 
     def _file(self, folder: str, name: str) -> Path:

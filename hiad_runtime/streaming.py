@@ -35,10 +35,12 @@ class MapAssembler:
         self.total = np.zeros((image_size[1], image_size[0]), np.float32)
 
     def add(self, index: int, scores: np.ndarray) -> None:
+        """Add tile `index`'s score grid, upsampled (and blurred) to the tile, into its part of the map."""
         t = self.tiles[index]
         self.total[t.main.slices()] += tile_map(scores, (t.main.width, t.main.height), self.spec)
 
     def result(self) -> np.ndarray:
+        """The image map (H, W), overlaps averaged; in place, so call it once, after the last `add`."""
         if self.counts is not None:
             np.divide(self.total, self.counts, out=self.total)
         return self.total

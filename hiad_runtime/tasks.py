@@ -11,14 +11,18 @@ from hiad_runtime.geometry import Tiling
 
 @dataclass(frozen=True)
 class Task:
+    """One detector's task: its name and the tiles it owns (none for a retrieval task)."""
+
     name: str
     tiles: tuple[int, ...]
 
     def to_dict(self) -> dict:
+        """The task as JSON."""
         return {"name": self.name, "tiles": list(self.tiles)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Task":
+        """The task `to_dict` wrote."""
         return cls(str(d["name"]), tuple(int(i) for i in d["tiles"]))
 
 

@@ -32,9 +32,11 @@ class Backend(StrEnum):
 class Session(Protocol):
     """One graph, ready to run: ONNX Runtime's contract."""
 
-    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The named outputs in that order (all of them for None) for one batch of `feeds`."""
 
-    def get_providers(self) -> list[str]: ...
+    def get_providers(self) -> list[str]:
+        """The execution providers this session really runs on."""
 
 
 class SessionMaker(Protocol):
@@ -43,7 +45,8 @@ class SessionMaker(Protocol):
 
     def __init__(self, providers: Sequence[str] | None, threads: int): ...
 
-    def create(self, path: Path, arena: bool) -> Session: ...
+    def create(self, path: Path, arena: bool) -> Session:
+        """A session for the graph at `path`; `arena` keeps its peak allocation for reuse."""
 
 
 BACKENDS: dict[Backend, type[SessionMaker]] = {
@@ -64,6 +67,7 @@ def resolve_backend(backend: str, providers: Sequence[str] | None = None) -> Bac
 
 
 def as_backend(name: str) -> Backend:
+    """The `Backend` called `name`, or a ValueError listing the valid names."""
     try:
         return Backend(name)
     except ValueError:

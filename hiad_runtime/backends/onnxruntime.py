@@ -28,6 +28,7 @@ def offered_providers() -> list[str]:
 
 
 def available_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """The `requested` providers (default: CUDA, then CPU) this build offers, in order; refused if none is."""
     offered = offered_providers()
     wanted = requested or PREFERRED_PROVIDERS
     chosen = [p for p in wanted if p in offered]
@@ -44,6 +45,7 @@ class OnnxRuntimeBackend:
         self.threads = threads
 
     def options(self, arena: bool) -> ort.SessionOptions:
+        """Session options: full graph optimization, no spinning idle threads, the CPU arena only where asked."""
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -55,6 +57,7 @@ class OnnxRuntimeBackend:
         return options
 
     def create(self, path: Path, arena: bool = False) -> ort.InferenceSession:
+        """An ONNX Runtime session for the graph at `path`; a graph it cannot load is a BundleError naming the file."""
         try:
             return ort.InferenceSession(str(path), self.options(arena), providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types

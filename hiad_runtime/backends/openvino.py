@@ -35,6 +35,7 @@ class OpenVinoBackend:
         _core()
 
     def create(self, path: Path, arena: bool = False) -> "OpenVinoSession":
+        """An OpenVINO session for the graph at `path` (`arena` does not apply)."""
         return OpenVinoSession(path, self.threads)
 
 
@@ -65,4 +66,5 @@ class OpenVinoSession:
 
     @staticmethod
     def get_providers() -> list[str]:
+        """What `SessionFactory` records as the provider in use."""
         return ["OpenVINO:CPU"]

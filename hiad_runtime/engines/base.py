@@ -26,6 +26,8 @@ class EngineKind(StrEnum):
 
 
 class Engine(Protocol):
+    """How an image at image_size becomes (anomaly map, score, timings); see the module docstring."""
+
     stages: tuple[str, ...]  # the keys of the timings it reports (seconds per stage)
     heads: "HeadCache | None"  # the task heads it keeps loaded, where it loads them one by one
 

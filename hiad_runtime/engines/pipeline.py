@@ -29,6 +29,7 @@ class PipelineEngine:
         self.input_name = spec.graph.inputs[0].name
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, float, dict[str, float]]:
+        """(anomaly map (H, W), score, {"pipeline": seconds}) from one run of the whole-image graph."""
         t0 = time.perf_counter()
         feeds = {self.input_name: np.ascontiguousarray(image)[None]}
         anomaly_map, score = self.session.run(["anomaly_map", "score"], feeds)

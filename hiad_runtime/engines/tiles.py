@@ -36,6 +36,7 @@ class Embedder:
         self.batch_size = batch_size
 
     def __call__(self, tiles: np.ndarray) -> list[np.ndarray]:
+        """The embedder's feature maps for uint8 tiles (N, h, w, 3), run `batch_size` tiles at a time."""
         name = self.spec.graph.inputs[0].name
         runs = [
             self.session.run(None, {name: np.ascontiguousarray(tiles[i : i + self.batch_size])})
@@ -104,6 +105,7 @@ class TileEngine:
         return list(self.tile_scores(image, {})), self.thumbnail_scores(image)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, float, dict[str, float]]:
+        """(anomaly map (H, W), score, seconds per stage): tiles scored and normalized, then merged and finished."""
         timings: dict[str, float] = {}
         assembler = self.plan.assembler()
         for name, i, grid in self.tile_scores(image, timings):

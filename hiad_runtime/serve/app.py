@@ -44,6 +44,9 @@ PATHS = ("/v1/inspect", "/v1/model", "/v1/reload", "/healthz", "/readyz", "/metr
 
 @dataclass(frozen=True)
 class ServeSettings:
+    """How `hiad-runtime serve` runs: the bundle, its runtime options, and the service's limits and timeouts.
+    Values are checked on construction: a ValueError names every field out of range."""
+
     bundle: Path
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # how each bundle is run (as predict and bench)
     workers: int = 1  # inferences at once
@@ -82,6 +85,7 @@ class Service:
         self.load_error: str | None = None
 
     def routes(self) -> list[Route]:
+        """The service's routes, one handler each (see the module docstring)."""
         return [
             Route("/v1/inspect", self.inspect, methods=["POST"]),
             Route("/v1/model", self.model_summary, methods=["GET"]),
@@ -92,6 +96,7 @@ class Service:
         ]
 
     def authorize(self, request: Request) -> None:
+        """Refuse the request with 401 unless it carries the configured bearer token (no token: everyone passes)."""
         token = self.settings.token
         if token is None:
             return
@@ -119,6 +124,7 @@ class Service:
         return model
 
     async def inspect(self, request: Request) -> Response:
+        """POST /v1/inspect: score the body's image; JSON, or one PNG (map or mask) for Accept: image/png."""
         started = time.perf_counter()
         self.authorize(request)
         want_map, want_mask = (_png_option(request, name) for name in ("map", "mask"))
@@ -137,6 +143,8 @@ class Service:
         self, request: Request, model: LoadedModel, claim: Claim, want_map: bool, want_mask: bool, as_png: bool,
         started: float,
     ) -> Response:
+        """`inspect` once the model is leased and the body budget claimed: read the body, infer on the pool, answer.
+        Overload is 503 with Retry-After, a late answer 504, an unreadable image 400."""
         settings = self.settings
         if want_mask and model.inspector.pixel_threshold is None:
             raise HTTPException(400, "mask=png: this bundle has no pixel threshold")
@@ -163,6 +171,7 @@ class Service:
         return JSONResponse(answer, headers={"Vary": "Accept"})
 
     async def model_summary(self, request: Request) -> JSONResponse:
+        """GET /v1/model: the model in service, summarized."""
         self.authorize(request)
         model = self.serving()
         try:
@@ -171,6 +180,8 @@ class Service:
             model.release()
 
     async def reload_route(self, request: Request) -> JSONResponse:
+        """POST /v1/reload: load the bundle at the body's `bundle` path (default: the served bundle's path, resolved
+        anew), then switch; a refused bundle is 422 and the previous one keeps serving."""
         self.authorize(request)
         body = await read_body(request, 64 << 10, timeout_s=self.settings.body_timeout_s)
         path = None
@@ -192,18 +203,22 @@ class Service:
         return JSONResponse(answer)
 
     async def healthz(self, request: Request) -> JSONResponse:
+        """GET /healthz: the process answers."""
         return JSONResponse({"alive": True})
 
     async def readyz(self, request: Request) -> JSONResponse:
+        """GET /readyz: 200 once a bundle is loaded and serving, else 503 with why not."""
         model = self.slot.current
         if model is None:
             return JSONResponse({"ready": False, "error": self.load_error or "loading the bundle"}, 503)
         return JSONResponse({"ready": True, "bundle_id": model.bundle_id})
 
     async def metrics_route(self, request: Request) -> Response:
+        """GET /metrics: the Prometheus text exposition."""
         return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def first_load(self) -> None:
+        """Load the start-up bundle; a refused one is kept as /readyz's error and reported to `on_load_failure`."""
         try:
             await self.reload(str(self.settings.bundle))
         except BundleError as e:
@@ -212,6 +227,8 @@ class Service:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):
+        """Starlette lifespan: clear dead servers' extractions, load the bundle in the background; at stop,
+        finish the running inferences, release the model and remove this server's extractions."""
         remove_stale(Path(tempfile.gettempdir()), EXTRACT_PREFIX)  # bundles extracted by servers that were killed
         loading = asyncio.create_task(self.first_load())
         yield
@@ -352,6 +369,7 @@ class CountedApp:
         self.app, self.metrics, self.state = app, metrics, app.state
 
     async def __call__(self, scope, receive, send):
+        """ASGI: pass everything to the app, counting each HTTP response by path and status."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"] if scope["path"] in PATHS else "other"

@@ -34,6 +34,8 @@ class BodyBudget:
 
 
 class Claim:
+    """One request's share of the budget: the bytes its body holds so far, given back when it is answered."""
+
     def __init__(self, budget: BodyBudget):
         self.budget = budget
         self.bytes = 0

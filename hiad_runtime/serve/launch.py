@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it; another process may take it before it is used)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -25,6 +25,7 @@ class RepeatFilter(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """True below WARNING; else only for the first of its kind per window, which counts those left out."""
         if record.levelno < logging.WARNING:
             return True
         first_line = str(record.msg).split("\n", 1)[0][:200]  # asyncio formats details (addresses) into later lines

@@ -15,6 +15,9 @@ LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.
 
 
 class ServiceMetrics:
+    """The service's Prometheus metrics: requests, latency, images, reloads, the model in service, and gauges
+    read live from the pool and the body budget."""
+
     def __init__(self, pool: InferencePool, budget: BodyBudget, rate_window_s: float = 60.0):
         self.registry = CollectorRegistry()
         self.requests = Counter("hiad_requests", "HTTP requests answered, by path and status", ["path", "status"], registry=self.registry)
@@ -41,6 +44,7 @@ class ServiceMetrics:
         self._lock = threading.Lock()
 
     def image_done(self) -> None:
+        """Count one image inspected, for the total and the images-per-second rate."""
         self.images.inc()
         now = time.monotonic()
         with self._lock:
@@ -48,6 +52,7 @@ class ServiceMetrics:
             self._forget(now)
 
     def images_per_s(self) -> float:
+        """Images inspected per second over the last `rate_window_s` (or since start, if shorter)."""
         now = time.monotonic()
         with self._lock:
             self._forget(now)
@@ -58,7 +63,9 @@ class ServiceMetrics:
             self._done.popleft()
 
     def set_model(self, bundle_id: str, path: str) -> None:
+        """Record the bundle in service (id and path) as the `hiad_model` info metric."""
         self.model.info({"bundle_id": bundle_id, "path": path})
 
     def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format, for GET /metrics."""
         return generate_latest(self.registry)

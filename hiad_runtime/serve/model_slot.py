@@ -50,6 +50,7 @@ class LoadedModel:
             return True
 
     def release(self) -> None:
+        """One user fewer; the last one out of a replaced model removes its extracted files."""
         with self._lock:
             self._users -= 1
             close = self._retired and self._users == 0 and not self._closed

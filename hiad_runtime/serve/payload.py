@@ -71,6 +71,7 @@ async def image_bytes(request: Request, limit_bytes: int, claim: Claim, timeout_
 
 
 def png(array: np.ndarray) -> bytes:
+    """`array` (uint8 or uint16, gray) encoded as PNG bytes."""
     ok, encoded = cv2.imencode(".png", array)
     if not ok:
         raise RuntimeError(f"cannot encode a {array.dtype} {array.shape} array as PNG")
@@ -79,6 +80,8 @@ def png(array: np.ndarray) -> bytes:
 
 @dataclass(frozen=True)
 class Png:
+    """An encoded map or mask PNG, its (width, height) and, for a 16-bit map, the scores its pixels span."""
+
     data: bytes
     size: tuple[int, int]  # (width, height)
     range: tuple[float, float] | None = None  # a map's: score = range[0] + pixel / 65535 * (range[1] - range[0])

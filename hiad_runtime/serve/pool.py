@@ -26,6 +26,8 @@ class Overloaded(Exception):
 
 
 class InferencePool:
+    """`workers` inference threads and at most `max_queue` requests waiting; one more raises Overloaded."""
+
     def __init__(self, workers: int, max_queue: int):
         if workers < 1 or max_queue < 0:
             raise ValueError(f"workers must be >= 1 and max_queue >= 0 (got {workers}, {max_queue})")
@@ -39,6 +41,7 @@ class InferencePool:
 
     @property
     def waiting(self) -> int:
+        """Requests admitted but not yet running."""
         return max(self.admitted - self.running, 0)
 
     def retry_after_s(self) -> int:
@@ -79,4 +82,5 @@ class InferencePool:
         self.admitted -= 1
 
     def shutdown(self) -> None:
+        """At shutdown: drop the jobs still queued and wait for those running."""
         self.executor.shutdown(wait=True, cancel_futures=True)
