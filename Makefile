@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := models/demo
 
-.PHONY: demo test bench clean c
+.PHONY: demo test lint bench clean c
 
 $(BIN)/hiad-train: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: $(BIN)/hiad-train
 
 test: $(BIN)/hiad-train
 	$(BIN)/python -m pytest
+
+# Lint and layout (configured in pyproject.toml); CI runs it before the tests.
+lint: $(BIN)/hiad-train
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Benchmarks print figures (docs/benchmarks.md records them); they are not tests.
 bench: $(BIN)/hiad-train
