@@ -32,7 +32,7 @@ def _manifest(bundle: Path) -> dict:
     return m
 
 
-def _outputs(checkpoint: Path, images: list[Path], work: Path) -> tuple[dict, dict[str, np.ndarray], dict]:
+def _outputs(checkpoint: Path, images: list[Path], work: Path, bench: bool) -> tuple[dict, dict[str, np.ndarray], dict]:
     """(manifest, arrays by name, bench medians) for one checkpoint."""
     from hiad_export.writer import ExportOptions, write_bundle
     from hiad_runtime.image import load_image, resize_image
@@ -54,13 +54,13 @@ def _outputs(checkpoint: Path, images: list[Path], work: Path) -> tuple[dict, di
         for i, path in enumerate(images):
             r = inspector.predict(path)
             arrays[f"{name}/{i}/map"], arrays[f"{name}/{i}/score"] = r.anomaly_map, np.float64(r.score)
-    bench = {}
-    for backend in ("onnxruntime", "openvino"):
+    medians = {}
+    for backend in ("onnxruntime", "openvino") if bench else ():
         out = work / f"bench_{backend}.json"
         subprocess.run([sys.executable, "-m", "hiad_runtime.cli", "bench", str(bundle), str(images[0]), "--repeat", "5",
                         "--backend", backend, "--json", str(out)], check=True, capture_output=True)
-        bench[backend] = json.loads(out.read_text())["stages_ms"]["total"]["median"]
-    return _manifest(bundle), arrays, bench
+        medians[backend] = json.loads(out.read_text())["stages_ms"]["total"]["median"]
+    return _manifest(bundle), arrays, medians
 
 
 def _training(data: Path, work: Path) -> dict[str, np.ndarray]:
@@ -97,7 +97,7 @@ def run(args) -> tuple[dict, dict[str, np.ndarray], dict]:
         for k, ckpt in enumerate(args.checkpoints):
             work = Path(tmp) / f"c{k}"
             work.mkdir()
-            manifests[str(k)], a, bench[str(k)] = _outputs(ckpt, images, work)
+            manifests[str(k)], a, bench[str(k)] = _outputs(ckpt, images, work, args.bench)
             arrays |= {f"c{k}/{name}": v for name, v in a.items()}
         arrays |= _training(args.data, Path(tmp))
     return manifests, arrays, bench
@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="an MVTec-layout folder for the fresh training")
     parser.add_argument("--count", type=int, default=4, help="images per checkpoint")
+    parser.add_argument("--no-bench", dest="bench", action="store_false", help="outputs only (bench medians need a quiet box)")
     args = parser.parse_args()
     manifests, arrays, bench = run(args)
     if args.mode == "record":
@@ -131,7 +132,9 @@ def main() -> None:
     bench_before = json.loads((args.ref / "bench.json").read_text())
     for k, per_backend in bench.items():
         for backend, ms in per_backend.items():
-            was = bench_before[k][backend]
+            was = bench_before.get(k, {}).get(backend)
+            if was is None:
+                continue
             print(f"bench checkpoint {k} {backend}: {was:.0f} ms before, {ms:.0f} ms now ({ms / was:.3f}x)")
     print(f"{len(arrays)} arrays and {len(manifests)} manifests compared: " + ("all identical" if not differ else f"{len(differ)} differ"))
     for line in differ:

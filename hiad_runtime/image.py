@@ -36,6 +36,7 @@ RESIZE_POLICY = {
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}  # what folders are searched for
 MAX_PIXELS_FACTOR = 4  # default pixel budget of an input: this many times the expected image area
+CAMERA_PIXELS = 8192 * 8192  # the largest photo a line takes (8K): training reads its photos at any image_size
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SOI = b"\xff\xd8\xff"  # start of image and the first marker
 JPEG_EOI = b"\xff\xd9"  # end of image
@@ -87,6 +88,12 @@ def default_max_pixels(image_size: Size) -> int:
     """The pixel budget of an input when none is given: MAX_PIXELS_FACTOR times the area of `image_size`
     (the bundle's or the training config's). One rule for the CLI, the service, calibration and training."""
     return MAX_PIXELS_FACTOR * image_size[0] * image_size[1]
+
+
+def source_max_pixels(image_size: Size) -> int:
+    """The pixel budget of a training image, which is resized to `image_size`: the default budget, but at
+    least an 8K photo (CAMERA_PIXELS), since training at a smaller size than the camera's is the rule."""
+    return max(default_max_pixels(image_size), CAMERA_PIXELS)
 
 
 def check_encoded(stream: BinaryIO, source: str = "image", max_pixels: int | None = None) -> None:

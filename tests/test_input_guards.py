@@ -11,6 +11,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -95,7 +96,7 @@ def test_calibrate_and_training_refuse_images_over_the_pixel_budget(bundle_dir, 
     """A 13000^2 16-bit PNG of 1.3 MB took calibrate 6.7 GB and 27 s; the header alone refuses it now."""
     import cv2
 
-    from hiad_runtime.image import default_max_pixels
+    from hiad_runtime.image import default_max_pixels, source_max_pixels
     from hiad_train.cli import app
     from hiad_train.data.samples import HRSample
 
@@ -113,8 +114,27 @@ def test_calibrate_and_training_refuse_images_over_the_pixel_budget(bundle_dir, 
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     assert f"z_big.png: declares 13000x13000 = 169000000 pixels, above the limit of {limit}" in result.output
-    with pytest.raises(ImageError, match=f"z_big.png: declares 13000x13000 .* above the limit of {limit}"):
+    with pytest.raises(ImageError, match=f"z_big.png: declares 13000x13000 .* above the limit of {source_max_pixels((256, 256))}"):
         HRSample(big).image((256, 256))
+
+
+def test_training_reads_8k_photos_at_a_smaller_image_size(tmp_path):
+    """Training resizes a line's photos to its image_size: an 8K photo is read at 256^2 (64 MP over the
+    runtime's 4x rule), one pixel more than 8K is refused before decoding."""
+    import cv2
+
+    from hiad_runtime.image import CAMERA_PIXELS, default_max_pixels
+    from hiad_train.data.samples import HRSample
+
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), np.full((8192, 8192), 7, np.uint8))
+    assert 8192 * 8192 > default_max_pixels((256, 256))
+    image = HRSample(photo).image((256, 256))
+    assert image.shape == (256, 256, 3) and (image == 7).all()
+    wider = tmp_path / "wider.png"
+    wider.write_bytes(_header_only_png(8193, 8192))
+    with pytest.raises(ImageError, match=f"above the limit of {CAMERA_PIXELS}"):
+        HRSample(wider).image((256, 256))
 
 
 def test_training_refuses_a_file_cut_short_by_name(elpv_root, tmp_path):

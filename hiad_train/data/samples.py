@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from hiad_runtime.geometry import Size
-from hiad_runtime.image import default_max_pixels, load_image, load_mask, resize_image, resize_mask
+from hiad_runtime.image import load_image, load_mask, resize_image, resize_mask, source_max_pixels
 
 
 @dataclass(frozen=True)
@@ -20,12 +20,12 @@ class HRSample:
     label_name: str = "good"
 
     def image(self, size: Size) -> np.ndarray:
-        """RGB uint8 at `size` (width, height); a file declaring more than `default_max_pixels(size)`
+        """RGB uint8 at `size` (width, height); a file declaring more than `source_max_pixels(size)`
         pixels, or cut short, is refused by name (`ImageError`) before it is decoded."""
-        return resize_image(load_image(self.image_path, default_max_pixels(size)), size)
+        return resize_image(load_image(self.image_path, source_max_pixels(size)), size)
 
     def mask(self, size: Size) -> np.ndarray:
         """Bool mask at `size`; all False for good samples or samples without a mask file."""
         if self.mask_path is None:
             return np.zeros((size[1], size[0]), bool)
-        return resize_mask(load_mask(self.mask_path, default_max_pixels(size)), size)
+        return resize_mask(load_mask(self.mask_path, source_max_pixels(size)), size)
