@@ -6,6 +6,7 @@ Adding a detector = its module + one ROWS entry (tiny settings: 128 px tiles, a 
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from hiad_export.writer import write_bundle
 from hiad_runtime.heads import HeadPath
@@ -14,8 +15,6 @@ from hiad_train.checkpoint import load_checkpoint, save_checkpoint
 from hiad_train.detectors import DETECTORS, EpochConfig
 from hiad_train.trainer import HRTrainer
 from hiad_train.validation import TaskValidation, split_validation
-
-from conftest import tiny_config
 
 TOLERANCE = 1e-4  # of the PyTorch map's range
 
