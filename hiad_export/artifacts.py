@@ -50,7 +50,9 @@ def write_knn(state: dict[str, torch.Tensor], folder: Path, stem: str, options: 
 WRITERS: dict[str, Callable[..., Artifacts]] = {"knn": write_knn}  # head kind -> its native files
 
 
-def write_native(kind: str, state: dict[str, torch.Tensor], folder: Path, stem: str, options: dict, seed: int) -> Artifacts:
+def write_native(
+    kind: str, state: dict[str, torch.Tensor], folder: Path, stem: str, options: dict, seed: int
+) -> Artifacts:
     """The native files of a head of `kind` (none for a kind whose only path is its ONNX graph)."""
     writer = WRITERS.get(kind)
     return ({}, {}) if writer is None else writer(state, folder, stem, options, seed)

@@ -37,9 +37,9 @@ def _samples(data: Path, split: str):
 
 def _evaluate(model, data: Path, out: Path) -> dict:
     from hiad_runtime.image import ImageError
+    from hiad_runtime.overlay import overlay, save_rgb
     from hiad_train.evaluation import format_table
     from hiad_train.trainer import HRTrainer
-    from hiad_runtime.overlay import overlay, save_rgb
 
     trainer = HRTrainer(model.config)
     samples = _samples(data, "test")
@@ -71,11 +71,11 @@ def train(
     """Train one detector per task and write the checkpoint (atomically)."""
     from hiad_runtime.cli import describe_threshold
     from hiad_runtime.image import ImageError
+    from hiad_runtime.overlay import save_rgb
     from hiad_train.checkpoint import save_checkpoint
     from hiad_train.executors import LocalExecutor, StageFailed
     from hiad_train.tasks import print_tasks
     from hiad_train.trainer import HRTrainer
-    from hiad_runtime.overlay import save_rgb
     from hiad_train.visualize import task_map
 
     try:
@@ -192,7 +192,12 @@ def calibrate_cmd(
     command composes the two; training modules never import export)."""
     from hiad_runtime.bundle import MANIFEST, BundleError
     from hiad_runtime.cli import describe_threshold
-    from hiad_runtime.image import ImageError, default_max_pixels, load_image, resize_image
+    from hiad_runtime.image import (
+        ImageError,
+        default_max_pixels,
+        load_image,
+        resize_image,
+    )
     from hiad_runtime.results import find_inputs
     from hiad_train import calibration
     from hiad_train.synthesis import SynthesizerConfig

@@ -33,7 +33,8 @@ def register_synthesizer(cls: type["Synthesizer"]) -> type["Synthesizer"]:
     if not (isinstance(cls, type) and issubclass(cls, Synthesizer) and isinstance(cls.__dict__.get("name"), str)):
         raise TypeError(f"{cls!r} is not a Synthesizer with a `name`")
     if cls.name in SYNTHESIZERS and SYNTHESIZERS[cls.name] is not cls:
-        raise ValueError(f"synthesizer {cls.name!r} is registered twice ({SYNTHESIZERS[cls.name].__name__}, {cls.__name__})")
+        first = SYNTHESIZERS[cls.name].__name__
+        raise ValueError(f"synthesizer {cls.name!r} is registered twice ({first}, {cls.__name__})")
     SYNTHESIZERS[cls.name] = cls
     return cls
 

@@ -153,7 +153,8 @@ def register_generator(cls: type[TaskGenerator]) -> type[TaskGenerator]:
     if not (issubclass(cls, TaskGenerator) and len(names) == 1 and isinstance(names[0], str)):
         raise TypeError(f"{cls.__name__}: a TaskGenerator declaring `generator: Literal[<name>]`")
     if names[0] in GENERATORS and GENERATORS[names[0]] is not cls:
-        raise ValueError(f"task generator {names[0]!r} is registered twice ({GENERATORS[names[0]].__name__}, {cls.__name__})")
+        first = GENERATORS[names[0]].__name__
+        raise ValueError(f"task generator {names[0]!r} is registered twice ({first}, {cls.__name__})")
     GENERATORS[names[0]] = cls
     return cls
 

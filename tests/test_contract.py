@@ -6,6 +6,7 @@ Adding a detector = its module + one ROWS entry (tiny settings: 128 px tiles, a 
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from hiad_export.writer import write_bundle
 from hiad_runtime.heads import HeadPath
@@ -14,8 +15,6 @@ from hiad_train.checkpoint import load_checkpoint, save_checkpoint
 from hiad_train.detectors import DETECTORS, EpochConfig
 from hiad_train.trainer import HRTrainer
 from hiad_train.validation import TaskValidation, split_validation
-
-from conftest import tiny_config
 
 TOLERANCE = 1e-4  # of the PyTorch map's range
 
@@ -57,7 +56,8 @@ def test_train_export_runtime_parity(name, train_samples, test_samples, parity_i
         _, held_out = split_validation(list(train_samples), config.val_config.val_sample_ratio, config.seed)
         validation = TaskValidation.build(model, held_out, config.val_config, config.seed)
         rescored = validation.validator("task_0", model.postprocess)(model.detectors["task_0"])
-        assert chosen == pytest.approx({k: v if np.isfinite(v) else None for k, v in rescored.items()}, rel=1e-6)
+        # the same state on the same tiles; float noise of conv kernels (~1e-6) allowed, another epoch is not
+        assert chosen == pytest.approx({k: v if np.isfinite(v) else None for k, v in rescored.items()}, abs=1e-4)
 
     checkpoint = save_checkpoint(model, tmp_path / "ckpt")
     loaded = load_checkpoint(checkpoint)

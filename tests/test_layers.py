@@ -69,9 +69,11 @@ def test_training_checkpoints_and_calibration_run_with_hiad_export_blocked(elpv_
                                "thumbnail": {{"thumbnail_size": 128, "percentage": 0.1, "target_embed_dimension": 32}},
                                "val_config": {{"val_sample_ratio": 0.25}}}})
         samples = read_mvtec({str(elpv_root)!r}, "train")
-        model = load_checkpoint(save_checkpoint(HRTrainer(config, progress=False).fit(samples), {str(tmp_path / "ckpt")!r}))
+        trained = HRTrainer(config, progress=False).fit(samples)
+        model = load_checkpoint(save_checkpoint(trained, {str(tmp_path / "ckpt")!r}))
         normal = [load_image(s.image_path) for s in samples[:2]]
-        cal = calibration.calibrate(calibration.model_scorer(model), normal, [], config.val_config.anomaly_syn_fn.build(), 0.05)
+        synthesizer = config.val_config.anomaly_syn_fn.build()
+        cal = calibration.calibrate(calibration.model_scorer(model), normal, [], synthesizer, 0.05)
         calibration.write_checkpoint(Path({str(tmp_path / "ckpt")!r}).resolve(), {str(tmp_path / "calibrated")!r}, cal)
         assert not [m for m in sys.modules if m.split('.')[0] == 'hiad_export'], 'hiad_export was imported'
         print('TASKS', len(load_checkpoint({str(tmp_path / "calibrated")!r}).tasks))

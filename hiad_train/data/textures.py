@@ -118,14 +118,18 @@ def write_set(root: Path, n_train: int, n_test: int, seed: int, sample: Sample, 
     return root
 
 
-def build_texture_set(out: str | Path, name: str, image_size: int = 512, n_train: int = 12, n_test: int = 24, seed: int = 0) -> Path:
+def build_texture_set(
+    out: str | Path, name: str, image_size: int = 512, n_train: int = 12, n_test: int = 24, seed: int = 0
+) -> Path:
     """`out/<name>`: faint defects on flipped and turned gray crops; half the test set defective."""
     source = texture(name)
-    return write_set(Path(out) / name, n_train, n_test, seed, lambda rng: sample_surface(source, image_size, rng), faint_defect)
+    sample = lambda rng: sample_surface(source, image_size, rng)  # noqa: E731
+    return write_set(Path(out) / name, n_train, n_test, seed, sample, faint_defect)
 
 
 def build_synthetic(
-    out: str | Path, size: tuple[int, int] = (512, 512), n_train: int = 6, n_test: int = 6, texture_name: str = "brick", seed: int = 0
+    out: str | Path, size: tuple[int, int] = (512, 512), n_train: int = 6, n_test: int = 6, texture_name: str = "brick",
+    seed: int = 0,
 ) -> Path:
     """`out/synthetic_<texture>`: painted defects on jittered RGB crops; half the test set defective."""
     source = texture(texture_name)
