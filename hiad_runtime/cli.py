@@ -79,6 +79,10 @@ def describe_threshold(kind: str, value: float | None, rule: dict | None, overri
         warning = f"; warning: {rule['warning']}" if "warning" in rule else ""
         return (f"{head}: false-alarm rate {rule['rate']:.2%} on {rule['images']} normal image(s) ({rule['tiles']} tiles"
                 f"{when}), achieved rate {low:.2%}-{high:.2%} (90% interval){warning}")
+    if rule.get("rule") == "max_miss":
+        low, high = rule["false_alarm_interval_90"]
+        return (f"{head}: misses at most {rule['max_miss']:.0%} of {rule['defective_images']} defective image(s){when}; "
+                f"false-alarm rate {low:.1%}-{high:.1%} on {rule['images']} normal image(s) (90% interval)")
     if rule.get("rule") == "f1":
         return f"{head}: best F1 on {rule['tiles']} validation tiles with synthetic anomalies ({rule['images']} image(s){when})"
     return f"{head}: rule not recorded in this bundle"

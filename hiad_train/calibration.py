@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +24,7 @@ import numpy as np
 from hiad_runtime.geometry import Tiling
 from hiad_runtime.plan import InferencePlan
 from hiad_runtime.postprocess import Normalization, PostprocessSpec
+from hiad_train.operating_curve import OperatingPoint, Rate, max_miss_threshold, operating_curve
 from hiad_train.thresholds import false_alarm_thresholds
 from hiad_train.validation import min_max_normalization, synthesize_tiles
 
@@ -55,6 +56,7 @@ class Calibration:
     task_normalization: dict[str, Normalization]
     thumbnail_normalization: Normalization | None
     thresholds: dict  # {"image", "pixel", "rules"}
+    curves: dict[str, list[OperatingPoint]] = field(default_factory=dict)  # "image", "pixel": with defective images
 
 
 def final_map(raw: Raw, plan: InferencePlan) -> tuple[np.ndarray, float]:
@@ -68,9 +70,12 @@ def final_map(raw: Raw, plan: InferencePlan) -> tuple[np.ndarray, float]:
 
 
 def calibrate(scorer: RawScorer, normal: list[np.ndarray], defective: list[np.ndarray], synthesizer, rate: float, seed: int = 0,
-              normalization: str = "global") -> Calibration:
+              normalization: str = "global", max_miss: float | None = None) -> Calibration:
     """Normalization from normal images (as they are and with synthetic anomalies) and defective ones;
-    thresholds by false-alarm rate on the normal images; misses on the defective ones recorded."""
+    thresholds by false-alarm rate on the normal images, or with `max_miss` the highest ones missing at
+    most that share of the defective images; with defective images, the operating curves and misses."""
+    if max_miss is not None and not defective:
+        raise ValueError("--max-miss sets thresholds from defective images: give them with --defective")
     if len(normal) < 1:
         raise ValueError("calibration needs at least one normal image")
     rng = np.random.default_rng(seed)
@@ -81,17 +86,29 @@ def calibrate(scorer: RawScorer, normal: list[np.ndarray], defective: list[np.nd
     thumbs = [t for _, t in seen + bad if t is not None]
     norms, thumb_norm = min_max_normalization(records, thumbs, scorer.tasks, normalization)
     plan = scorer.plan.renormalized(norms, thumb_norm)
-    maps = [final_map(raw, plan)[0] for raw in clean]
-    thresholds = false_alarm_thresholds(maps, scorer.tiling, scorer.postprocess, rate, seed)
+    normal_finals = [final_map(raw, plan) for raw in clean]
+    thresholds = false_alarm_thresholds([m for m, _ in normal_finals], scorer.tiling, scorer.postprocess, rate, seed)
     rules = thresholds["rules"]
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     for rule in rules.values():
         rule["calibrated"] = when
-    if defective:  # how many of the line's defective images each threshold misses
-        finals = [final_map(raw, plan) for raw in bad]
-        rules["image"].update(defective_images=len(bad), missed=int(sum(s < thresholds["image"] for _, s in finals)))
-        rules["pixel"].update(defective_images=len(bad), missed=int(sum(m.max() < thresholds["pixel"] for m, _ in finals)))
-    return Calibration(norms, thumb_norm, thresholds)
+    if not defective:
+        return Calibration(norms, thumb_norm, thresholds)
+    # Image decisions by the image score, pixel ones by the map maximum (an image with any mask pixel).
+    finals = [final_map(raw, plan) for raw in bad]
+    statistics = {
+        "image": (np.array([s for _, s in normal_finals]), np.array([s for _, s in finals])),
+        "pixel": (np.array([m.max() for m, _ in normal_finals]), np.array([m.max() for m, _ in finals])),
+    }
+    curves = {kind: operating_curve(good, bad_) for kind, (good, bad_) in statistics.items()}
+    for kind, (good, bad_) in statistics.items():
+        if max_miss is not None:
+            thresholds[kind] = max_miss_threshold(bad_, max_miss)
+            alarms = Rate(int((good >= thresholds[kind]).sum()), good.size)
+            rules[kind] = {"rule": "max_miss", "max_miss": max_miss, "images": int(good.size), "calibrated": when,
+                           "flagged": alarms.count, "false_alarm_interval_90": list(alarms.interval())}
+        rules[kind].update(defective_images=len(bad), missed=int((bad_ < thresholds[kind]).sum()))
+    return Calibration(norms, thumb_norm, thresholds, curves)
 
 
 def model_scorer(model) -> RawScorer:

@@ -183,6 +183,7 @@ def calibrate_cmd(
     defective: Path = typer.Option(None, "--defective", exists=True, file_okay=False, help="defective images: widen the normalization, misses reported"),
     out: Path = typer.Option(None, "--out", help="where the calibrated copy is published (default: SOURCE, as its new version)"),
     rate: float = typer.Option(0.01, "--rate", min=1e-6, max=0.5, help="target false-alarm rate on normal images"),
+    max_miss: Optional[float] = typer.Option(None, "--max-miss", min=0.0, max=0.99, help="instead of --rate: the highest thresholds missing at most this share of the --defective images"),
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the synthetic anomalies and the bootstrap"),
     normalization: Optional[NormalizationMode] = typer.Option(None, "--normalization", help="global: one min-max for every task (keeps their relative scale); per_task: HiAD's (default: a checkpoint's own val_config, else global)"),
 ) -> None:
@@ -200,6 +201,7 @@ def calibrate_cmd(
     )
     from hiad_runtime.results import find_inputs
     from hiad_train import calibration
+    from hiad_train.operating_curve import describe_curve
     from hiad_train.synthesis import SynthesizerConfig
 
     try:
@@ -227,11 +229,13 @@ def calibrate_cmd(
             _fail(f"{normal}: no images found")
         synthesizer = (val.anomaly_syn_fn if val is not None else SynthesizerConfig()).build()
         mode = normalization or (val.normalization if val is not None else NormalizationMode.GLOBAL)
-        cal = calibration.calibrate(scorer, images["normal"], images["defective"], synthesizer, rate, seed, mode)
+        cal = calibration.calibrate(scorer, images["normal"], images["defective"], synthesizer, rate, seed, mode, max_miss)
         target = out or source
         write(source.resolve(), target, cal)
     except (BundleError, ImageError, OSError, ValueError) as e:
         _fail(str(e))
+    for kind, curve in cal.curves.items():
+        typer.echo(describe_curve(kind, curve))
     for kind in ("image", "pixel"):
         rule = cal.thresholds["rules"][kind]
         missed = f"; misses {rule['missed']} of {rule['defective_images']} defective image(s)" if "missed" in rule else ""

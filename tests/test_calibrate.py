@@ -88,3 +88,31 @@ def test_checkpoint_and_bundle_calibrate_alike(clustered_model, calibrated, elpv
 def test_calibrate_names_what_is_wrong(tmp_path, elpv_root):
     result = CliRunner().invoke(train_app, ["calibrate", str(tmp_path), "--normal", str(elpv_root / "train")])
     assert result.exit_code == 2 and "neither a checkpoint" in result.output
+
+
+def test_calibrate_prints_the_operating_curve_of_the_images_given(calibrated):
+    """With defective images, each threshold kind gets its curve: from flagging everything to nothing."""
+    _, output = calibrated
+    for kind in ("image", "pixel"):
+        head = next(i for i, x in enumerate(output.splitlines()) if x.startswith(f"{kind} operating curve"))
+        rows = output.splitlines()[head + 2:]
+        assert "(4 normal, " in output.splitlines()[head]
+        assert "100.0% (4/4;" in rows[0] and "  0.0% (0/" in rows[0]  # lowest threshold: every image flagged
+    assert "takes 299 normal images" in output
+
+
+def test_max_miss_sets_thresholds_from_the_defective_images(clustered_bundle, elpv_root, tmp_path):
+    """--max-miss 0 flags every defective image given; the rule, its false alarms and misses are recorded."""
+    defect = elpv_root / "test" / "defect"
+    args = ["calibrate", str(clustered_bundle), "--normal", str(elpv_root / "train"), "--defective", str(defect),
+            "--out", str(tmp_path / "b"), "--max-miss", "0"]
+    result = CliRunner().invoke(train_app, args)
+    assert result.exit_code == 0, result.output
+    inspector = Inspector(Bundle.load(tmp_path / "b"))
+    rules = inspector.manifest.thresholds["rules"]
+    assert rules["image"]["rule"] == "max_miss" and rules["image"]["missed"] == 0
+    scores = [inspector.predict(str(p)).score for p in sorted(defect.glob("*.png"))]
+    assert min(scores) == pytest.approx(inspector.manifest.thresholds["image"], abs=1e-5)  # the lowest defect, flagged
+    assert "image threshold" in result.output and "misses at most 0% of" in result.output
+    no_defects = CliRunner().invoke(train_app, args[:4] + ["--out", str(tmp_path / "c"), "--max-miss", "0.1"])
+    assert no_defects.exit_code == 2 and "--max-miss sets thresholds from defective images" in no_defects.output
