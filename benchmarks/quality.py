@@ -47,6 +47,7 @@ SETS = {
     "brick": (lambda out: build_texture_set(out, "brick", 512, N_TRAIN, N_TEST, 6), 512, 128),
     "grass": (lambda out: build_texture_set(out, "grass", 512, N_TRAIN, N_TEST, 7), 512, 128),
     "demo": (lambda out: build_elpv_demo(out), 2048, 512),
+    "elpv-poly-2048": (_elpv(4, 512, "poly", 8), 2048, 512),
 }
 VAL = {"anomaly_syn_fn": {"name": "image_blending", "p": 0.5}, "val_sample_ratio": 0.25, "max_patch_number": 200,
        "evaluators": ["image_auroc", "pixel_metrics"]}
@@ -135,7 +136,7 @@ def row(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", default=",".join(s for s in SETS if s != "demo"))
+    parser.add_argument("--sets", default=",".join(s for s in SETS if s not in ("demo", "elpv-poly-2048")))
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--out", type=Path, default=ROOT / "data" / "quality")
     args = parser.parse_args()

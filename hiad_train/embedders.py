@@ -26,21 +26,32 @@ class PixelNormalize(nn.Module):
         return (image.permute(0, 3, 1, 2).float() - self.mean) / self.std
 
 
+# HiAD's datasets normalize every detector's input with these, whatever the backbone was trained with.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def pixel_statistics(backbone: nn.Module, normalization: str) -> tuple[Sequence[float], Sequence[float]]:
+    """(mean, std) of an `input_normalization`: "imagenet" (HiAD's), or "backbone" (its pretraining's)."""
+    if normalization == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    return backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"]
+
+
 class BackboneFeatures(nn.Module):
     """The backbone's chosen stages as they are: uint8 tiles -> tuple of (B, C_s, h_s, w_s)."""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, normalization: str = "backbone"):
         super().__init__()
-        self.normalize = PixelNormalize(backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"])
+        self.normalize = PixelNormalize(*pixel_statistics(backbone, normalization))
         self.backbone = backbone
         self.channels = list(backbone.feature_info.channels())
         self.reductions = list(backbone.feature_info.reduction())
 
     @classmethod
     def create(cls, config, pretrained: bool = True) -> "BackboneFeatures":
-        """From a detector config's backbone_name, layers_to_extract_from and backbone_weights."""
+        """From a detector config's backbone_name, layers_to_extract_from, backbone_weights and input_normalization."""
         backbone = create_backbone(config.backbone_name, config.layers_to_extract_from, config.backbone_weights, pretrained)
-        return cls(backbone).eval()
+        return cls(backbone, config.input_normalization).eval()
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.backbone(self.normalize(image)))

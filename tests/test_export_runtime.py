@@ -31,7 +31,7 @@ def test_manifest_describes_everything_a_c_caller_needs(bundle_dir):
     assert head["params"]["index_factory"] == "Flat" and head["params"]["k"] == 1
     assert m["tasks"][0]["training"] == {"bank_size": 102, "training_patches": 1024}
     assert m["postprocess"] == {"gaussian_sigma": 4.0, "gaussian_truncate": 4.0, "score_pool": 16,
-                                "tile_blur_sigma": 0.0, "score_rule": "block_mean_max", "score_top_k": 1}
+                                "tile_blur_sigma": 4.0, "score_rule": "block_mean_max", "score_top_k": 1}
     for name, info in m["files"].items():
         assert len(info["sha256"]) == 64 and (bundle_dir / name).stat().st_size == info["bytes"]
     assert m["parity"]["onnx"]["passed"] and m["parity"]["native"]["passed"]

@@ -1,8 +1,11 @@
 """PatchCore's approximate greedy coreset: pick the point farthest from those already picked.
 
-Distances are computed on a random projection of the features (Johnson-Lindenstrauss), starting
-from the mean distance to a few random anchors, exactly as PatchCore's ApproximateGreedyCoresetSampler;
-each step is one matrix-vector product over all points, so the loop is vectorized and cache-friendly.
+Distances are computed on a random projection of the features (Johnson-Lindenstrauss) when they
+have more dimensions than `projection_dim`, starting from the mean distance to a few random anchors,
+exactly as PatchCore's ApproximateGreedyCoresetSampler. The anchors are HiAD's: distinct points drawn
+by NumPy's legacy generator seeded with the run seed, so on 128-d embeddings (no projection) the
+picks are HiAD's own (tests/test_hiad_reference.py). Each step is one matrix-vector product over all
+points, so the loop is vectorized and cache-friendly.
 
 The loop runs on one thread: each pick is a small, memory-bound step, and with several threads every
 pick ends in a barrier; when another process holds a core, each barrier waits for a scheduler time
@@ -11,6 +14,7 @@ slice and the sampler slows down by an order of magnitude (measured: 1,900 -> 56
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -20,7 +24,7 @@ from hiad_train.components.threads import torch_threads
 def greedy_coreset(
     features: torch.Tensor,
     percentage: float,
-    projection_dim: int = 64,
+    projection_dim: int = 128,
     start_points: int = 10,
     seed: int = 0,
     progress: bool = False,
@@ -32,14 +36,13 @@ def greedy_coreset(
     count = max(1, int(n * percentage))
     if count >= n:
         return torch.arange(n)
-    gen = torch.Generator().manual_seed(seed)
     x = features.float()
     if x.shape[1] > projection_dim:
-        proj = torch.randn(x.shape[1], projection_dim, generator=gen) / projection_dim**0.5
-        x = x @ proj
+        gen = torch.Generator().manual_seed(seed)
+        x = x @ (torch.randn(x.shape[1], projection_dim, generator=gen) / projection_dim**0.5)
     x = x.contiguous()
     norms = (x * x).sum(1)
-    anchors = torch.randint(n, (min(start_points, n),), generator=gen)
+    anchors = torch.from_numpy(np.random.RandomState(seed).choice(n, min(start_points, n), replace=False))
     anchor_d2 = (norms[:, None] - 2 * x @ x[anchors].T + norms[anchors][None]).clamp_min_(0)
     min_d2 = anchor_d2.sqrt_().mean(1).square_()
     picked = torch.empty(count, dtype=torch.long)

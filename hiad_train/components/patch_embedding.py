@@ -51,7 +51,10 @@ class PatchEmbedder(nn.Module):
         self.dim = target_embed_dimension
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
-        features = self.features(image)
+        return (self.aggregate(self.features(image)),)
+
+    def aggregate(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The backbone stages (B, C_s, h_s, w_s) -> locally aware embeddings (B, D, h, w)."""
         pad = self.merge_size // 2
         grid = features[0].shape[-2:]
         out = None
@@ -60,7 +63,7 @@ class PatchEmbedder(nn.Module):
             if e.shape[-2:] != grid:
                 e = F.interpolate(e, size=grid, mode="bilinear", align_corners=False)
             out = e if out is None else out + e
-        return (out,)
+        return out
 
 
 def reference_embedding(features: Sequence[torch.Tensor], merge_size: int, pretrain_dim: int, target_dim: int):

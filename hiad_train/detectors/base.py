@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence, Union
+from typing import Any, Callable, ClassVar, Literal, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,6 +30,8 @@ class DetectorConfig(Strict):
     backbone_name: str = DEFAULT_BACKBONE
     backbone_weights: str | None = None  # local weights file; None = packaged or timm pretrained
     layers_to_extract_from: list[Union[int, str]] = Field([2, 3], min_length=1)
+    # pixel mean/std: the backbone's pretraining statistics, or ImageNet's (HiAD's, for every backbone)
+    input_normalization: Literal["backbone", "imagenet"] = "backbone"
     patch_size: SizeSpec | None = None  # HiAD repeats it here; must equal the top-level one if given
 
     def check_tile_size(self, size: tuple[int, int]) -> None:
