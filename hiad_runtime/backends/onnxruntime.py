@@ -28,6 +28,7 @@ def offered_providers() -> list[str]:
 
 
 def available_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """The providers asked for (default: PREFERRED_PROVIDERS) that this build offers, in that order."""
     offered = offered_providers()
     wanted = requested or PREFERRED_PROVIDERS
     chosen = [p for p in wanted if p in offered]
@@ -42,6 +43,7 @@ class OnnxRuntimeBackend:
     def __init__(self, providers: Sequence[str] | None = None, threads: int = 0):
         self.providers = available_providers(providers)
         self.threads = threads
+        self.on_gpu = self.providers[0] in GPU_PROVIDERS  # the graphs run on a GPU (the rest is CPU fallback)
 
     def options(self, arena: bool) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -59,3 +61,14 @@ class OnnxRuntimeBackend:
             return ort.InferenceSession(str(path), self.options(arena), providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({e})") from e
+
+
+def device_of(session) -> tuple[str, int] | None:
+    """Where a session's I/O binding keeps tensors: ('cuda', device id) on a GPU provider, else ('cpu', 0);
+    None for a session that does not bind (not ONNX Runtime's)."""
+    if not isinstance(session, ort.InferenceSession):
+        return None
+    provider = session.get_providers()[0]
+    if provider not in GPU_PROVIDERS:
+        return "cpu", 0
+    return "cuda", int(session.get_provider_options().get(provider, {}).get("device_id", 0))
