@@ -6,6 +6,7 @@ task: 16+ arenas would each hold their peak)."""
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +38,14 @@ def available_providers(requested: Sequence[str] | None = None) -> list[str]:
     return chosen
 
 
+@cache
+def preload_cuda() -> None:
+    """Load CUDA and cuDNN before the first CUDA session: from the nvidia pip packages beside onnxruntime where
+    they are (`pip install 'onnxruntime-gpu[cuda,cudnn]'`), else from the system's library path."""
+    if hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21
+        ort.preload_dlls()
+
+
 class OnnxRuntimeBackend:
     """ONNX Runtime sessions with one set of options and providers."""
 
@@ -44,6 +53,8 @@ class OnnxRuntimeBackend:
         self.providers = available_providers(providers)
         self.threads = threads
         self.on_gpu = self.providers[0] in GPU_PROVIDERS  # the graphs run on a GPU (the rest is CPU fallback)
+        if self.on_gpu:
+            preload_cuda()
 
     def options(self, arena: bool) -> ort.SessionOptions:
         options = ort.SessionOptions()
