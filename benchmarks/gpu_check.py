@@ -65,7 +65,8 @@ def timed(inspector, images: list, repeat: int, streams: int = 1) -> dict:
     import numpy as np
     from concurrent.futures import ThreadPoolExecutor
 
-    for image in images[:3]:
+    warmups = images[:3]
+    for image in warmups:
         inspector.predict(image)
     seconds: list[float] = []
 
@@ -80,7 +81,7 @@ def timed(inspector, images: list, repeat: int, streams: int = 1) -> dict:
         list(pool.map(run, range(streams)))
     wall = time.perf_counter() - t0
     return {"median_ms": float(np.median(seconds) * 1000), "p95_ms": float(np.percentile(seconds, 95) * 1000),
-            "images_per_s": streams * repeat / wall}
+            "images_per_s": streams * repeat / wall, "predictions": len(warmups) + len(seconds)}
 
 
 def measure(bundle: Path, image_paths: list[Path], repeat: int) -> dict:
@@ -103,6 +104,9 @@ def measure(bundle: Path, image_paths: list[Path], repeat: int) -> dict:
         streams = options.pop("streams", 1)
         with PeakMemory() as memory:
             inspector = Inspector.load(bundle, **options)  # backend and head path: auto
+            if CUDA not in inspector.providers_in_use:
+                ort.print_debug_info()  # which CUDA and cuDNN libraries it found and loaded
+                raise SystemExit(f"{name}: the sessions fell back to {inspector.providers_in_use} (CUDA libraries?)")
             if images is None:
                 images = [inspector.decode(p) for p in image_paths]
             calls = []
@@ -110,12 +114,14 @@ def measure(bundle: Path, image_paths: list[Path], repeat: int) -> dict:
                 run = inspector.engine.session.run
                 inspector.engine.session.run = lambda *a: calls.append(1) or run(*a)
             row = timed(inspector, images, repeat, streams)
-        row.update(gpu_mb=memory.mb, providers=inspector.providers_in_use, head_path=inspector.options.head_path.value,
-                   batch=inspector.options.batch_size)
+        tiles = inspector.options.engine.value == "tiles"  # head path and batch apply to the tile engine only
+        row.update(gpu_mb=memory.mb, providers=inspector.providers_in_use,
+                   head_path=inspector.options.head_path.value if tiles else "-",
+                   batch=inspector.options.batch_size if tiles else "-")
         if calls:
-            row["session_calls_per_image"] = len(calls) / (3 + repeat * streams)
-        if CUDA not in inspector.providers_in_use:
-            raise SystemExit(f"{name}: the sessions fell back to {inspector.providers_in_use} (CUDA libraries?)")
+            row["session_calls_per_image"] = len(calls) / row["predictions"]
+        if tiles:  # where the embedder writes a chunk's features (and the heads' graphs read them)
+            row["features"] = inspector.engine.tile_features(images[0], {}).device[0]
         figures["settings"][name] = row
         print(name, json.dumps(row), flush=True)
         if name in ("tiles, batch 16", "pipeline"):  # parity with the same graphs on the CPU
@@ -138,6 +144,7 @@ def table(figures: dict) -> str:
     lines = [f"{'setting':<28} {'median ms':>10} {'p95 ms':>8} {'images/s':>9} {'GPU MB':>8}  head path, batch"]
     for name, r in figures["settings"].items():
         extra = f", {r['session_calls_per_image']:.0f} session call/image" if "session_calls_per_image" in r else ""
+        extra += f", features on {r['features']}" if "features" in r else ""
         lines.append(f"{name:<28} {r['median_ms']:>10.1f} {r['p95_ms']:>8.1f} {r['images_per_s']:>9.2f} "
                      f"{r['gpu_mb']:>8.0f}  {r['head_path']}, {r['batch']}{extra}")
     for engine, p in figures["parity"].items():

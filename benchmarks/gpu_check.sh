@@ -48,6 +48,7 @@ PY
 
 stash() {
   mkdir -p "$HOLD/parts"
+  [ -f "$GPU/parts/SHA256SUMS" ] || { echo "no .gpu/parts/SHA256SUMS in this call: carry it with each part" >&2; exit 1; }
   cp "$GPU/parts/SHA256SUMS" "$HOLD/parts/"
   for part in "$GPU"/parts/part-*; do
     [ -e "$part" ] && mv "$part" "$HOLD/parts/"
@@ -67,8 +68,16 @@ check() {
     $(ls "$HOLD"/whl/*.whl | grep -v onnxruntime_gpu)
   # onnxruntime.preload_dlls() looks for NVIDIA's CUDA 13 / cuDNN pip packages beside onnxruntime: show it the
   # machine's (those PyTorch loads).
-  local nvidia=$(python3 -c "import nvidia, os; print(os.path.realpath(list(nvidia.__path__)[0]))")
-  ln -sfn "$nvidia" "$HOLD/ort/nvidia"
+  python3 - "$HOLD/ort/nvidia" <<'PY'
+import os, sys
+import nvidia  # a namespace package: cu13/, cudnn/, ... possibly from several folders
+os.makedirs(sys.argv[1], exist_ok=True)
+for root in nvidia.__path__:
+    for sub in os.listdir(root):
+        if not os.path.exists(os.path.join(sys.argv[1], sub)):
+            os.symlink(os.path.join(root, sub), os.path.join(sys.argv[1], sub))
+print("nvidia packages linked beside onnxruntime-gpu:", sorted(os.listdir(sys.argv[1])))
+PY
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   cd "$HERE"
   PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --data "$HOLD/data" --work "$HOLD/run" \
