@@ -24,16 +24,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="hiad-deploy 
 
 # The runtime options, declared once; predict, bench and serve each take them and build one RuntimeOptions.
 BackendOption = Annotated[Backend, typer.Option(
-    "--backend", help="auto: openvino on a CPU-only box where it is installed (faster here at the same parity), "
-    "else onnxruntime; or name one")]
+    "--backend", help="auto: onnxruntime on CUDA where its CUDA provider is offered ('hiad-deploy[gpu]'); on a "
+    "CPU-only box openvino where it is installed (faster here at the same parity), else onnxruntime; or name one")]
 HeadPathOption = Annotated[HeadPath, typer.Option(
     "--head-path", help="native: a head kind's fast path (faiss for k-NN) where it has one; "
-    "onnx: every head's exported graph")]
+    "onnx: every head's exported graph; auto: onnx on a GPU (features stay on the device), else native")]
 EngineOption = Annotated[EngineKind, typer.Option(
     "--engine", help="tiles: stage by stage; pipeline: the bundle's whole-image graph (what the C library runs)")]
-BatchOption = Annotated[int, typer.Option(
-    "--batch", min=1, help="tiles per embedder call (1: fastest and smallest ONNX Runtime arena on CPU at 512 px "
-    "tiles; more for GPU providers)")]
+BatchOption = Annotated[Optional[int], typer.Option(
+    "--batch", min=1, help="tiles per embedder call (default: 1 on a CPU, fastest and smallest ONNX Runtime arena "
+    "at 512 px tiles; --stream-tiles on a GPU)")]
 StreamTilesOption = Annotated[int, typer.Option(
     "--stream-tiles", min=1, help="tiles embedded and scored per chunk: bounds memory on large images "
     "(map built in place)")]
@@ -97,10 +97,10 @@ def predict(
     overlays: bool = typer.Option(False, "--overlays", help="also write anomaly-map overlay PNGs"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="image-score threshold (overrides the bundle's)"),
     pixel_threshold: Optional[float] = typer.Option(None, "--pixel-threshold", help="pixel threshold (overrides the bundle's)"),
-    head_path: HeadPathOption = HeadPath.native,
+    head_path: HeadPathOption = HeadPath.auto,
     engine: EngineOption = EngineKind.tiles,
     threads: ThreadsOption = 0,
-    batch: BatchOption = 1,
+    batch: BatchOption = None,
     input_size: bool = typer.Option(False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="refuse inputs declaring more pixels (default: 4x the bundle's image area)"),
     backend: BackendOption = Backend.auto,
@@ -197,10 +197,10 @@ def bench(
     images: Optional[List[Path]] = typer.Argument(None, help="images to run (default: one synthetic image at the bundle's size)"),
     repeat: int = typer.Option(10, "--repeat", min=1),
     warmup: int = typer.Option(1, "--warmup", min=0),
-    head_path: HeadPathOption = HeadPath.native,
+    head_path: HeadPathOption = HeadPath.auto,
     engine: EngineOption = EngineKind.tiles,
     threads: ThreadsOption = 0,
-    batch: BatchOption = 1,
+    batch: BatchOption = None,
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
     backend: BackendOption = Backend.auto,
     stream_tiles: StreamTilesOption = 16,
@@ -248,12 +248,12 @@ def bench(
         "image_size": list(size),
         "tiles": len(inspector.tiling.tiles),
         "tasks": len(inspector.manifest.tasks),
-        "head_path": head_path.value,
+        "head_path": inspector.options.head_path.value,  # as resolved for the device
         "engine": engine.value,
         "backend": inspector.sessions.backend,
         "precision": inspector.precision,
         "stream_tiles": stream_tiles,
-        "batch": batch,
+        "batch": inspector.options.batch_size,
         "head_memory_mb": inspector.engine.head_memory if heads else None,
         "head_loads": heads.loads if heads else None,  # heads read from the bundle, preload included
         "head_loads_per_image": (heads.loads - loads_before) / repeat if heads else None,  # timed runs; 0: all resident
@@ -264,7 +264,7 @@ def bench(
         "images_per_s": repeat / wall,
         "peak_rss_mb": _peak_rss_mb(),
     }
-    typer.echo(f"{figures['tiles']} tiles, {figures['tasks']} tasks, engine {engine.value}, head path {head_path.value}, "
+    typer.echo(f"{figures['tiles']} tiles, {figures['tasks']} tasks, engine {engine.value}, head path {figures['head_path']}, "
                f"backend {inspector.sessions.backend}, embedder precision {inspector.precision}, providers={','.join(figures['providers'])}, "
                f"{repeat} runs" + (f", {prefetch} image(s) decoded ahead" if prefetch else ""))
     typer.echo(f"{'stage':<9} {'median ms':>10} {'p95 ms':>10}")
@@ -302,9 +302,9 @@ def serve(
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="file holding the bearer token /v1/* requires"),
     threads: int = typer.Option(0, "--threads", min=0,
                                 help="ONNX Runtime intra-op threads per inference (0 = cores / workers)"),
-    head_path: HeadPathOption = HeadPath.native,
+    head_path: HeadPathOption = HeadPath.auto,
     engine: EngineOption = EngineKind.tiles,
-    batch: BatchOption = 1,
+    batch: BatchOption = None,
     backend: BackendOption = Backend.auto,
     stream_tiles: StreamTilesOption = 16,
     head_memory: HeadMemoryOption = None,

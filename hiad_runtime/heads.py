@@ -24,16 +24,34 @@ except ImportError as e:  # the base package pulls neither build on purpose
 
 from hiad_runtime.backends import SessionFactory
 from hiad_runtime.bundle import BundleError, HeadSpec
+from hiad_runtime.features import Features
 
 log = logging.getLogger("hiad_runtime")
 
 
 class HeadPath(StrEnum):
     """How heads run: `native` takes a head kind's fast path (faiss for k-NN) where it has one, else its
-    graph; `onnx` runs every head's exported graph (what a C program runs)."""
+    graph; `onnx` runs every head's exported graph (what a C program runs); `auto`: `onnx` where the graphs
+    run on a GPU (faiss is the CPU build here, and the features stay on the device), else `native`."""
 
+    auto = "auto"
     native = "native"
     onnx = "onnx"
+
+
+def resolve_head_path(path: str, on_gpu: bool) -> HeadPath:
+    """'auto' for sessions on a GPU (`on_gpu`) or not; any other path as it is (checked)."""
+    path = as_head_path(path)
+    if path is not HeadPath.auto:
+        return path
+    return HeadPath.onnx if on_gpu else HeadPath.native
+
+
+def as_head_path(name: str) -> HeadPath:
+    try:
+        return HeadPath(name)
+    except ValueError:
+        raise ValueError(f"head path {name!r} is not one of {[p.value for p in HeadPath]}") from None
 
 
 class Head(Protocol):
@@ -60,11 +78,28 @@ class OnnxHead:
     def __init__(self, root: Path, spec: HeadSpec, sessions: SessionFactory):
         self.session = sessions.create(root / spec.graph.file)
         self.names = [t.name for t in spec.graph.inputs]
+        self.output = spec.graph.outputs[0].name
 
     def __call__(self, features: Sequence[np.ndarray]) -> np.ndarray:
         """The graph's score grid (B, h, w) for the embedder's outputs, fed as float32 in the graph's input order."""
         feeds = {n: np.ascontiguousarray(f, np.float32) for n, f in zip(self.names, features, strict=True)}
         return self.session.run(None, feeds)[0]
+
+    def bound(self, features: Features, positions: Sequence[int]) -> np.ndarray:
+        """The scores of rows `positions`, read where the features are (I/O binding); the scores come to the host."""
+        binding = self.session.io_binding()
+        features.bind_rows(binding, self.names, positions)
+        binding.bind_output(self.output, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+
+def score(head: Head, features: Features, positions: Sequence[int]) -> np.ndarray:
+    """A head's scores (B, h, w) for rows `positions` of a chunk's features: a graph reads them where they
+    are (hiad_runtime/features.py), any other head (faiss, or sessions that do not bind) from the host."""
+    if isinstance(head, OnnxHead) and features.bound:
+        return head.bound(features, positions)
+    return head(features.rows(positions))
 
 
 def exact_knn_distance(queries: np.ndarray, bank: np.ndarray, indices: np.ndarray) -> np.ndarray:
@@ -119,11 +154,10 @@ def has_native_path(spec: HeadSpec) -> bool:
 
 
 def native(spec: HeadSpec, path: str) -> bool:
-    """Whether head path `path` runs this head by its kind's native path (else its ONNX graph)."""
-    try:
-        path = HeadPath(path)
-    except ValueError:
-        raise ValueError(f"head path {path!r} is not one of {[p.value for p in HeadPath]}") from None
+    """Whether head path `path` (resolved: native or onnx) runs this head by its kind's native path (else its graph)."""
+    path = as_head_path(path)
+    if path is HeadPath.auto:
+        raise ValueError("head path 'auto' is resolved before heads load (resolve_head_path)")
     return path is HeadPath.native and spec.kind in NATIVE
 
 

@@ -48,13 +48,14 @@ class Inspector:
     fields of RuntimeOptions, on top of `options`)."""
 
     def __init__(self, bundle: Bundle, options: RuntimeOptions | None = None, **fields):
-        self.options = options = replace(options or RuntimeOptions(), **fields)
+        options = replace(options or RuntimeOptions(), **fields)
+        self.sessions = SessionFactory(options.providers, options.threads, options.backend)
+        self.options = options = options.resolved(self.sessions.backend, self.sessions.on_gpu)  # as it runs
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.plan = InferencePlan.from_bundle(bundle).with_thresholds(options.image_threshold, options.pixel_threshold)
         self.tiling = self.plan.tiling
         self.max_pixels = options.max_pixels or default_max_pixels(self.tiling.image_size)  # larger inputs: refused
-        self.sessions = SessionFactory(options.providers, options.threads, options.backend)
         self.engine = ENGINES[options.engine](bundle, self.plan, self.sessions, options)
 
     @classmethod

@@ -92,6 +92,12 @@ class Fusion:
     levels: tuple[ContextLevel, ...]
     patch_size: Size
 
+    @property
+    def identity(self) -> bool:
+        """Whether `fuse` gives the tiles' own features unchanged (no context level, weight 1): the runtime
+        then keeps them where the embedder wrote them."""
+        return not self.levels and self.weight == 1
+
     def patches(self, image: np.ndarray) -> np.ndarray:
         """The tiles' pixels (N, patch_h, patch_w, 3), what the embedder reads first."""
         return split(image, self.tiles)

@@ -53,7 +53,7 @@ def test_runtime_matches_pytorch_on_real_demo_images(trained, bundle_dir, test_s
 def test_onnx_head_agrees_with_faiss(bundle_dir, test_samples):
     onnx_inspector = Inspector.load(bundle_dir, head_path="onnx")
     faiss_inspector = Inspector.load(bundle_dir, head_path="native")
-    features = onnx_inspector.engine.tile_embeddings(test_samples[0].image((256, 256)), {})
+    features = onnx_inspector.engine.tile_features(test_samples[0].image((256, 256)), {}).numpy()
     for task in onnx_inspector.plan.tasks:
         a = onnx_inspector.engine.heads[task.name]([f[list(task.tiles)] for f in features])
         b = faiss_inspector.engine.heads[task.name]([f[list(task.tiles)] for f in features])

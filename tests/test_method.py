@@ -90,7 +90,7 @@ def test_retrieval_routing_equals_training_assignment(train_samples, parity_imag
     write_bundle(model, tmp_path / "b", parity_images)
     inspector = _assert_parity(model, tmp_path / "b", parity_images, "native")
     for image, expected in zip(images, labels):
-        routed = inspector.plan.assign(inspector.engine.tile_embeddings(image, {})[0])
+        routed = inspector.plan.assign(inspector.engine.tile_features(image, {}).numpy()[0])
         got = np.empty(len(expected), int)
         for k, task in enumerate(inspector.plan.tasks):
             got[routed[task.name]] = k

@@ -2,10 +2,12 @@
 
 A backend makes a session per graph (`run(output_names, feeds) -> [outputs]`, `get_providers()`):
 ONNX Runtime (tuned options, the best providers present) or OpenVINO on the same ONNX files. 'auto'
-is resolved here and nowhere else (`resolve_backend`): OpenVINO on a box whose ONNX Runtime offers no
-GPU provider, when OpenVINO is installed (on this project's 2-core CPU it runs the embedder 1.37x
-faster at the same parity, 1e-6 of the map's range; docs/benchmarks.md "Edge speed"), else ONNX
-Runtime. Adding a backend is one class (a module here) and one entry in `BACKENDS` (and `Backend`).
+is resolved here and nowhere else (`resolve_backend`): ONNX Runtime on its CUDA provider when this
+onnxruntime build offers it (`pip install 'hiad-deploy[gpu]'`); on a CPU-only box OpenVINO when it is
+installed (on this project's 2-core CPU it runs the embedder 1.37x faster at the same parity, 1e-6 of the
+map's range; docs/benchmarks.md "Edge speed"), else ONNX Runtime. Whether the graphs then run on a GPU
+(`SessionFactory.on_gpu`) decides the device-dependent defaults (`RuntimeOptions.resolved`). Adding a
+backend is one class (a module here) and one entry in `BACKENDS` (and `Backend`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from hiad_runtime.backends.onnxruntime import GPU_PROVIDERS, OnnxRuntimeBackend, offered_providers
+from hiad_runtime.backends.onnxruntime import OnnxRuntimeBackend, offered_providers
 from hiad_runtime.backends.openvino import OpenVinoBackend
 
 
@@ -43,6 +45,8 @@ class SessionMaker(Protocol):
     """A backend: made once with the providers asked for and the thread count, then one session per graph.
     `arena`: the few hot, large-activation graphs (embedders) keep their peak allocation for reuse."""
 
+    on_gpu: bool  # whether its sessions run the graphs on a GPU
+
     def __init__(self, providers: Sequence[str] | None, threads: int): ...
 
     def create(self, path: Path, arena: bool) -> Session:
@@ -56,13 +60,12 @@ BACKENDS: dict[Backend, type[SessionMaker]] = {
 
 
 def resolve_backend(backend: str, providers: Sequence[str] | None = None) -> Backend:
-    """'auto' -> openvino on a CPU-only box where it is installed and no providers were asked for, else
-    onnxruntime; any other name as it is (checked)."""
+    """'auto' -> onnxruntime where its CUDA provider is offered or providers were asked for, else openvino
+    where it is installed, else onnxruntime; any other name as it is (checked)."""
     backend = as_backend(backend)
     if backend is not Backend.auto:
         return backend
-    on_gpu = any(p in offered_providers() for p in GPU_PROVIDERS)
-    cpu_only = not providers and not on_gpu
+    cpu_only = not providers and "CUDAExecutionProvider" not in offered_providers()
     return Backend.openvino if cpu_only and importlib.util.find_spec("openvino") else Backend.onnxruntime
 
 
@@ -81,6 +84,11 @@ class SessionFactory:
         self.backend = resolve_backend(backend, providers)
         self.maker = BACKENDS[self.backend](providers, threads)
         self.in_use: set[str] = set()
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the sessions run the graphs on a GPU (CUDA, or TensorRT where named)."""
+        return self.maker.on_gpu
 
     def create(self, path: Path, arena: bool = False) -> Session:
         """A session for one graph; `arena` for the few hot, large-activation graphs (embedders)."""

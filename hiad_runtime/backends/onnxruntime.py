@@ -6,6 +6,7 @@ task: 16+ arenas would each hold their peak)."""
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +29,7 @@ def offered_providers() -> list[str]:
 
 
 def available_providers(requested: Sequence[str] | None = None) -> list[str]:
-    """The `requested` providers (default: CUDA, then CPU) this build offers, in order; refused if none is."""
+    """The providers asked for (default: PREFERRED_PROVIDERS) that this build offers, in that order."""
     offered = offered_providers()
     wanted = requested or PREFERRED_PROVIDERS
     chosen = [p for p in wanted if p in offered]
@@ -37,12 +38,23 @@ def available_providers(requested: Sequence[str] | None = None) -> list[str]:
     return chosen
 
 
+@cache
+def preload_cuda() -> None:
+    """Load CUDA and cuDNN before the first CUDA session: from the nvidia pip packages beside onnxruntime where
+    they are (`pip install 'onnxruntime-gpu[cuda,cudnn]'`), else from the system's library path."""
+    if hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21
+        ort.preload_dlls()
+
+
 class OnnxRuntimeBackend:
     """ONNX Runtime sessions with one set of options and providers."""
 
     def __init__(self, providers: Sequence[str] | None = None, threads: int = 0):
         self.providers = available_providers(providers)
         self.threads = threads
+        self.on_gpu = self.providers[0] in GPU_PROVIDERS  # the graphs run on a GPU (the rest is CPU fallback)
+        if self.on_gpu:
+            preload_cuda()
 
     def options(self, arena: bool) -> ort.SessionOptions:
         """Session options: full graph optimization, no spinning idle threads, the CPU arena only where asked."""
@@ -62,3 +74,14 @@ class OnnxRuntimeBackend:
             return ort.InferenceSession(str(path), self.options(arena), providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({e})") from e
+
+
+def device_of(session) -> tuple[str, int] | None:
+    """Where a session's I/O binding keeps tensors: ('cuda', device id) on a GPU provider, else ('cpu', 0);
+    None for a session that does not bind (not ONNX Runtime's)."""
+    if not isinstance(session, ort.InferenceSession):
+        return None
+    provider = session.get_providers()[0]
+    if provider not in GPU_PROVIDERS:
+        return "cpu", 0
+    return "cuda", int(session.get_provider_options().get(provider, {}).get("device_id", 0))

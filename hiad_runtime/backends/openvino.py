@@ -30,6 +30,8 @@ def _core():
 class OpenVinoBackend:
     """OpenVINO sessions for the CPU (execution providers do not apply)."""
 
+    on_gpu = False
+
     def __init__(self, providers: Sequence[str] | None = None, threads: int = 0):
         self.threads = threads
         _core()

@@ -1,7 +1,8 @@
 """The tile engine: the bundle's embedders and heads, stage by stage, by the plan, in bounded memory.
 
 tile (cut the chunk's tiles and the context windows they read) -> backbone (embed in batched calls,
-fuse per feature scale) -> scoring (route, score per task with each head by its kind's path, the
+fuse per feature scale; features stay on the sessions' device unless fusion needs them on the host:
+hiad_runtime/features.py) -> scoring (route, score per task with each head by its kind's path, the
 thumbnail head) -> post (normalize, add each tile's map into the image map in place, thumbnail max,
 blur, image score). Tiles go through `stream_tiles` at a time, so memory is one chunk's features at
 any image size (hiad_runtime/streaming.py), and the task heads stay loaded within `head_memory` MB
@@ -17,8 +18,10 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from hiad_runtime.backends import SessionFactory
+from hiad_runtime.backends.onnxruntime import device_of
 from hiad_runtime.bundle import Bundle, EmbedderSpec
-from hiad_runtime.heads import HeadCache, head_files, load_head
+from hiad_runtime.features import Features
+from hiad_runtime.heads import HeadCache, head_files, load_head, score
 from hiad_runtime.image import resize_image
 from hiad_runtime.memory import default_head_memory_mb
 from hiad_runtime.plan import InferencePlan, upsample_grid
@@ -28,21 +31,36 @@ TileScores = Iterator[tuple[str, int, np.ndarray]]  # (task, tile index, raw sco
 
 
 class Embedder:
-    """One embedder graph: uint8 NHWC tiles -> its float32 feature maps [(N, C_s, h_s, w_s)], in batches."""
+    """One embedder graph: uint8 NHWC tiles -> its float32 feature maps [(N, C_s, h_s, w_s)], in batches,
+    written where its session runs (I/O binding; host arrays from sessions that do not bind)."""
 
     def __init__(self, root: Path, spec: EmbedderSpec, sessions: SessionFactory, batch_size: int):
         self.spec = spec
         self.session = sessions.create(root / spec.graph.file, arena=True)
+        self.device = device_of(self.session)
+        self.input = spec.graph.inputs[0].name
         self.batch_size = batch_size
 
-    def __call__(self, tiles: np.ndarray) -> list[np.ndarray]:
-        """The embedder's feature maps for uint8 tiles (N, h, w, 3), run `batch_size` tiles at a time."""
-        name = self.spec.graph.inputs[0].name
-        runs = [
-            self.session.run(None, {name: np.ascontiguousarray(tiles[i : i + self.batch_size])})
-            for i in range(0, len(tiles), self.batch_size)
-        ]
-        return [outs[0] if len(runs) == 1 else np.concatenate(outs) for outs in zip(*runs)]
+    def batches(self, tiles: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """(first index, contiguous batch) of `batch_size` tiles at a time."""
+        for i in range(0, len(tiles), self.batch_size):
+            yield i, np.ascontiguousarray(tiles[i : i + self.batch_size])
+
+    def __call__(self, tiles: np.ndarray) -> Features:
+        """The embedder's feature maps for uint8 tiles (N, h, w, 3), run `batch_size` tiles at a time; on a
+        GPU session they are written in place on the device (I/O binding), else returned on the host."""
+        if self.device is None:
+            runs = [self.session.run(None, {self.input: batch}) for _, batch in self.batches(tiles)]
+            return Features.host([outs[0] if len(runs) == 1 else np.concatenate(outs) for outs in zip(*runs)])
+        outputs = self.spec.graph.outputs
+        features = Features.allocate([[len(tiles), *o.shape[1:]] for o in outputs], self.device)
+        for i, batch in self.batches(tiles):
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(self.input, batch)
+            for scale, o in enumerate(outputs):
+                binding.bind_output(o.name, *self.device, np.float32, *features.block(scale, i, len(batch)))
+            self.session.run_with_iobinding(binding)
+        return features
 
 
 def _add(timings: dict, stage: str, since: float) -> None:
@@ -69,7 +87,7 @@ class TileEngine:
         self.thumbnail_head = None if thumbnail is None else load_head(bundle.root, thumbnail.head, sessions, head_path)
         plan.coverage  # the overlap counts: computed (and checked) once, before the first image
 
-    def tile_embeddings(self, image: np.ndarray, timings: dict, ids: Sequence[int] | None = None) -> list[np.ndarray]:
+    def tile_features(self, image: np.ndarray, timings: dict, ids: Sequence[int] | None = None) -> Features:
         """Per feature scale, the fused features (N, C, h, w) of tiles `ids` (default: all)."""
         t0 = time.perf_counter()
         fusion = self.plan.fusion(ids)
@@ -78,18 +96,22 @@ class TileEngine:
         _add(timings, "tile", t0)
         t0 = time.perf_counter()
         embed = self.embedders["patch"]
-        fused = fusion.fuse(embed(patches), [embed(w) for w in windows], upsample_grid)
+        features = embed(patches)
+        if not fusion.identity:  # fused on the host, then back where the heads' graphs read them
+            fused = fusion.fuse(features.numpy(), [embed(w).numpy() for w in windows], upsample_grid)
+            features = Features.upload(fused, features.device)
         _add(timings, "backbone", t0)
-        return fused
+        return features
 
     def tile_scores(self, image: np.ndarray, timings: dict) -> TileScores:
         """(task, tile index, raw score grid) for every tile, chunk by chunk (`stream_tiles` at a time)."""
         for ids in chunks(len(self.plan.tiling.tiles), self.stream_tiles):
-            features = self.tile_embeddings(image, timings, ids)
+            features = self.tile_features(image, timings, ids)
             t0 = time.perf_counter()
-            for name, positions in self.plan.assign(features[0], ids).items():
+            keys = features.numpy()[0] if self.plan.routed else None  # static tasks read no features to route
+            for name, positions in self.plan.assign(keys, ids).items():
                 if positions:
-                    scores = self.heads[name]([f[positions] for f in features])
+                    scores = score(self.heads[name], features, positions)
                     yield from ((name, ids[p], s) for p, s in zip(positions, scores))
             _add(timings, "scoring", t0)
 
@@ -97,7 +119,8 @@ class TileEngine:
         """The thumbnail head's raw grid (None without a thumbnail)."""
         if self.thumbnail_head is None:
             return None
-        return self.thumbnail_head(self.embedders["thumbnail"](resize_image(image, self.plan.thumbnail_size)[None]))[0]
+        features = self.embedders["thumbnail"](resize_image(image, self.plan.thumbnail_size)[None])
+        return score(self.thumbnail_head, features, [0])[0]
 
     def raw_scores(self, image: np.ndarray) -> tuple[list[tuple[str, int, np.ndarray]], np.ndarray | None]:
         """Every head's output before normalization, for an RGB image at image_size: (task, tile index,
