@@ -170,12 +170,18 @@ def _on_ray(address: str, actors: int, bundle: Path, options: RuntimeOptions, se
         from hiad_runtime.ray_scoring import RayScorers, ScoringFailed, connect
     except ImportError as e:
         _fail(f"{e.name} is missing; install the ray extra: pip install 'hiad-deploy[ray]'")
-    owns_ray = connect(address)
+    try:
+        owns_ray = connect(address)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        _fail(f"--ray {address}: cannot reach a Ray cluster ({e})")
     pool = None
     try:
         count = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // options.threads))
         pool = RayScorers(bundle, options, settings, count)
-        about = pool.describe()
+        try:
+            about = pool.describe()
+        except ScoringFailed as e:
+            _fail(str(e))
         typer.echo(f"{count} Ray actor(s) of {options.threads} thread(s) each; first on node {about['node']}")
         yield pool.score, about
     except ScoringFailed as e:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Iterator
@@ -124,4 +125,5 @@ def _cause(error: Exception) -> str:
     """The first line that says what went wrong, not Ray's traceback around it."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     named = [line for line in lines if "Error:" in line and not line.startswith(("ray.", "Traceback"))]
-    return (named or lines or [type(error).__name__])[-1]
+    cause = (named or lines or [type(error).__name__])[-1]
+    return re.sub(r"^(\w+\.)+(?=\w+: )", "", cause)  # hiad_runtime.bundle.BundleError: ... -> BundleError: ...

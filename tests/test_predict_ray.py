@@ -4,6 +4,7 @@ and on Ray; an actor killed mid-run loses no input and records none twice."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,3 +146,14 @@ def test_an_actor_killed_mid_run_loses_no_input_and_records_none_twice(cluster, 
     finally:
         pool.close()
     assert_same_run(tmp_path / "out", reference)
+
+
+def test_a_bundle_the_actors_cannot_load_is_refused_by_name_before_any_output(cluster, bundle_dir, inputs, tmp_path):
+    altered = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, altered)
+    graph = next(altered.glob("*.onnx"))
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    result = CliRunner().invoke(app, ["predict", str(altered), str(inputs), "--out", str(tmp_path / "out"), "--ray", "local"])
+    assert result.exit_code == 2
+    assert f"error: the actors could not load the bundle: BundleError: {graph}: truncated or altered" in result.output
+    assert not (tmp_path / "out").exists()
