@@ -107,7 +107,7 @@ def predict(
     backend: BackendOption = Backend.auto,
     stream_tiles: StreamTilesOption = 16,
     head_memory: HeadMemoryOption = None,
-    prefetch: int = typer.Option(0, "--prefetch", min=0, help=PREFETCH_HELP + " (without --ray)"),
+    prefetch: int = typer.Option(0, "--prefetch", min=0, help=PREFETCH_HELP + " (not with --ray)"),
     ray: Optional[str] = typer.Option(None, "--ray", help="score on Ray actors (extra [ray]): 'local' (a Ray instance "
                                       "here), 'auto' (the cluster this node is in) or HEAD:6379; the bundle and inputs "
                                       "at the same paths on every node (docs/distributed.md)"),
@@ -122,6 +122,9 @@ def predict(
         head_memory=head_memory, threads=threads or (1 if ray else 0), max_pixels=max_pixels, image_threshold=threshold,
         pixel_threshold=pixel_threshold,
     )
+    if ray and prefetch:
+        raise typer.BadParameter("decoding ahead is the local command's: each actor has its next input queued",
+                                 param_hint="--prefetch")
     try:
         files = find_inputs(inputs)
     except InputError as e:
