@@ -149,7 +149,7 @@ def predict(
                 rate = len(todo) / (time.perf_counter() - t_start)
         except OutputError as e:
             _fail(str(e))
-    typer.echo(f"{rate:.2f} images/s; embedder precision {about['precision']}; backend {about['backend']}; "
+    typer.echo(f"{rate:.3g} images/s; embedder precision {about['precision']}; backend {about['backend']}; "
                f"providers: {', '.join(about['providers'])}; results: {out / 'results.jsonl'}")
     if failures:
         raise typer.Exit(1)
@@ -170,7 +170,7 @@ def _on_ray(address: str, actors: int, bundle: Path, options: RuntimeOptions, se
     try:
         import ray
 
-        from hiad_runtime.ray_scoring import RayScorers, ScoringFailed, connect
+        from hiad_runtime.ray_scoring import RayScorers, ScoringFailed, capacity, connect
     except ImportError as e:
         _fail(f"{e.name} is missing; install the ray extra: pip install 'hiad-deploy[ray]'")
     try:
@@ -179,13 +179,17 @@ def _on_ray(address: str, actors: int, bundle: Path, options: RuntimeOptions, se
         _fail(f"--ray {address}: cannot reach a Ray cluster ({e})")
     pool = None
     try:
-        count = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // options.threads))
+        room = capacity(options.threads)
+        if room == 0:
+            _fail(f"--threads {options.threads}: no node of this Ray cluster has that many CPUs")
+        count = actors or room
         pool = RayScorers(bundle, options, settings, count)
         try:
             about = pool.describe()
         except ScoringFailed as e:
             _fail(str(e))
-        typer.echo(f"{count} Ray actor(s) of {options.threads} thread(s) each; first on node {about['node']}")
+        typer.echo(f"{count} Ray actor(s) of {options.threads} thread(s) each (the cluster holds {room} at once); "
+                   f"first started on node {about['node']}")
         yield pool.score, about
     except ScoringFailed as e:
         _fail(f"{e}; the records written are kept: --resume continues")

@@ -43,6 +43,11 @@ def connect(address: str) -> bool:
     return True
 
 
+def capacity(threads: int) -> int:
+    """How many actors of `threads` CPUs the cluster's live nodes hold at once (an actor never spans nodes)."""
+    return sum(int(node["Resources"].get("CPU", 0) // threads) for node in ray.nodes() if node["Alive"])
+
+
 class Scorer:
     """A Ray actor's state: the bundle loaded once, scoring one input per call."""
 
@@ -62,7 +67,10 @@ class Scorer:
 
 
 class RayScorers:
-    """`actors` Scorer actors of `options.threads` CPUs each on the connected cluster; `score(items)`."""
+    """`actors` Scorer actors of `options.threads` CPUs each on the connected cluster; `score(items)`.
+
+    An actor gets inputs once it has started (placed, bundle loaded): one still waiting for CPUs on a
+    busy cluster holds none, and joins when it answers."""
 
     def __init__(self, bundle: Path, options: RuntimeOptions, settings: OutputSettings, actors: int):
         threads = options.threads
@@ -72,46 +80,65 @@ class RayScorers:
         )
         args = (str(Path(bundle).resolve()), options, settings, os.getcwd())
         self.actors = [remote.remote(*args) for _ in range(actors)]
+        self.starting = {actor.describe.remote(): actor for actor in self.actors}  # answered once started
+        self.busy: dict = {}  # started actor -> calls it holds
         self.resent = 0  # inputs sent again because the actor holding them died for good
 
     def describe(self) -> dict:
-        """The first actor's description (thresholds, backend, its node); a bundle that does not load, by name."""
+        """The first started actor's description (thresholds, backend, its node); a bundle that does not
+        load, by name."""
+        (call,), _ = ray.wait(list(self.starting), num_returns=1)
         try:
-            return ray.get(self.actors[0].describe.remote())
+            return self._started(call)
         except RayActorError as e:
             raise ScoringFailed(f"the actors could not load the bundle: {_cause(e)}") from None
+
+    def _started(self, call) -> dict:
+        actor = self.starting.pop(call)
+        about = ray.get(call)
+        self.busy[actor] = 0
+        return about
 
     def score(self, items: list[Input]) -> Iterator[Scored]:
         """Every input's outcome, in input order. At most `DEPTH` calls per actor and a window of
         `2 * DEPTH * actors` inputs past the first one not yet done are out at once (bounded memory)."""
         waiting = list(range(len(items)))  # a heap: an input sent again goes before those not yet sent
-        busy = {actor: 0 for actor in self.actors}
+        busy = self.busy
         out: dict = {}  # call -> (input index, actor)
         done: dict[int, Scored] = {}
         first = 0  # the first input not yet handed to the writer
         while first < len(items):
-            window = first + 2 * DEPTH * len(busy)
+            window = first + 2 * DEPTH * max(len(busy), 1)
             for actor in busy:
                 while busy[actor] < DEPTH and waiting and waiting[0] < window:
                     i = heapq.heappop(waiting)
                     out[actor.score.remote(items[i])] = (i, actor)
                     busy[actor] += 1
-            (call,), _ = ray.wait(list(out), num_returns=1)
-            i, actor = out.pop(call)
-            try:
-                done[i] = ray.get(call)
-                busy[actor] -= 1
-            except RayActorError as e:  # the actor died, after its restarts; another one scores this input
-                if isinstance(e, ActorDiedError):
-                    busy.pop(actor, None)
-                elif actor in busy:
-                    busy[actor] -= 1
-                heapq.heappush(waiting, i)
-                self.resent += 1
-                if not busy:
-                    raise ScoringFailed(f"every actor died; last: {_cause(e)}") from None
-            except RayTaskError as e:
-                raise ScoringFailed(f"{items[i].path}: {_cause(e)}") from None
+            (call,), _ = ray.wait([*out, *self.starting], num_returns=1)
+            failure = None
+            if call in self.starting:
+                try:
+                    self._started(call)
+                except RayActorError as e:  # it could not start (its node, the bundle there): the others go on
+                    failure = e
+            else:
+                i, actor = out.pop(call)
+                try:
+                    done[i] = ray.get(call)
+                    if actor in busy:
+                        busy[actor] -= 1
+                except RayActorError as e:  # its actor died, after its restarts: another one scores the input
+                    failure = e
+                    heapq.heappush(waiting, i)
+                    self.resent += 1
+                    if isinstance(e, ActorDiedError):
+                        busy.pop(actor, None)  # for good
+                    elif actor in busy:
+                        busy[actor] -= 1
+                except RayTaskError as e:
+                    raise ScoringFailed(f"{items[i].path}: {_cause(e)}") from None
+            if failure is not None and not busy and not self.starting:
+                raise ScoringFailed(f"every actor died; last: {_cause(failure)}") from None
             while first in done:
                 yield done.pop(first)
                 first += 1

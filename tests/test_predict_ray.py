@@ -81,13 +81,14 @@ def test_ray_with_two_actors_writes_what_the_local_command_writes(cluster, bundl
     assert_same_run(out, reference)
 
 
-def test_relative_inputs_a_glob_and_a_list_are_read_by_the_actors_from_the_driver_folder(cluster, bundle_dir, inputs, monkeypatch, tmp_path):
+def test_relative_inputs_a_glob_and_a_list_resolve_on_the_actors_and_an_actor_never_placed_holds_none(cluster, bundle_dir, inputs, monkeypatch, tmp_path):
     monkeypatch.chdir(inputs.parent)
     (tmp_path / "list.txt").write_text(f"# two images\n{inputs.name}/img_01.png\n\n{inputs.name}/img_00.png\n")
     args = ["predict", str(bundle_dir), str(tmp_path / "list.txt"), f"{inputs.name}/img_0[2-3].png", "--out"]
     local = CliRunner().invoke(app, [*args, str(tmp_path / "local")])
-    on_ray = CliRunner().invoke(app, [*args, str(tmp_path / "ray"), "--ray", "local", "--actors", "2"])
+    on_ray = CliRunner().invoke(app, [*args, str(tmp_path / "ray"), "--ray", "local", "--actors", "3"])
     assert local.exit_code == on_ray.exit_code == 0, on_ray.output
+    assert "3 Ray actor(s) of 1 thread(s) each (the cluster holds 2 at once)" in on_ray.output  # one never starts
     expected = [f"{inputs.name}/img_{i:02d}.png" for i in (1, 0, 2, 3)]
     assert [r["input"] for r in records(tmp_path / "ray")] == expected
     assert records(tmp_path / "ray") == records(tmp_path / "local")
