@@ -14,22 +14,21 @@ import cv2
 import pytest
 from typer.testing import CliRunner
 
-ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
-
-from hiad_runtime.batch import Input, OutputSettings, write_all  # noqa: E402
-from hiad_runtime.cli import app  # noqa: E402
-from hiad_runtime.options import RuntimeOptions  # noqa: E402
-from hiad_runtime.ray_scoring import RayScorers  # noqa: E402
-from hiad_runtime.results import ResultsFolder, find_inputs, output_keys  # noqa: E402
+from hiad_runtime.batch import Input, OutputSettings, write_all
+from hiad_runtime.cli import app
+from hiad_runtime.options import RuntimeOptions
+from hiad_runtime.results import ResultsFolder, find_inputs, output_keys
 
 IMAGES = 24
 
 
 @pytest.fixture(scope="module")
 def cluster():
+    """A local Ray instance of 2 CPUs; the tests that need it are skipped without the [ray] extra."""
+    ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     ray.init(num_cpus=2, include_dashboard=False)
-    yield
+    yield ray
     ray.shutdown()
 
 
@@ -113,7 +112,9 @@ def killed_run(bundle_dir, inputs, out, after):
 
 
 @pytest.mark.parametrize("where", ["local", "ray"])
-def test_resume_completes_a_killed_run_with_every_input_exactly_once(cluster, bundle_dir, inputs, reference, tmp_path, where):
+def test_resume_completes_a_killed_run_with_every_input_exactly_once(request, bundle_dir, inputs, reference, tmp_path, where):
+    if where == "ray":
+        request.getfixturevalue("cluster")
     out = tmp_path / "out"
     written = killed_run(bundle_dir, inputs, out, after=3)
     args = ["predict", str(bundle_dir), str(inputs), "--out", str(out), "--overlays"]
@@ -127,6 +128,9 @@ def test_resume_completes_a_killed_run_with_every_input_exactly_once(cluster, bu
 
 @pytest.mark.parametrize("restart", [False, True], ids=["killed-for-good", "killed-and-restarted"])
 def test_an_actor_killed_mid_run_loses_no_input_and_records_none_twice(cluster, bundle_dir, inputs, reference, tmp_path, restart):
+    from hiad_runtime.ray_scoring import RayScorers
+
+    ray = cluster
     files_ = find_inputs([inputs])
     items = [Input(str(f), key) for f, key in zip(files_, output_keys(files_))]
     pool = RayScorers(bundle_dir, RuntimeOptions(threads=1), OutputSettings(overlays=True), actors=2)
@@ -158,3 +162,11 @@ def test_a_bundle_the_actors_cannot_load_is_refused_by_name_before_any_output(cl
     assert result.exit_code == 2
     assert f"error: the actors could not load the bundle: BundleError: {graph}: truncated or altered" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pattern_matching_nothing_and_resume_with_overwrite_are_refused_by_name(bundle_dir, inputs, tmp_path):
+    pattern = str(inputs / "*.jpeg")
+    result = CliRunner().invoke(app, ["predict", str(bundle_dir), pattern, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and f"error: {pattern}: no file matches this pattern" in result.output
+    result = CliRunner().invoke(app, ["predict", str(bundle_dir), str(inputs), "--out", str(tmp_path / "b"), "--resume", "--overwrite"])
+    assert result.exit_code == 2 and "--overwrite and --resume exclude each other" in result.output
