@@ -34,8 +34,12 @@ CONFIGS = {  # name: extra predict arguments
 def predict(bundle: Path, images: Path, out: Path, extra: list[str]) -> tuple[float, float]:
     """(images/s while scoring, wall seconds of the whole command)."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "hiad_runtime.cli", "predict", str(bundle), str(images), "--out", str(out),
-                           *extra], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "hiad_runtime.cli", "predict", str(bundle), str(images), "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     wall = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"predict {' '.join(extra)} failed:\n{done.stderr[-2000:]}")

@@ -53,9 +53,14 @@ class Scored:
 
 def describe(inspector: Inspector) -> dict:
     """What `predict` prints about the run: thresholds and their rules, precision, backend, providers."""
-    return {"image_threshold": inspector.image_threshold, "pixel_threshold": inspector.pixel_threshold,
-            "rules": (inspector.manifest.thresholds or {}).get("rules", {}), "precision": inspector.precision,
-            "backend": inspector.sessions.backend, "providers": inspector.providers_in_use}
+    return {
+        "image_threshold": inspector.image_threshold,
+        "pixel_threshold": inspector.pixel_threshold,
+        "rules": (inspector.manifest.thresholds or {}).get("rules", {}),
+        "precision": inspector.precision,
+        "backend": inspector.sessions.backend,
+        "providers": inspector.providers_in_use,
+    }
 
 
 def score_input(inspector: Inspector, item: Input, image: Callable[[], np.ndarray], settings: OutputSettings) -> Scored:
@@ -70,15 +75,28 @@ def score_input(inspector: Inspector, item: Input, image: Callable[[], np.ndarra
         shown = None
         if settings.overlays:
             unit = inspector.manifest.normalized  # normalized maps share one colour scale; above 1 saturates
-            shown = overlay(resize_image(decoded, inspector.tiling.image_size), r.anomaly_map, r.mask,
-                            *((0.0, 1.0) if unit else (None, None)))
+            shown = overlay(
+                resize_image(decoded, inspector.tiling.image_size),
+                r.anomaly_map,
+                r.mask,
+                *((0.0, 1.0) if unit else (None, None)),
+            )
     except (ImageError, OSError) as e:
         return Scored(item, error=_named(item, e))
-    return Scored(item, score=r.score, decision=r.decision, latency_ms=round(latency, 2), warnings=r.warnings,
-                  anomaly_map=anomaly_map, overlay=shown)
+    return Scored(
+        item,
+        score=r.score,
+        decision=r.decision,
+        latency_ms=round(latency, 2),
+        warnings=r.warnings,
+        anomaly_map=anomaly_map,
+        overlay=shown,
+    )
 
 
-def score_locally(inspector: Inspector, items: list[Input], settings: OutputSettings, prefetch: int = 0) -> Iterator[Scored]:
+def score_locally(
+    inspector: Inspector, items: list[Input], settings: OutputSettings, prefetch: int = 0
+) -> Iterator[Scored]:
     """Every input scored in this process, in order; `prefetch` images decoded ahead on a thread."""
     for item, decoded in prefetched(items, lambda i: inspector.decode(i.path), prefetch):
         yield score_input(inspector, item, decoded.result, settings)
@@ -108,8 +126,16 @@ def _write(folder: ResultsFolder, s: Scored, bar: tqdm) -> int:
         folder.record({"input": path, "error": s.error})
         bar.write(f"error: {s.error}", file=sys.stderr)
         return 1
-    folder.record({"input": path, "score": s.score, "decision": s.decision, "latency_ms": s.latency_ms,
-                   "map": map_file.relative_to(folder.out).as_posix(), "warnings": s.warnings})
+    folder.record(
+        {
+            "input": path,
+            "score": s.score,
+            "decision": s.decision,
+            "latency_ms": s.latency_ms,
+            "map": map_file.relative_to(folder.out).as_posix(),
+            "warnings": s.warnings,
+        }
+    )
     decision = "" if s.decision is None else f" -> {'ANOMALOUS' if s.decision else 'ok'}"
     bar.write(f"{path}: score {s.score:.4f}{decision} ({s.latency_ms:.0f} ms)")
     for w in s.warnings:

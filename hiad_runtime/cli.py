@@ -92,15 +92,15 @@ def predict(
                                         "('data/**/*.png') and/or .txt files listing them, one per line"),
     out: Path = typer.Option(..., "--out", help="results.jsonl, maps/ and overlays/ go here (locked while the run writes)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier run's results in --out (refused otherwise)"),
-    resume: bool = typer.Option(False, "--resume", help="continue an earlier run in --out (killed or not): score only the "
-                                "inputs it has not recorded; same bundle and options assumed"),
+    resume: bool = typer.Option(False, "--resume", help="continue an earlier run in --out (killed or not): score "
+                                "only the inputs it has not recorded; same bundle and options assumed"),
     overlays: bool = typer.Option(False, "--overlays", help="also write anomaly-map overlay PNGs"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="image-score threshold (overrides the bundle's)"),
     pixel_threshold: Optional[float] = typer.Option(None, "--pixel-threshold", help="pixel threshold (overrides the bundle's)"),
     head_path: HeadPathOption = HeadPath.native,
     engine: EngineOption = EngineKind.tiles,
-    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0 = all cores); with --ray, "
-                                "per actor, which reserves as many CPUs (0 = 1)"),
+    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0 = all cores); with "
+                                "--ray, per actor, which reserves as many CPUs (0 = 1)"),
     batch: BatchOption = 1,
     input_size: bool = typer.Option(False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="refuse inputs declaring more pixels (default: 4x the bundle's image area)"),
@@ -114,7 +114,7 @@ def predict(
     actors: int = typer.Option(0, "--actors", min=0, help="with --ray: actors, each loading the bundle once "
                                "(0 = the cluster's CPUs / --threads)"),
 ) -> None:
-    """Score images; one JSON line per image (written as soon as it is done, in input order), a float32 map per image."""
+    """Score images; one JSON line per image (written as soon as it is done, in input order), a float32 map each."""
     from hiad_runtime.batch import Input, OutputSettings, write_all
 
     options = _options(
@@ -136,8 +136,8 @@ def predict(
     scorers = _on_ray(ray, actors, bundle, options, settings) if ray else _here(bundle, options, settings, prefetch)
     with scorers as (score, about):
         rules = about["rules"]
-        typer.echo(describe_threshold("image", about["image_threshold"], rules.get("image"), threshold is not None))
-        typer.echo(describe_threshold("pixel", about["pixel_threshold"], rules.get("pixel"), pixel_threshold is not None))
+        for kind, given in (("image", threshold), ("pixel", pixel_threshold)):
+            typer.echo(describe_threshold(kind, about[f"{kind}_threshold"], rules.get(kind), given is not None))
         try:
             with ResultsFolder(out, overwrite, resume) as folder:
                 todo = [item for item in items if item.path not in folder.recorded]

@@ -75,7 +75,9 @@ class RayScorers:
     def __init__(self, bundle: Path, options: RuntimeOptions, settings: OutputSettings, actors: int):
         threads = options.threads
         remote = ray.remote(Scorer).options(
-            num_cpus=threads, max_restarts=RESTARTS, max_task_retries=RESTARTS,
+            num_cpus=threads,
+            max_restarts=RESTARTS,
+            max_task_retries=RESTARTS,
             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},  # faiss: as many threads as reserved
         )
         args = (str(Path(bundle).resolve()), options, settings, os.getcwd())

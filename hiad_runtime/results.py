@@ -88,7 +88,7 @@ class ResultsFolder:
 
     def __init__(self, out: Path, overwrite: bool = False, resume: bool = False):
         if overwrite and resume:
-            raise OutputError("--overwrite and --resume exclude each other: replace the earlier results or continue them")
+            raise OutputError("--overwrite and --resume exclude each other: replace the earlier results, or continue")
         self.out = Path(out)
         self.overwrite = overwrite
         self.resume = resume
@@ -115,7 +115,8 @@ class ResultsFolder:
             elif earlier and not self.overwrite:
                 raise OutputError(
                     f"{self.out}: not empty ({', '.join(earlier[:5])}{', ...' if len(earlier) > 5 else ''}); "
-                    "pass --resume to continue an earlier run, --overwrite to replace its results, or choose another --out"
+                    "pass --resume to continue an earlier run, --overwrite to replace its results, or choose another "
+                    "--out"
                 )
             else:
                 for name in OUTPUTS:

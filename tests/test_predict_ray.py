@@ -39,7 +39,7 @@ def inputs(test_samples, tmp_path_factory):
     for i in range(IMAGES):
         image = cv2.imread(str(test_samples[i % len(test_samples)].image_path))
         image = cv2.flip(image, i % 3 - 1) if i % 4 else image
-        cv2.imwrite(str(folder / f"img_{i:02d}.png"), image[:, (i * 7) % 256:] if i % 5 else image)
+        cv2.imwrite(str(folder / f"img_{i:02d}.png"), image[:, (i * 7) % 256 :] if i % 5 else image)
     (folder / "img_99_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     return folder
 
@@ -61,8 +61,11 @@ def records(out):
 
 def files(out):
     """Every map and overlay, byte for byte."""
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name not in ("results.jsonl", ".predict.lock")}
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name not in ("results.jsonl", ".predict.lock")
+    }
 
 
 def assert_same_run(out, reference):
@@ -72,15 +75,19 @@ def assert_same_run(out, reference):
 
 def test_ray_with_two_actors_writes_what_the_local_command_writes(cluster, bundle_dir, inputs, reference, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["predict", str(bundle_dir), str(inputs), "--out", str(out), "--overlays",
-                                      "--ray", "local", "--actors", "2"])
+    result = CliRunner().invoke(
+        app,
+        ["predict", str(bundle_dir), str(inputs), "--out", str(out), "--overlays", "--ray", "local", "--actors", "2"],
+    )
     assert result.exit_code == 1, result.output
     assert "2 Ray actor(s) of 1 thread(s) each" in result.output
     assert records(out)[-1] == {"input": str(inputs / "img_99_broken.png"), "error": records(reference)[-1]["error"]}
     assert_same_run(out, reference)
 
 
-def test_relative_inputs_a_glob_and_a_list_resolve_on_the_actors_and_an_actor_never_placed_holds_none(cluster, bundle_dir, inputs, monkeypatch, tmp_path):
+def test_relative_inputs_a_glob_and_a_list_resolve_on_the_actors_and_an_actor_never_placed_holds_none(
+    cluster, bundle_dir, inputs, monkeypatch, tmp_path
+):
     monkeypatch.chdir(inputs.parent)
     (tmp_path / "list.txt").write_text(f"# two images\n{inputs.name}/img_01.png\n\n{inputs.name}/img_00.png\n")
     args = ["predict", str(bundle_dir), str(tmp_path / "list.txt"), f"{inputs.name}/img_0[2-3].png", "--out"]
@@ -96,9 +103,22 @@ def test_relative_inputs_a_glob_and_a_list_resolve_on_the_actors_and_an_actor_ne
 def killed_run(bundle_dir, inputs, out, after):
     """The local command as a process, killed (SIGKILL) once `after` records are written; then a record
     cut short, as a kill in the middle of writing one leaves it."""
-    command = [sys.executable, "-m", "hiad_runtime.cli", "predict", str(bundle_dir), str(inputs), "--out", str(out),
-               "--overlays", "--threads", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "hiad_runtime.cli",
+        "predict",
+        str(bundle_dir),
+        str(inputs),
+        "--out",
+        str(out),
+        "--overlays",
+        "--threads",
+        "1",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     results = out / "results.jsonl"
     while process.poll() is None and not (results.is_file() and results.read_text().count("\n") >= after):
         time.sleep(0.005)
@@ -112,7 +132,9 @@ def killed_run(bundle_dir, inputs, out, after):
 
 
 @pytest.mark.parametrize("where", ["local", "ray"])
-def test_resume_completes_a_killed_run_with_every_input_exactly_once(request, bundle_dir, inputs, reference, tmp_path, where):
+def test_resume_completes_a_killed_run_with_every_input_exactly_once(
+    request, bundle_dir, inputs, reference, tmp_path, where
+):
     if where == "ray":
         request.getfixturevalue("cluster")
     out = tmp_path / "out"
@@ -120,14 +142,18 @@ def test_resume_completes_a_killed_run_with_every_input_exactly_once(request, bu
     args = ["predict", str(bundle_dir), str(inputs), "--out", str(out), "--overlays"]
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 2 and "--resume" in refused.output  # not empty: neither replaced nor mixed
-    result = CliRunner().invoke(app, [*args, "--resume", *(["--ray", "local", "--actors", "2"] if where == "ray" else [])])
+    result = CliRunner().invoke(
+        app, [*args, "--resume", *(["--ray", "local", "--actors", "2"] if where == "ray" else [])]
+    )
     assert result.exit_code == 1, result.output
     assert f"resuming: {written} of {IMAGES + 1} input(s) already recorded" in result.output
     assert_same_run(out, reference)
 
 
 @pytest.mark.parametrize("restart", [False, True], ids=["killed-for-good", "killed-and-restarted"])
-def test_an_actor_killed_mid_run_loses_no_input_and_records_none_twice(cluster, bundle_dir, inputs, reference, tmp_path, restart):
+def test_an_actor_killed_mid_run_loses_no_input_and_records_none_twice(
+    cluster, bundle_dir, inputs, reference, tmp_path, restart
+):
     from hiad_runtime.ray_scoring import RayScorers
 
     ray = cluster
@@ -158,7 +184,9 @@ def test_a_bundle_the_actors_cannot_load_is_refused_by_name_before_any_output(cl
     shutil.copytree(bundle_dir, altered)
     graph = next(altered.glob("*.onnx"))
     graph.write_bytes(graph.read_bytes() + b"\0")
-    result = CliRunner().invoke(app, ["predict", str(altered), str(inputs), "--out", str(tmp_path / "out"), "--ray", "local"])
+    result = CliRunner().invoke(
+        app, ["predict", str(altered), str(inputs), "--out", str(tmp_path / "out"), "--ray", "local"]
+    )
     assert result.exit_code == 2
     assert f"error: the actors could not load the bundle: BundleError: {graph}: truncated or altered" in result.output
     assert not (tmp_path / "out").exists()
@@ -168,5 +196,7 @@ def test_a_pattern_matching_nothing_and_resume_with_overwrite_are_refused_by_nam
     pattern = str(inputs / "*.jpeg")
     result = CliRunner().invoke(app, ["predict", str(bundle_dir), pattern, "--out", str(tmp_path / "a")])
     assert result.exit_code == 2 and f"error: {pattern}: no file matches this pattern" in result.output
-    result = CliRunner().invoke(app, ["predict", str(bundle_dir), str(inputs), "--out", str(tmp_path / "b"), "--resume", "--overwrite"])
+    result = CliRunner().invoke(
+        app, ["predict", str(bundle_dir), str(inputs), "--out", str(tmp_path / "b"), "--resume", "--overwrite"]
+    )
     assert result.exit_code == 2 and "--overwrite and --resume exclude each other" in result.output
