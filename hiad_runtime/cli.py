@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, List, NoReturn, Optional
 
@@ -16,9 +17,9 @@ from hiad_runtime.bundle import MANIFEST, Bundle, BundleError
 from hiad_runtime.engines.base import EngineKind
 from hiad_runtime.files import sha256_file
 from hiad_runtime.heads import HeadPath
-from hiad_runtime.image import ImageError, resize_image
+from hiad_runtime.image import ImageError
 from hiad_runtime.options import RuntimeOptions
-from hiad_runtime.results import OutputError, ResultsFolder, find_inputs, output_keys
+from hiad_runtime.results import InputError, OutputError, ResultsFolder, find_inputs, output_keys
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hiad-deploy inspection runtime (torch-free).")
 
@@ -91,73 +92,116 @@ def describe_threshold(kind: str, value: float | None, rule: dict | None, overri
 @app.command()
 def predict(
     bundle: Path = typer.Argument(..., exists=True, help="bundle folder or .tar"),
-    inputs: List[Path] = typer.Argument(..., help="image files and/or folders (searched recursively)"),
+    inputs: List[Path] = typer.Argument(..., help="image files, folders (searched recursively), quoted glob patterns "
+                                        "('data/**/*.png') and/or .txt files listing them, one per line"),
     out: Path = typer.Option(..., "--out", help="results.jsonl, maps/ and overlays/ go here (locked while the run writes)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier run's results in --out (refused otherwise)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an earlier run in --out (killed or not): score "
+                                "only the inputs it has not recorded; same bundle and options assumed"),
     overlays: bool = typer.Option(False, "--overlays", help="also write anomaly-map overlay PNGs"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="image-score threshold (overrides the bundle's)"),
     pixel_threshold: Optional[float] = typer.Option(None, "--pixel-threshold", help="pixel threshold (overrides the bundle's)"),
     head_path: HeadPathOption = HeadPath.auto,
     engine: EngineOption = EngineKind.tiles,
-    threads: ThreadsOption = 0,
+    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0 = all cores); with "
+                                "--ray, per actor, which reserves as many CPUs (0 = 1)"),
     batch: BatchOption = None,
     input_size: bool = typer.Option(False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="refuse inputs declaring more pixels (default: 4x the bundle's image area)"),
     backend: BackendOption = Backend.auto,
     stream_tiles: StreamTilesOption = 16,
     head_memory: HeadMemoryOption = None,
-    prefetch: int = typer.Option(0, "--prefetch", min=0, help=PREFETCH_HELP),
+    prefetch: int = typer.Option(0, "--prefetch", min=0, help=PREFETCH_HELP + " (not with --ray)"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="score on Ray actors (extra [ray]): 'local' (a Ray instance "
+                                      "here), 'auto' (the cluster this node is in) or HEAD:6379; the bundle and inputs "
+                                      "at the same paths on every node (docs/distributed.md)"),
+    actors: int = typer.Option(0, "--actors", min=0, help="with --ray: actors, each loading the bundle once "
+                               "(0 = the cluster's CPUs / --threads)"),
 ) -> None:
-    """Score images; one JSON line per image (written as soon as it is done), a float32 map per image."""
-    from hiad_runtime.overlay import overlay, save_rgb
-    from hiad_runtime.prefetch import prefetched
+    """Score images; one JSON line per image (written as soon as it is done, in input order), a float32 map each."""
+    from hiad_runtime.batch import Input, OutputSettings, write_all
 
-    inspector = _load(bundle, _options(
+    options = _options(
         backend=backend, head_path=head_path, engine=engine, batch_size=batch, stream_tiles=stream_tiles,
-        head_memory=head_memory, threads=threads, max_pixels=max_pixels, image_threshold=threshold,
+        head_memory=head_memory, threads=threads or (1 if ray else 0), max_pixels=max_pixels, image_threshold=threshold,
         pixel_threshold=pixel_threshold,
-    ))
-    files = find_inputs(inputs)
+    )
+    if ray and prefetch:
+        raise typer.BadParameter("decoding ahead is the local command's: each actor has its next input queued",
+                                 param_hint="--prefetch")
+    try:
+        files = find_inputs(inputs)
+    except InputError as e:
+        _fail(str(e))
     if not files:
         _fail("no images found in the inputs")
-    rules = (inspector.manifest.thresholds or {}).get("rules", {})
-    typer.echo(describe_threshold("image", inspector.image_threshold, rules.get("image"), threshold is not None))
-    typer.echo(describe_threshold("pixel", inspector.pixel_threshold, rules.get("pixel"), pixel_threshold is not None))
-    failures = 0
-    t_start = time.perf_counter()
-    try:
-        with ResultsFolder(out, overwrite) as folder:
-            typer.echo(f"writing {folder.results_path} (holding {folder.lock_path} until done)")
-            for (path, key), decoded in prefetched(list(zip(files, output_keys(files))), lambda f: inspector.decode(f[0]), prefetch):
-                t0 = time.perf_counter()  # with prefetch, latency counts only the wait for decoding
-                try:
-                    image = decoded.result()
-                    r = inspector.predict(image)
-                    latency = (time.perf_counter() - t0) * 1000
-                    map_file = folder.map_path(key)
-                    np.save(map_file, (r.map_at_input_size() if input_size else r.anomaly_map).astype(np.float32), allow_pickle=False)
-                    if overlays:
-                        shown = resize_image(image, inspector.tiling.image_size)
-                        unit = inspector.manifest.normalized  # normalized maps share one colour scale; above 1 saturates
-                        save_rgb(folder.overlay_path(key), overlay(shown, r.anomaly_map, r.mask, *((0.0, 1.0) if unit else (None, None))))
-                except (ImageError, OSError) as e:
-                    failures += 1
-                    message = str(e) if str(path) in str(e) else f"{path}: {e}"
-                    folder.record({"input": str(path), "error": message})
-                    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-                    continue
-                folder.record({"input": str(path), "score": r.score, "decision": r.decision, "latency_ms": round(latency, 2),
-                               "map": map_file.relative_to(out).as_posix(), "warnings": r.warnings})
-                typer.echo(f"{path}: score {r.score:.4f}" + ("" if r.decision is None else f" -> {'ANOMALOUS' if r.decision else 'ok'}") + f" ({latency:.0f} ms)")
-                for w in r.warnings:
-                    typer.secho(f"warning: {path}: {w}", fg=typer.colors.YELLOW, err=True)
-    except OutputError as e:
-        _fail(str(e))
-    rate = len(files) / (time.perf_counter() - t_start)
-    typer.echo(f"{rate:.2f} images/s; embedder precision {inspector.precision}; backend {inspector.sessions.backend}; "
-               f"providers: {', '.join(inspector.providers_in_use)}; results: {out / 'results.jsonl'}")
+    items = [Input(str(f), key) for f, key in zip(files, output_keys(files))]
+    settings = OutputSettings(input_size=input_size, overlays=overlays)
+    scorers = _on_ray(ray, actors, bundle, options, settings) if ray else _here(bundle, options, settings, prefetch)
+    with scorers as (score, about):
+        rules = about["rules"]
+        for kind, given in (("image", threshold), ("pixel", pixel_threshold)):
+            typer.echo(describe_threshold(kind, about[f"{kind}_threshold"], rules.get(kind), given is not None))
+        try:
+            with ResultsFolder(out, overwrite, resume) as folder:
+                todo = [item for item in items if item.path not in folder.recorded]
+                if resume:
+                    typer.echo(f"resuming: {len(items) - len(todo)} of {len(items)} input(s) already recorded")
+                typer.echo(f"writing {folder.results_path} (holding {folder.lock_path} until done)")
+                t_start = time.perf_counter()
+                failures = write_all(folder, score(todo), len(todo))
+                rate = len(todo) / (time.perf_counter() - t_start)
+        except OutputError as e:
+            _fail(str(e))
+    typer.echo(f"{rate:.3g} images/s; embedder precision {about['precision']}; backend {about['backend']}; "
+               f"providers: {', '.join(about['providers'])}; results: {out / 'results.jsonl'}")
     if failures:
         raise typer.Exit(1)
+
+
+@contextmanager
+def _here(bundle: Path, options: RuntimeOptions, settings, prefetch: int):
+    """`predict`'s scorer in this process: (score(inputs) -> outcomes in order, the run's description)."""
+    from hiad_runtime.batch import describe, score_locally
+
+    inspector = _load(bundle, options)
+    yield (lambda todo: score_locally(inspector, todo, settings, prefetch)), describe(inspector)
+
+
+@contextmanager
+def _on_ray(address: str, actors: int, bundle: Path, options: RuntimeOptions, settings):
+    """`predict --ray`'s scorer: actors on the cluster; a failure keeps the records so far (--resume)."""
+    try:
+        import ray
+
+        from hiad_runtime.ray_scoring import RayScorers, ScoringFailed, capacity, connect
+    except ImportError as e:
+        _fail(f"{e.name} is missing; install the ray extra: pip install 'hiad-deploy[ray]'")
+    try:
+        owns_ray = connect(address)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        _fail(f"--ray {address}: cannot reach a Ray cluster ({e})")
+    pool = None
+    try:
+        room = capacity(options.threads)
+        if room == 0:
+            _fail(f"--threads {options.threads}: no node of this Ray cluster has that many CPUs")
+        count = actors or room
+        pool = RayScorers(bundle, options, settings, count)
+        try:
+            about = pool.describe()
+        except ScoringFailed as e:
+            _fail(str(e))
+        typer.echo(f"{count} Ray actor(s) of {options.threads} thread(s) each (the cluster holds {room} at once); "
+                   f"first started on node {about['node']}")
+        yield pool.score, about
+    except ScoringFailed as e:
+        _fail(f"{e}; the records written are kept: --resume continues")
+    finally:
+        if pool is not None:
+            pool.close()
+        if owns_ray:
+            ray.shutdown()
 
 
 @app.command()

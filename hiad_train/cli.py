@@ -124,7 +124,8 @@ def train(
 
 def _ray_executor(address: str, ship_features: bool):
     try:
-        from hiad_train.distributed import RayExecutor, connect
+        from hiad_runtime.ray_scoring import connect
+        from hiad_train.distributed import RayExecutor
     except ImportError:
         _fail("--ray needs Ray: pip install 'hiad-deploy[ray]'")
     try:

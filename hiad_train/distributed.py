@@ -23,16 +23,6 @@ from hiad_train.executors import LocalExecutor, Stage, StageFailed
 FAULT_ENV = "HIAD_FAULT"  # test-only fault injection: "<item label>:kill-once" or "<item label>:raise"
 
 
-def connect(address: str) -> bool:
-    """'local' starts a Ray instance on this machine, 'auto' joins the cluster this machine is a node
-    of (`ray start`), anything else is a cluster address (`HOST:6379` or `ray://HOST:10001`).
-    Returns False when this process was already connected (then the caller must not shut Ray down)."""
-    if ray.is_initialized():
-        return False
-    ray.init(address=address, include_dashboard=False if address == "local" else None)
-    return True
-
-
 class RayExecutor(LocalExecutor):
     """Runs the trainer's stages as Ray tasks on the cluster `connect` joined."""
 
