@@ -61,6 +61,9 @@ CONFIGS = {
     "coreset-0.25": ("demo.yaml", {"val_config": VAL, "patch": {"percentage": 0.25}}),
     "nn-3": ("demo.yaml", {"val_config": VAL, "patch": {"anomaly_scorer_num_nn": 3}}),
     "layers-1-2-3": ("demo.yaml", {"val_config": VAL, "patch": {"layers_to_extract_from": [1, 2, 3]}}),
+    # the backbones with packaged ImageNet weights (default-128d is tf_efficientnet_lite0)
+    "lite1": ("demo.yaml", {"val_config": VAL, "patch": {"backbone_name": "tf_efficientnet_lite1"}}),
+    "lite2": ("demo.yaml", {"val_config": VAL, "patch": {"backbone_name": "tf_efficientnet_lite2"}}),
     # hiad_full's branches one at a time on the default
     "+clustering": ("demo.yaml", {"val_config": VAL, "tasks": {"generator": "spatial_clustering", "cluster_number": 4, "feature_resolution": 1}}),
     "+fusion": ("demo.yaml", {"val_config": VAL, "ds_factors": [0, 1], "fusion_weights": [0.5, 0.5]}),
