@@ -53,13 +53,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--fastflow", action="store_true", help="16 FastFlow tasks (3 epochs each) instead: a heavier fit")
+    parser.add_argument(
+        "--fastflow", action="store_true", help="16 FastFlow tasks (3 epochs each) instead: a heavier fit"
+    )
     args = parser.parse_args()
-    root = build_elpv_demo(Path(tempfile.mkdtemp()), rows=4, cols=4, cell_size=128, n_train=args.images, n_test=2, seed=0)
+    root = build_elpv_demo(
+        Path(tempfile.mkdtemp()), rows=4, cols=4, cell_size=128, n_train=args.images, n_test=2, seed=0
+    )
     samples = read_mvtec(root, "train")
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
-    base = {"seed": 0, "patch_size": 128, "batch_size": 16, "tasks": {"generator": "o2o"},
-            "patch": {"percentage": 0.1, "target_embed_dimension": 128}}
+    base = {
+        "seed": 0,
+        "patch_size": 128,
+        "batch_size": 16,
+        "tasks": {"generator": "o2o"},
+        "patch": {"percentage": 0.1, "target_embed_dimension": 128},
+    }
     sides = (512, 1024, 2048)
     if args.fastflow:
         base.update(detector="fastflow", patch={"flow_step": 4, "hidden_ratio": 1.0, "num_epochs": 3, "batch_size": 4})
@@ -67,7 +76,10 @@ def main() -> None:
     HRTrainer(parse_config({**base, "image_size": 512}, "warm-up"), progress=False, executor=RayExecutor()).fit(samples)
     detector = "FastFlow (4 flow steps, 3 epochs)" if args.fastflow else "PatchCore (coreset 10%, 128-d)"
     print(f"{args.images} images, tiles of 128 px, {detector}, Ray on {args.workers} CPUs")
-    print("| tasks | 1 process: features, fit (s) | per task (s) | Ray x%d: features, fit (s) | overhead/task (s) | computed fit x8 | x32 | x128 |" % args.workers)
+    print(
+        "| tasks | 1 process: features, fit (s) | per task (s) | Ray x%d: features, fit (s) | overhead/task (s) | "
+        "computed fit x8 | x32 | x128 |" % args.workers
+    )
     print("|---|---|---|---|---|---|---|---|")
     for side in sides:
         config = parse_config({**base, "image_size": side}, "bench")
@@ -77,11 +89,17 @@ def main() -> None:
         HRTrainer(config, progress=False, executor=remote).fit(samples)
         per_task = list(local.seconds["tasks"].values())
         n = len(per_task)
-        overhead = max(0.0, (remote.wall["tasks"] - schedule(list(remote.seconds["tasks"].values()), args.workers)) * args.workers / n)
+        overhead = max(
+            0.0,
+            (remote.wall["tasks"] - schedule(list(remote.seconds["tasks"].values()), args.workers)) * args.workers / n,
+        )
         computed = [schedule([s + overhead for s in per_task], w) for w in (8, 32, 128)]
-        print(f"| {n} | {local.wall['features']:.1f}, {local.wall['tasks']:.2f} | {sum(per_task) / n:.3f} | "
-              f"{remote.wall['features']:.1f}, {remote.wall['tasks']:.2f} | {overhead:.3f} | "
-              + " | ".join(f"{c:.2f}" for c in computed) + " |")
+        print(
+            f"| {n} | {local.wall['features']:.1f}, {local.wall['tasks']:.2f} | {sum(per_task) / n:.3f} | "
+            f"{remote.wall['features']:.1f}, {remote.wall['tasks']:.2f} | {overhead:.3f} | "
+            + " | ".join(f"{c:.2f}" for c in computed)
+            + " |"
+        )
     ray.shutdown()
 
 

@@ -21,7 +21,13 @@ DEMO = ROOT / "models" / "demo"
 DATA = ROOT / "data" / "elpv"
 IMAGE = DATA / "test" / "defect" / "module_005.png"
 
-INDEXES = [("Flat", ""), ("IVF64,Flat", "nprobe=8"), ("IVF64,Flat", "nprobe=4"), ("IVF64,SQ8", "nprobe=4"), ("HNSW32", "efSearch=16")]
+INDEXES = [
+    ("Flat", ""),
+    ("IVF64,Flat", "nprobe=8"),
+    ("IVF64,Flat", "nprobe=4"),
+    ("IVF64,SQ8", "nprobe=4"),
+    ("HNSW32", "efSearch=16"),
+]
 
 TORCH_SNIPPET = """
 import json, resource, sys, time
@@ -37,7 +43,9 @@ model.predict(image)
 total, backbone = [], []
 for _ in range(repeat):
     t = time.perf_counter(); model.predict(image); total.append(time.perf_counter() - t)
-    t = time.perf_counter(); embed(model.embedder, split(image, model.tiling.tiles), 4); backbone.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    embed(model.embedder, split(image, model.tiling.tiles), 4)
+    backbone.append(time.perf_counter() - t)
 print(json.dumps({"total_ms": float(np.median(total) * 1000), "backbone_ms": float(np.median(backbone) * 1000),
                   "threads": torch.get_num_threads(),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -62,14 +70,27 @@ def main() -> None:
     for factory, search in INDEXES:
         name = factory.replace(",", "_") + (f"_{search.replace('=', '')}" if search else "")
         bundle = work / name
-        run(BIN / "hiad-export", DEMO / "checkpoint", "--out", bundle, "--index", factory, "--search", search, "--images", IMAGE)
+        run(
+            BIN / "hiad-export",
+            DEMO / "checkpoint",
+            "--out",
+            bundle,
+            "--index",
+            factory,
+            "--search",
+            search,
+            "--images",
+            IMAGE,
+        )
         run(BIN / "hiad-runtime", "bench", bundle, IMAGE, "--repeat", args.repeat, "--json", work / f"{name}.json")
         run(BIN / "hiad-runtime", "predict", bundle, DATA / "test", "--out", work / f"{name}_pred")
         run(BIN / "hiad-train", "eval-runtime", work / f"{name}_pred", "--data", DATA)
         figures = json.loads((work / f"{name}.json").read_text())
         metrics = json.loads((work / f"{name}_pred" / "metrics.json").read_text())
         rows.append((f"{factory} {search}".strip(), figures, metrics))
-    torch_fig = json.loads(run(BIN / "python", "-c", TORCH_SNIPPET, DEMO / "checkpoint", IMAGE, max(3, args.repeat // 3)))
+    torch_fig = json.loads(
+        run(BIN / "python", "-c", TORCH_SNIPPET, DEMO / "checkpoint", IMAGE, max(3, args.repeat // 3))
+    )
 
     s = rows[0][1]["stages_ms"]
     print(f"\nruntime (onnxruntime + faiss Flat, batch 4), {args.repeat} runs on {IMAGE.name}:")
@@ -77,15 +98,24 @@ def main() -> None:
     for stage, v in s.items():
         print(f"| {stage} | {v['median']:.1f} | {v['p95']:.1f} |")
     print(f"images/s {rows[0][1]['images_per_s']:.2f}, peak RSS {rows[0][1]['peak_rss_mb']:.0f} MB")
-    print(f"\nPyTorch inference of the same checkpoint ({torch_fig['threads']} threads): "
-          f"{torch_fig['total_ms']:.0f} ms/image (backbone alone {torch_fig['backbone_ms']:.0f} ms), peak RSS {torch_fig['peak_rss_mb']:.0f} MB")
-    print("\n| faiss index | backbone ms | scoring ms | total ms | total / backbone | peak RSS MB | image AUROC | pixel AUROC | AUPRO |")
+    print(
+        f"\nPyTorch inference of the same checkpoint ({torch_fig['threads']} threads): "
+        f"{torch_fig['total_ms']:.0f} ms/image (backbone alone {torch_fig['backbone_ms']:.0f} ms), peak RSS "
+        f"{torch_fig['peak_rss_mb']:.0f} MB"
+    )
+    print(
+        "\n| faiss index | backbone ms | scoring ms | total ms | total / backbone | peak RSS MB | image AUROC | "
+        "pixel AUROC | AUPRO |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for label, fig, met in rows:
         st = fig["stages_ms"]
-        print(f"| {label} | {st['backbone']['median']:.0f} | {st['scoring']['median']:.0f} | {st['total']['median']:.0f} | "
-              f"{st['total']['median'] / st['backbone']['median']:.2f} | {fig['peak_rss_mb']:.0f} | "
-              f"{met['image_auroc']:.4f} | {met['pixel_auroc']:.4f} | {met['aupro']:.4f} |")
+        print(
+            f"| {label} | {st['backbone']['median']:.0f} | {st['scoring']['median']:.0f} | "
+            f"{st['total']['median']:.0f} | "
+            f"{st['total']['median'] / st['backbone']['median']:.2f} | {fig['peak_rss_mb']:.0f} | "
+            f"{met['image_auroc']:.4f} | {met['pixel_auroc']:.4f} | {met['aupro']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

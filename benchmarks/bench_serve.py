@@ -35,7 +35,8 @@ def images_in(path: Path) -> list[bytes]:
 
 
 def drive(call, bodies: list[bytes], clients: int, requests: int) -> tuple[list[tuple[float, float]], float]:
-    """`clients` threads share `requests` calls: (latency, inner seconds the call reports) of each, and the wall time of all."""
+    """`clients` threads share `requests` calls: (latency, inner seconds the call reports) of each, and the
+    wall time of all."""
     latencies: list[tuple[float, float]] = []
     counter = iter(range(requests))
     lock = threading.Lock()
@@ -71,8 +72,12 @@ def compare(calls: dict, bodies: list[bytes], clients: int, requests: int, round
     for name, (latencies, wall) in runs.items():
         ms = np.array([latency for latency, _ in latencies]) * 1000
         outside = np.array([latency - inner for latency, inner in latencies]) * 1000
-        figures[name] = {"rps": len(latencies) / wall, "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
-                         "outside_p50": float(np.percentile(outside, 50))}
+        figures[name] = {
+            "rps": len(latencies) / wall,
+            "p50": float(np.percentile(ms, 50)),
+            "p95": float(np.percentile(ms, 95)),
+            "outside_p50": float(np.percentile(outside, 50)),
+        }
     return figures
 
 
@@ -89,7 +94,9 @@ def main() -> None:
     parser.add_argument("bundle", nargs="?", type=Path, default=ROOT / "models" / "demo" / "bundle")
     parser.add_argument("images", nargs="?", type=Path, default=ROOT / "data" / "elpv" / "test")
     parser.add_argument("--requests", type=int, default=40, help="timed requests per concurrency level")
-    parser.add_argument("--workers", type=int, default=1, help="inferences at once, in the server and in the direct baseline")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="inferences at once, in the server and in the direct baseline"
+    )
     parser.add_argument("--concurrency", default="1,2,4")
     parser.add_argument("--rounds", type=int, default=5, help="alternating direct/service blocks per row")
     args = parser.parse_args()
@@ -137,16 +144,26 @@ def main() -> None:
         rss = peak_rss_mb(server.pid)
 
     w, h = inspector.tiling.image_size
-    print(f"bundle {args.bundle} ({w}x{h}, {len(inspector.tiling.tiles)} tiles), {len(bodies)} images, "
-          f"{args.requests} requests per row, workers {args.workers}, {threads} ORT threads each, "
-          f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
-    print("| clients | direct req/s | direct p50 ms | direct p95 ms | service req/s | service p50 ms | service p95 ms | p50 overhead | HTTP p50 ms |")
+    print(
+        f"bundle {args.bundle} ({w}x{h}, {len(inspector.tiling.tiles)} tiles), {len(bodies)} images, "
+        f"{args.requests} requests per row, workers {args.workers}, {threads} ORT threads each, "
+        f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
+    )
+    print(
+        "| clients | direct req/s | direct p50 ms | direct p95 ms | service req/s | service p50 ms | service p95 ms "
+        "| p50 overhead | HTTP p50 ms |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for clients, d, s in rows:
-        print(f"| {clients} | {d['rps']:.2f} | {d['p50']:.1f} | {d['p95']:.1f} | {s['rps']:.2f} | {s['p50']:.1f} | {s['p95']:.1f} | "
-              f"{(s['p50'] / d['p50'] - 1) * 100:+.1f} % | {s['outside_p50']:.1f} |")
-    print("HTTP ms: a request's client-side latency minus the queue wait and inference stages the server reports "
-          "(transfer, parsing, JSON, event loop)")
+        print(
+            f"| {clients} | {d['rps']:.2f} | {d['p50']:.1f} | {d['p95']:.1f} | {s['rps']:.2f} | {s['p50']:.1f} | "
+            f"{s['p95']:.1f} | "
+            f"{(s['p50'] / d['p50'] - 1) * 100:+.1f} % | {s['outside_p50']:.1f} |"
+        )
+    print(
+        "HTTP ms: a request's client-side latency minus the queue wait and inference stages the server reports "
+        "(transfer, parsing, JSON, event loop)"
+    )
     print(f"server peak RSS {rss:.0f} MB")
 
 

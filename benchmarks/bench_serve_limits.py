@@ -84,6 +84,7 @@ def settle(url: str, proc, limit_s: float = 600) -> float:
 
 def zeros_png(path: Path, width: int, height: int) -> Path:
     """A 16-bit RGBA PNG of zeros, written row by row (the pixels are never all in memory)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -111,9 +112,11 @@ def pixels(bundle: Path, work: Path, kill_mb: float) -> None:
         peak = settle(url, proc)
         busy = time.perf_counter() - t0
         dog.stop.set()
-    print(f"pixels: {png.stat().st_size / 1e3:.0f} kB 16-bit RGBA 10000x10000 -> {status} in {seconds:.2f} s "
-          f"(server busy {busy:.1f} s); server peak RSS {before:.0f} -> {peak:.0f} MB"
-          + (" (killed by the watchdog)" if dog.fired else ""))
+    print(
+        f"pixels: {png.stat().st_size / 1e3:.0f} kB 16-bit RGBA 10000x10000 -> {status} in {seconds:.2f} s "
+        f"(server busy {busy:.1f} s); server peak RSS {before:.0f} -> {peak:.0f} MB"
+        + (" (killed by the watchdog)" if dog.fired else "")
+    )
 
 
 def bodies(bundle: Path, work: Path, kill_mb: float, clients: int = 48, mib: int = 60) -> None:
@@ -138,8 +141,10 @@ def bodies(bundle: Path, work: Path, kill_mb: float, clients: int = 48, mib: int
         peak = settle(url, proc)
         dog.stop.set()
     counts = {s: statuses.count(s) for s in sorted(set(statuses))}
-    print(f"bodies: {clients} x {mib} MiB at once -> {counts} in {seconds:.1f} s; server peak RSS {before:.0f} -> "
-          f"{peak:.0f} MB" + (" (killed by the watchdog)" if dog.fired else ""))
+    print(
+        f"bodies: {clients} x {mib} MiB at once -> {counts} in {seconds:.1f} s; server peak RSS {before:.0f} -> "
+        f"{peak:.0f} MB" + (" (killed by the watchdog)" if dog.fired else "")
+    )
 
 
 def slow(bundle: Path, work: Path, kill_mb: float, clients: int = 1100, seconds: int = 20) -> None:
@@ -180,8 +185,10 @@ def slow(bundle: Path, work: Path, kill_mb: float, clients: int = 1100, seconds:
         text = log.read_text(errors="replace")[start_log:]
         accept_errors = text.count("out of system resource")
         grown = log.stat().st_size - start_log
-    print(f"slow: {len(sockets)} slow clients, open-file limit 1024, {seconds} s: /healthz probes {probes}; "
-          f"{held} still held open by the server at the end; log +{grown / 1e6:.2f} MB, {accept_errors} accept errors")
+    print(
+        f"slow: {len(sockets)} slow clients, open-file limit 1024, {seconds} s: /healthz probes {probes}; "
+        f"{held} still held open by the server at the end; log +{grown / 1e6:.2f} MB, {accept_errors} accept errors"
+    )
 
 
 def tar_reloads(bundle: Path, work: Path, kill_mb: float, reloads: int = 30) -> None:
@@ -202,8 +209,10 @@ def tar_reloads(bundle: Path, work: Path, kill_mb: float, reloads: int = 30) -> 
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     after = extracted()
-    print(f"tar: {reloads} reloads of a {archive.stat().st_size / 1e6:.1f} MB .tar: {during[0]} extraction folders "
-          f"({during[1]:.0f} MB); after SIGTERM: {after[0]} ({after[1]:.0f} MB)")
+    print(
+        f"tar: {reloads} reloads of a {archive.stat().st_size / 1e6:.1f} MB .tar: {during[0]} extraction folders "
+        f"({during[1]:.0f} MB); after SIGTERM: {after[0]} ({after[1]:.0f} MB)"
+    )
 
 
 def png_answer(bundle: Path, work: Path, kill_mb: float) -> None:
@@ -213,8 +222,10 @@ def png_answer(bundle: Path, work: Path, kill_mb: float) -> None:
         body = image.read_bytes()
         as_json = httpx.post(f"{url}/v1/inspect?map=png", content=body, timeout=120)
         as_png = httpx.post(f"{url}/v1/inspect?map=png", content=body, headers={"Accept": "image/png"}, timeout=120)
-    print(f"png: map answer {len(as_json.content)} B as JSON ({as_json.headers['content-type']}), "
-          f"{len(as_png.content)} B with Accept: image/png ({as_png.headers['content-type']})")
+    print(
+        f"png: map answer {len(as_json.content)} B as JSON ({as_json.headers['content-type']}), "
+        f"{len(as_png.content)} B with Accept: image/png ({as_png.headers['content-type']})"
+    )
 
 
 CASES = {"pixels": pixels, "bodies": bodies, "slow": slow, "tar": tar_reloads, "png": png_answer}

@@ -37,7 +37,10 @@ image = load_image(sys.argv[2])
 inspector.predict(image)
 backbone, total = [], []
 for _ in range(int(sys.argv[4])):
-    t = time.perf_counter(); r = inspector.predict(image); total.append(time.perf_counter() - t); backbone.append(r.timings["backbone"])
+    t = time.perf_counter()
+    r = inspector.predict(image)
+    total.append(time.perf_counter() - t)
+    backbone.append(r.timings["backbone"])
 print(json.dumps({"backbone_ms": float(np.median(backbone) * 1000), "total_ms": float(np.median(total) * 1000),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -94,7 +97,9 @@ def stage(fig: dict, s: str) -> float:
 
 
 def section_precision_engines(checkpoint: Path, image: Path, work: Path, repeat: int) -> dict[str, Path]:
-    bundles = {p: export(checkpoint, work / f"demo_{p}", "--precision", p, "--images", image) for p in ("fp32", "int8", "fp16")}
+    bundles = {
+        p: export(checkpoint, work / f"demo_{p}", "--precision", p, "--images", image) for p in ("fp32", "int8", "fp16")
+    }
     engines = ["onnxruntime"]
     try:
         import openvino  # noqa: F401
@@ -105,26 +110,50 @@ def section_precision_engines(checkpoint: Path, image: Path, work: Path, repeat:
     rows = []
     for engine in engines:
         for p, b in bundles.items():
-            rows.append((p, engine, bench(b, image, "--repeat", repeat, "--backend", engine, work=work, name=f"{p}_{engine}"), load()))
+            rows.append(
+                (
+                    p,
+                    engine,
+                    bench(b, image, "--repeat", repeat, "--backend", engine, work=work, name=f"{p}_{engine}"),
+                    load(),
+                )
+            )
     fp32_backbone = stage(rows[0][2], "backbone")
-    print(f"\n### Precision x backend (2048^2, 16 tiles, O2O PatchCore, exact Flat k-NN, {repeat} runs, PNG decoded inline)")
-    print("| embedder | backend | decode ms | backbone ms | scoring ms | total ms | total / fp32-ORT backbone | peak RSS MB | load |")
+    print(
+        f"\n### Precision x backend (2048^2, 16 tiles, O2O PatchCore, exact Flat k-NN, {repeat} runs, PNG decoded "
+        "inline)"
+    )
+    print(
+        "| embedder | backend | decode ms | backbone ms | scoring ms | total ms | total / fp32-ORT backbone | peak "
+        "RSS MB | load |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for p, engine, fig, ld in rows:
-        print(f"| {p} | {engine} | {stage(fig, 'decode'):.0f} | {stage(fig, 'backbone'):.0f} | {stage(fig, 'scoring'):.0f} | "
-              f"{stage(fig, 'total'):.0f} | {stage(fig, 'total') / fp32_backbone:.2f} | {fig['peak_rss_mb']:.0f} | {ld} |")
+        print(
+            f"| {p} | {engine} | {stage(fig, 'decode'):.0f} | {stage(fig, 'backbone'):.0f} | "
+            f"{stage(fig, 'scoring'):.0f} | "
+            f"{stage(fig, 'total'):.0f} | {stage(fig, 'total') / fp32_backbone:.2f} | {fig['peak_rss_mb']:.0f} | {ld} |"
+        )
     for p, b in bundles.items():
         parity = json.loads((b / "manifest.json").read_text())["parity"]
-        print(f"parity {p}: " + "; ".join(f"{k} {v['max_rel_map_diff']:.2e} of range ({'enforced' if v['enforced'] else 'recorded'})"
-                                        for k, v in parity.items() if isinstance(v, dict)))
+        print(
+            f"parity {p}: "
+            + "; ".join(
+                f"{k} {v['max_rel_map_diff']:.2e} of range ({'enforced' if v['enforced'] else 'recorded'})"
+                for k, v in parity.items()
+                if isinstance(v, dict)
+            )
+        )
     return bundles
 
 
 def section_openvino_parity(bundle: Path, image: Path) -> None:
     snippet = (
         "import sys, numpy as np\nfrom hiad_runtime.inspector import Inspector\n"
-        "a = Inspector.load(sys.argv[1], backend='onnxruntime').predict(sys.argv[2]); b = Inspector.load(sys.argv[1], backend='openvino').predict(sys.argv[2])\n"
-        "print(f'{np.abs(a.anomaly_map - b.anomaly_map).max() / np.ptp(a.anomaly_map):.2e} {abs(a.score - b.score) / np.ptp(a.anomaly_map):.2e}')"
+        "a = Inspector.load(sys.argv[1], backend='onnxruntime').predict(sys.argv[2]); b = "
+        "Inspector.load(sys.argv[1], backend='openvino').predict(sys.argv[2])\n"
+        "print(f'{np.abs(a.anomaly_map - b.anomaly_map).max() / np.ptp(a.anomaly_map):.2e} {abs(a.score - b.score) / "
+        "np.ptp(a.anomaly_map):.2e}')"
     )
     try:
         m, s = run(BIN / "python", "-c", snippet, bundle, image).split()
@@ -169,32 +198,54 @@ def section_large(data: Path, work: Path, repeat: int) -> None:
         test = root / "test/good/m.png"
         cv2.imwrite(str(test), cv2.resize(cv2.imread(str(data / "test" / "defect" / "module_005.png")), (size, size)))
         config = work / f"large{size}.yaml"
-        config.write_text((ROOT / "configs" / "demo.yaml").read_text().replace("image_size: 2048", f"image_size: {size}"))
+        config.write_text(
+            (ROOT / "configs" / "demo.yaml").read_text().replace("image_size: 2048", f"image_size: {size}")
+        )
         t0 = time.perf_counter()
         _, train_mb = run_measured(BIN / "hiad-train", config, "--data", root, "--out", work / f"large{size}")
         train[size] = (time.perf_counter() - t0, train_mb, load())
         t0 = time.perf_counter()
-        bundle, export_mb = export_measured(work / f"large{size}" / "checkpoint", work / f"large{size}_fp32", "--images", test)
+        bundle, export_mb = export_measured(
+            work / f"large{size}" / "checkpoint", work / f"large{size}_fp32", "--images", test
+        )
         exported[size] = (time.perf_counter() - t0, export_mb, load())
         budgets = {"resident": ()} if size == 2048 else {"resident": (), "per chunk": ("--head-memory", 32)}
         for label, extra in budgets.items():
-            figures[size, label] = (bench(bundle, test, "--repeat", repeat, *extra, work=work, name=f"large{size}_{label}"), load())
-    print(f"\n### Images larger than 2048^2: 2 demo modules at 2048^2 and at 8192^2 (fp32, exact Flat, streamed 16 tiles at a time, batch 1, {repeat} runs)")
+            figures[size, label] = (
+                bench(bundle, test, "--repeat", repeat, *extra, work=work, name=f"large{size}_{label}"),
+                load(),
+            )
+    print(
+        "\n### Images larger than 2048^2: 2 demo modules at 2048^2 and at 8192^2 (fp32, exact Flat, streamed 16 "
+        f"tiles at a time, batch 1, {repeat} runs)"
+    )
     print("| image | training s / peak RSS MB (2 images) | export s / peak RSS MB | load |\n|---|---|---|---|")
     for size in (2048, 8192):
-        print(f"| {size}^2 | {train[size][0]:.0f} / {train[size][1]:.0f} | {exported[size][0]:.0f} / {exported[size][1]:.0f} | "
-              f"{train[size][2]}; {exported[size][2]} |")
-    print("| image | tiles | heads | head loads | decode ms | backbone ms | scoring ms | post ms | total ms | ms per tile | peak RSS MB | load |")
+        print(
+            f"| {size}^2 | {train[size][0]:.0f} / {train[size][1]:.0f} | {exported[size][0]:.0f} / "
+            f"{exported[size][1]:.0f} | "
+            f"{train[size][2]}; {exported[size][2]} |"
+        )
+    print(
+        "| image | tiles | heads | head loads | decode ms | backbone ms | scoring ms | post ms | total ms | ms per "
+        "tile | peak RSS MB | load |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (size, label), (fig, ld) in figures.items():
-        print(f"| {size}^2 | {fig['tiles']} | {label} | {fig['head_loads']} | {stage(fig, 'decode'):.0f} | "
-              f"{stage(fig, 'backbone'):.0f} | {stage(fig, 'scoring'):.0f} | {stage(fig, 'post'):.0f} | {stage(fig, 'total'):.0f} | "
-              f"{stage(fig, 'total') / fig['tiles']:.1f} | {fig['peak_rss_mb']:.0f} | {ld} |")
+        print(
+            f"| {size}^2 | {fig['tiles']} | {label} | {fig['head_loads']} | {stage(fig, 'decode'):.0f} | "
+            f"{stage(fig, 'backbone'):.0f} | {stage(fig, 'scoring'):.0f} | {stage(fig, 'post'):.0f} | "
+            f"{stage(fig, 'total'):.0f} | "
+            f"{stage(fig, 'total') / fig['tiles']:.1f} | {fig['peak_rss_mb']:.0f} | {ld} |"
+        )
     for label in ("resident", "per chunk"):
         fig = figures[8192, label][0]
         ratio = stage(fig, "total") / (16 * stage(figures[2048, "resident"][0], "total"))
-        print(f"8192^2 ({label} heads) total / (16 x 2048^2 total) = {ratio:.2f}; peak RSS: export {exported[8192][1]:.0f} MB, "
-              f"runtime {fig['peak_rss_mb']:.0f} MB")
+        print(
+            f"8192^2 ({label} heads) total / (16 x 2048^2 total) = {ratio:.2f}; peak RSS: export "
+            f"{exported[8192][1]:.0f} MB, "
+            f"runtime {fig['peak_rss_mb']:.0f} MB"
+        )
 
 
 def section_accuracy(bundles: dict[str, Path], data: Path, work: Path) -> list:
@@ -229,7 +280,8 @@ t = time.perf_counter(); c.greedy_coreset(x, 1000 / 32768); print(1000 / (time.p
 
 
 def section_coreset() -> None:
-    """Picks/s of the coreset loop (32768 x 128 features) on 2 threads (before) and 1 (now), alone and with a competitor."""
+    """Picks/s of the coreset loop (32768 x 128 features) on 2 threads (before) and 1 (now), alone and with a
+    competitor."""
     print("\n### Coreset sampler under contention (picks/s, 32768 x 128 features, 1000 picks)")
     print("| loop threads | alone | with one CPU-bound process | load |\n|---|---|---|---|")
     for threads in (2, 1):

@@ -42,9 +42,18 @@ def main() -> None:
     model = trainer.fit(samples)
     wall = time.perf_counter() - t0
     core = sum(coreset_seconds)
-    print(f"images: {len(samples)} at {config.image_size}, tiles/image: {len(model.tiling.tiles)}, tasks: {len(model.tasks)}")
-    print(f"bank per task: {model.detectors['task_0'].memory_bank.shape[0]} x {model.detectors['task_0'].memory_bank.shape[1]}")
-    print(f"wall: {wall:.1f} s (decode + features {wall - core:.1f} s, coreset {core:.1f} s = {core / len(model.tasks):.2f} s/task)")
+    print(
+        f"images: {len(samples)} at {config.image_size}, tiles/image: {len(model.tiling.tiles)}, tasks: "
+        f"{len(model.tasks)}"
+    )
+    print(
+        f"bank per task: {model.detectors['task_0'].memory_bank.shape[0]} x "
+        f"{model.detectors['task_0'].memory_bank.shape[1]}"
+    )
+    print(
+        f"wall: {wall:.1f} s (decode + features {wall - core:.1f} s, coreset {core:.1f} s = "
+        f"{core / len(model.tasks):.2f} s/task)"
+    )
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

@@ -38,7 +38,9 @@ def run(*args: str | Path) -> None:
 
 
 def tool(name: str) -> list[str]:
-    module = {"hiad-train": "hiad_train.cli", "hiad-export": "hiad_export.cli", "hiad-runtime": "hiad_runtime.cli"}[name]
+    module = {"hiad-train": "hiad_train.cli", "hiad-export": "hiad_export.cli", "hiad-runtime": "hiad_runtime.cli"}[
+        name
+    ]
     return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; from {module} import main; main()"]
 
 
@@ -66,7 +68,9 @@ def quick_data(data: Path, out: Path) -> Path:
     return out
 
 
-def row(name: str, data: Path, out: Path, export: bool, quick: bool, config: Path | None = None, pipeline: tuple = ()) -> dict:
+def row(
+    name: str, data: Path, out: Path, export: bool, quick: bool, config: Path | None = None, pipeline: tuple = ()
+) -> dict:
     config = config or ROOT / "configs" / CONFIGS[name]
     if quick:
         config = quick_config(config, out.parent / f"{name}_quick.yaml")
@@ -76,7 +80,11 @@ def row(name: str, data: Path, out: Path, export: bool, quick: bool, config: Pat
     run(*tool("hiad-train"), "train", config, "--data", data, "--out", out, *([] if quick else ["--eval"]))
     wall = time.perf_counter() - t0
     nan = float("nan")
-    metrics = {"image_auroc": nan, "pixel_auroc": nan, "aupro": nan} if quick else json.loads((out / "eval_torch" / "metrics.json").read_text())
+    metrics = (
+        {"image_auroc": nan, "pixel_auroc": nan, "aupro": nan}
+        if quick
+        else json.loads((out / "eval_torch" / "metrics.json").read_text())
+    )
     meta = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
     epochs = sorted({r.get("selected_epoch") for r in meta["training"].values() if r.get("selected_epoch")})
     result = {
@@ -114,26 +122,51 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(CONFIGS))
     parser.add_argument("--export", action="store_true", help="also export and bench each bundle")
     parser.add_argument("--quick", action="store_true", help="1 epoch, 2 training images: latency and size only")
-    parser.add_argument("--config", type=Path, help="another config for the one detector of --only (e.g. with fusion + thumbnail)")
-    parser.add_argument("--pipeline", action="store_true", help="--export: also build the whole-image graph, its size a column")
-    parser.add_argument("--pipeline-memory", type=float, help="--pipeline: the export's budget for it, MB (hiad-export's default)")
+    parser.add_argument(
+        "--config", type=Path, help="another config for the one detector of --only (e.g. with fusion + thumbnail)"
+    )
+    parser.add_argument(
+        "--pipeline", action="store_true", help="--export: also build the whole-image graph, its size a column"
+    )
+    parser.add_argument(
+        "--pipeline-memory", type=float, help="--pipeline: the export's budget for it, MB (hiad-export's default)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = quick_data(args.data, args.out / "quick_data") if args.quick else args.data
     print(f"# {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, data {data}{' (quick)' if args.quick else ''}")
-    pipeline = ("--pipeline", *(("--pipeline-memory", args.pipeline_memory) if args.pipeline_memory else ())) if args.pipeline else ()
-    print("| detector | config | tasks | image AUROC | pixel AUROC | AUPRO | train s | selected epoch(s) | bundle MB "
-          "(no pipeline.onnx) | pipeline.onnx MB | export s | ms / 2048^2 image | peak RSS MB |")
+    pipeline = (
+        ("--pipeline", *(("--pipeline-memory", args.pipeline_memory) if args.pipeline_memory else ()))
+        if args.pipeline
+        else ()
+    )
+    print(
+        "| detector | config | tasks | image AUROC | pixel AUROC | AUPRO | train s | selected epoch(s) | bundle MB "
+        "(no pipeline.onnx) | pipeline.onnx MB | export s | ms / 2048^2 image | peak RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.only.split(","):
         r = row(name, data, args.out / name, args.export, args.quick, args.config, pipeline)
         (args.out / f"{name}.json").write_text(json.dumps(r, indent=1))
-        cells = [r["detector"], r["config"], r["tasks"], f"{r['image_auroc']:.4f}", f"{r['pixel_auroc']:.4f}", f"{r['aupro']:.4f}",
-                 f"{r['train_s']:.0f}", ",".join(map(str, r["selected_epochs"])) or "-",
-                 f"{r['bundle_mb']:.1f}" if "bundle_mb" in r else "-",
-                 "-" if r.get("pipeline_mb") is None else f"{r['pipeline_mb']:.1f}" if r["pipeline"] == "built" else r["pipeline"][:100],
-                 f"{r['export_s']:.0f}" if "export_s" in r else "-", f"{r['latency_ms']:.0f}" if "latency_ms" in r else "-",
-                 f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"]
+        cells = [
+            r["detector"],
+            r["config"],
+            r["tasks"],
+            f"{r['image_auroc']:.4f}",
+            f"{r['pixel_auroc']:.4f}",
+            f"{r['aupro']:.4f}",
+            f"{r['train_s']:.0f}",
+            ",".join(map(str, r["selected_epochs"])) or "-",
+            f"{r['bundle_mb']:.1f}" if "bundle_mb" in r else "-",
+            "-"
+            if r.get("pipeline_mb") is None
+            else f"{r['pipeline_mb']:.1f}"
+            if r["pipeline"] == "built"
+            else r["pipeline"][:100],
+            f"{r['export_s']:.0f}" if "export_s" in r else "-",
+            f"{r['latency_ms']:.0f}" if "latency_ms" in r else "-",
+            f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-",
+        ]
         print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 

@@ -57,8 +57,24 @@ def _outputs(checkpoint: Path, images: list[Path], work: Path, bench: bool) -> t
     medians = {}
     for backend in ("onnxruntime", "openvino") if bench else ():
         out = work / f"bench_{backend}.json"
-        subprocess.run([sys.executable, "-m", "hiad_runtime.cli", "bench", str(bundle), str(images[0]), "--repeat", "5",
-                        "--backend", backend, "--json", str(out)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hiad_runtime.cli",
+                "bench",
+                str(bundle),
+                str(images[0]),
+                "--repeat",
+                "5",
+                "--backend",
+                backend,
+                "--json",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+        )
         medians[backend] = json.loads(out.read_text())["stages_ms"]["total"]["median"]
     return _manifest(bundle), arrays, medians
 
@@ -72,13 +88,25 @@ def _training(data: Path, work: Path) -> dict[str, np.ndarray]:
     from hiad_train.data import read_mvtec
     from hiad_train.trainer import HRTrainer
 
-    config = parse_config({
-        "seed": 0, "image_size": 512, "patch_size": 256, "ds_factors": [0, 1], "fusion_weights": [0.5, 0.5], "batch_size": 4,
-        "tasks": {"generator": "spatial_clustering", "cluster_number": 2},
-        "patch": {"percentage": 0.1, "target_embed_dimension": 64},
-        "thumbnail": {"thumbnail_size": 256, "target_embed_dimension": 64, "percentage": 0.1},
-        "val_config": {"anomaly_syn_fn": {"name": "random_box", "p": 0.5}, "val_sample_ratio": 0.25, "max_patch_number": 200},
-    }, "equality")
+    config = parse_config(
+        {
+            "seed": 0,
+            "image_size": 512,
+            "patch_size": 256,
+            "ds_factors": [0, 1],
+            "fusion_weights": [0.5, 0.5],
+            "batch_size": 4,
+            "tasks": {"generator": "spatial_clustering", "cluster_number": 2},
+            "patch": {"percentage": 0.1, "target_embed_dimension": 64},
+            "thumbnail": {"thumbnail_size": 256, "target_embed_dimension": 64, "percentage": 0.1},
+            "val_config": {
+                "anomaly_syn_fn": {"name": "random_box", "p": 0.5},
+                "val_sample_ratio": 0.25,
+                "max_patch_number": 200,
+            },
+        },
+        "equality",
+    )
     model = HRTrainer(config, progress=False).fit(read_mvtec(data, "train")[:6])
     ckpt = save_checkpoint(model, work / "checkpoint")
     tensors = {}
@@ -111,7 +139,9 @@ def main() -> None:
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="an MVTec-layout folder for the fresh training")
     parser.add_argument("--count", type=int, default=4, help="images per checkpoint")
-    parser.add_argument("--no-bench", dest="bench", action="store_false", help="outputs only (bench medians need a quiet box)")
+    parser.add_argument(
+        "--no-bench", dest="bench", action="store_false", help="outputs only (bench medians need a quiet box)"
+    )
     args = parser.parse_args()
     manifests, arrays, bench = run(args)
     if args.mode == "record":
@@ -123,12 +153,19 @@ def main() -> None:
         return
     before_manifests = json.loads((args.ref / "manifests.json").read_text())
     before = dict(np.load(args.ref / "arrays.npz"))
-    differ = [k for k in manifests if json.dumps(manifests[k], sort_keys=True) != json.dumps(before_manifests.get(k), sort_keys=True)]
+    differ = [
+        k
+        for k in manifests
+        if json.dumps(manifests[k], sort_keys=True) != json.dumps(before_manifests.get(k), sort_keys=True)
+    ]
     differ = [f"manifest of checkpoint {k}" for k in differ]
     differ += [f"{k}: missing now" for k in before if k not in arrays]
     differ += [f"{k}: new" for k in arrays if k not in before]
-    differ += [f"{k}: max |diff| {np.abs(arrays[k].astype(np.float64) - before[k].astype(np.float64)).max():.3g}"
-               for k in arrays if k in before and (arrays[k].shape != before[k].shape or not np.array_equal(arrays[k], before[k]))]
+    differ += [
+        f"{k}: max |diff| {np.abs(arrays[k].astype(np.float64) - before[k].astype(np.float64)).max():.3g}"
+        for k in arrays
+        if k in before and (arrays[k].shape != before[k].shape or not np.array_equal(arrays[k], before[k]))
+    ]
     bench_before = json.loads((args.ref / "bench.json").read_text())
     for k, per_backend in bench.items():
         for backend, ms in per_backend.items():
@@ -136,7 +173,10 @@ def main() -> None:
             if was is None:
                 continue
             print(f"bench checkpoint {k} {backend}: {was:.0f} ms before, {ms:.0f} ms now ({ms / was:.3f}x)")
-    print(f"{len(arrays)} arrays and {len(manifests)} manifests compared: " + ("all identical" if not differ else f"{len(differ)} differ"))
+    print(
+        f"{len(arrays)} arrays and {len(manifests)} manifests compared: "
+        + ("all identical" if not differ else f"{len(differ)} differ")
+    )
     for line in differ:
         print("  " + line)
     sys.exit(1 if differ else 0)

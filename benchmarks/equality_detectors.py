@@ -28,27 +28,55 @@ PATCH = {  # detector -> its tiny `patch:` section (as tests/test_contract.py)
     "destseg": {"total_epochs": 3, "de_st_epochs": 1, "batch_size": 4},
     "fastflow": {"flow_step": 2, "hidden_ratio": 0.5, "num_epochs": 2, "batch_size": 4},
     "padim": {"embed_dimension": 32},
-    "dinomaly": {**TINY_VIT, "layers_to_extract_from": [0, 1, 2, 3], "fuse_layer_encoder": [[0, 1], [2, 3]],
-                 "decoder_depth": 2, "fuse_layer_decoder": [[0], [1]], "total_epochs": 2, "batch_size": 4},
-    "inpformer": {**TINY_VIT, "layers_to_extract_from": [0, 1, 2, 3], "fuse_layer_encoder": [[0, 1], [2, 3]],
-                  "decoder_depth": 2, "fuse_layer_decoder": [[0], [1]], "num_prototypes": 3, "total_epochs": 2,
-                  "batch_size": 4},
+    "dinomaly": {
+        **TINY_VIT,
+        "layers_to_extract_from": [0, 1, 2, 3],
+        "fuse_layer_encoder": [[0, 1], [2, 3]],
+        "decoder_depth": 2,
+        "fuse_layer_decoder": [[0], [1]],
+        "total_epochs": 2,
+        "batch_size": 4,
+    },
+    "inpformer": {
+        **TINY_VIT,
+        "layers_to_extract_from": [0, 1, 2, 3],
+        "fuse_layer_encoder": [[0, 1], [2, 3]],
+        "decoder_depth": 2,
+        "fuse_layer_decoder": [[0], [1]],
+        "num_prototypes": 3,
+        "total_epochs": 2,
+        "batch_size": 4,
+    },
     "vitad": {**TINY_VIT, "layers_to_extract_from": [0, 1, 2], "neck_layers": [3], "total_epochs": 2, "batch_size": 4},
-    "realnet": {"max_epoch": 2, "batch_size": 4, "init_bsn": 1, "num_res_blocks": 1, "channel_mult": [1],
-                "attention_mult": []},
+    "realnet": {
+        "max_epoch": 2,
+        "batch_size": 4,
+        "init_bsn": 1,
+        "num_res_blocks": 1,
+        "channel_mult": [1],
+        "attention_mult": [],
+    },
 }
 
 
 def _config(name: str):
     from hiad_train.config import parse_config
 
-    return parse_config({
-        "seed": 3, "image_size": 256, "patch_size": 128, "batch_size": 4, "detector": name,
-        "tasks": {"generator": "neighborhood", "num_groups_width": 2, "num_groups_height": 1},
-        "patch": PATCH[name], "thumbnail": {**PATCH[name], "thumbnail_size": 128},
-        "val_config": {"anomaly_syn_fn": {"name": "random_box", "p": 0.5}, "val_sample_ratio": 0.25},
-        "evaluation": {"resize": 128, "overlays": False},
-    }, f"equality:{name}")
+    return parse_config(
+        {
+            "seed": 3,
+            "image_size": 256,
+            "patch_size": 128,
+            "batch_size": 4,
+            "detector": name,
+            "tasks": {"generator": "neighborhood", "num_groups_width": 2, "num_groups_height": 1},
+            "patch": PATCH[name],
+            "thumbnail": {**PATCH[name], "thumbnail_size": 128},
+            "val_config": {"anomaly_syn_fn": {"name": "random_box", "p": 0.5}, "val_sample_ratio": 0.25},
+            "evaluation": {"resize": 128, "overlays": False},
+        },
+        f"equality:{name}",
+    )
 
 
 def _outputs(name: str, samples, work: Path) -> dict[str, np.ndarray]:
@@ -103,10 +131,15 @@ def main() -> None:
     before = {k: v for name in names for k, v in np.load(args.ref / f"{name}.npz").items()}
     differ = [f"{k}: missing now" for k in before if k not in arrays]
     differ += [f"{k}: new" for k in arrays if k not in before]
-    differ += [f"{k}: differs" for k in arrays
-               if k in before and (arrays[k].shape != before[k].shape or not np.array_equal(arrays[k], before[k]))]
-    print(f"{len(arrays)} arrays of {len(names)} detectors compared: "
-          + ("all identical" if not differ else f"{len(differ)} differ"))
+    differ += [
+        f"{k}: differs"
+        for k in arrays
+        if k in before and (arrays[k].shape != before[k].shape or not np.array_equal(arrays[k], before[k]))
+    ]
+    print(
+        f"{len(arrays)} arrays of {len(names)} detectors compared: "
+        + ("all identical" if not differ else f"{len(differ)} differ")
+    )
     for line in differ:
         print("  " + line)
     sys.exit(1 if differ else 0)

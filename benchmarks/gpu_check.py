@@ -34,8 +34,12 @@ def step(what: str, cmd: list[str], env: dict) -> float:
 
 
 def gpu_memory_mb() -> float:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return float(out.split()[0])
 
 
@@ -62,8 +66,9 @@ class PeakMemory:
 
 def timed(inspector, images: list, repeat: int, streams: int = 1) -> dict:
     """Median and p95 ms per image and images/s over `repeat` predictions per stream, after 3 warm-ups."""
-    import numpy as np
     from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
 
     warmups = images[:3]
     for image in warmups:
@@ -80,8 +85,12 @@ def timed(inspector, images: list, repeat: int, streams: int = 1) -> dict:
     with ThreadPoolExecutor(streams) as pool:
         list(pool.map(run, range(streams)))
     wall = time.perf_counter() - t0
-    return {"median_ms": float(np.median(seconds) * 1000), "p95_ms": float(np.percentile(seconds, 95) * 1000),
-            "images_per_s": streams * repeat / wall, "predictions": len(warmups) + len(seconds)}
+    return {
+        "median_ms": float(np.median(seconds) * 1000),
+        "p95_ms": float(np.percentile(seconds, 95) * 1000),
+        "images_per_s": streams * repeat / wall,
+        "predictions": len(warmups) + len(seconds),
+    }
 
 
 def measure(bundle: Path, image_paths: list[Path], repeat: int) -> dict:
@@ -98,9 +107,12 @@ def measure(bundle: Path, image_paths: list[Path], repeat: int) -> dict:
     cpu_options = {"backend": "onnxruntime", "providers": ("CPUExecutionProvider",), "head_path": "onnx"}
     figures: dict = {"onnxruntime": ort.__version__, "settings": {}, "parity": {}}
     images = None
-    for name, options in {"tiles, batch 1": {"batch_size": 1}, "tiles, batch 16": {"batch_size": 16},
-                          "tiles, batch 16, 4 streams": {"batch_size": 16, "streams": 4},
-                          "pipeline": {"engine": "pipeline"}}.items():
+    for name, options in {
+        "tiles, batch 1": {"batch_size": 1},
+        "tiles, batch 16": {"batch_size": 16},
+        "tiles, batch 16, 4 streams": {"batch_size": 16, "streams": 4},
+        "pipeline": {"engine": "pipeline"},
+    }.items():
         streams = options.pop("streams", 1)
         with PeakMemory() as memory:
             inspector = Inspector.load(bundle, **options)  # backend and head path: auto
@@ -115,9 +127,12 @@ def measure(bundle: Path, image_paths: list[Path], repeat: int) -> dict:
                 inspector.engine.session.run = lambda *a: calls.append(1) or run(*a)
             row = timed(inspector, images, repeat, streams)
         tiles = inspector.options.engine.value == "tiles"  # head path and batch apply to the tile engine only
-        row.update(gpu_mb=memory.mb, providers=inspector.providers_in_use,
-                   head_path=inspector.options.head_path.value if tiles else "-",
-                   batch=inspector.options.batch_size if tiles else "-")
+        row.update(
+            gpu_mb=memory.mb,
+            providers=inspector.providers_in_use,
+            head_path=inspector.options.head_path.value if tiles else "-",
+            batch=inspector.options.batch_size if tiles else "-",
+        )
         if calls:
             row["session_calls_per_image"] = len(calls) / row["predictions"]
         if tiles:  # where the embedder writes a chunk's features (and the heads' graphs read them)
@@ -133,8 +148,10 @@ def measure(bundle: Path, image_paths: list[Path], repeat: int) -> dict:
                 worst_map = max(worst_map, float(np.abs(a.anomaly_map - b.anomaly_map).max()) / span)
                 worst_score = max(worst_score, abs(a.score - b.score) / span)
             figures["parity"][inspector.options.engine.value] = {"map": worst_map, "score": worst_score}
-            print(f"parity {inspector.options.engine.value}: map {worst_map:.2e}, score {worst_score:.2e} of the range",
-                  flush=True)
+            print(
+                f"parity {inspector.options.engine.value}: map {worst_map:.2e}, score {worst_score:.2e} of the range",
+                flush=True,
+            )
             del cpu
         del inspector
     return figures
@@ -145,8 +162,10 @@ def table(figures: dict) -> str:
     for name, r in figures["settings"].items():
         extra = f", {r['session_calls_per_image']:.0f} session call/image" if "session_calls_per_image" in r else ""
         extra += f", features on {r['features']}" if "features" in r else ""
-        lines.append(f"{name:<28} {r['median_ms']:>10.1f} {r['p95_ms']:>8.1f} {r['images_per_s']:>9.2f} "
-                     f"{r['gpu_mb']:>8.0f}  {r['head_path']}, {r['batch']}{extra}")
+        lines.append(
+            f"{name:<28} {r['median_ms']:>10.1f} {r['p95_ms']:>8.1f} {r['images_per_s']:>9.2f} "
+            f"{r['gpu_mb']:>8.0f}  {r['head_path']}, {r['batch']}{extra}"
+        )
     for engine, p in figures["parity"].items():
         ok = "ok" if max(p.values()) <= TOLERANCE else f"ABOVE {TOLERANCE}"
         lines.append(f"parity CUDA vs CPU, {engine}: map {p['map']:.2e}, score {p['score']:.2e} of the range ({ok})")
@@ -173,17 +192,53 @@ def main() -> None:
     cpu_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(args.site), str(ROOT), path]))}
     gpu_env = {**cpu_env, "PYTHONPATH": os.pathsep.join([str(args.ort), cpu_env["PYTHONPATH"]])}
     run = args.work / "demo"
-    help_text = subprocess.run([python, "-m", "hiad_train.cli", "train", "--help"], env=cpu_env, cwd=ROOT,
-                               capture_output=True, text=True).stdout
+    help_text = subprocess.run(
+        [python, "-m", "hiad_train.cli", "train", "--help"], env=cpu_env, cwd=ROOT, capture_output=True, text=True
+    ).stdout
     device = ["--device", "cuda"] if "--device" in help_text else []
     figures = {"train": {"how": "on the GPU (--device cuda)" if device else "on the CPU: hiad-train has no --device"}}
-    figures["train"]["seconds"] = step("train", [python, "-m", "hiad_train.cli", "train", "configs/demo.yaml",
-                                                 "--data", str(args.data), "--out", str(run), *device], cpu_env)
+    figures["train"]["seconds"] = step(
+        "train",
+        [
+            python,
+            "-m",
+            "hiad_train.cli",
+            "train",
+            "configs/demo.yaml",
+            "--data",
+            str(args.data),
+            "--out",
+            str(run),
+            *device,
+        ],
+        cpu_env,
+    )
     figures["export"] = {"how": "fp32, exact Flat k-NN, --pipeline; parity vs PyTorch on the CPU onnxruntime"}
-    figures["export"]["seconds"] = step("export", [python, "-m", "hiad_export.cli", str(run / "checkpoint"),
-                                                   "--out", str(run / "bundle"), "--pipeline"], cpu_env)
-    step("runtime on CUDA", [python, __file__, "--data", str(args.data), "--work", str(args.work), "--site", str(args.site),
-                             "--ort", str(args.ort), "--repeat", str(args.repeat), "--measure", str(run / "bundle")], gpu_env)
+    figures["export"]["seconds"] = step(
+        "export",
+        [python, "-m", "hiad_export.cli", str(run / "checkpoint"), "--out", str(run / "bundle"), "--pipeline"],
+        cpu_env,
+    )
+    step(
+        "runtime on CUDA",
+        [
+            python,
+            __file__,
+            "--data",
+            str(args.data),
+            "--work",
+            str(args.work),
+            "--site",
+            str(args.site),
+            "--ort",
+            str(args.ort),
+            "--repeat",
+            str(args.repeat),
+            "--measure",
+            str(run / "bundle"),
+        ],
+        gpu_env,
+    )
     figures.update(json.loads((args.work / "figures.json").read_text()))
     print(table(figures))
     if os.environ.get("OUT"):

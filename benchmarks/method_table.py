@@ -32,13 +32,19 @@ def main() -> None:
     print("| variant | tasks | image AUROC | pixel AUROC | AUPRO | train s |")
     print("|---|---|---|---|---|---|")
     for name, overrides in VARIANTS.items():
-        cfg = load_config(ROOT / "configs" / "demo.yaml", {**overrides, "evaluation": {"resize": 512, "overlays": False}})
+        cfg = load_config(
+            ROOT / "configs" / "demo.yaml", {**overrides, "evaluation": {"resize": 512, "overlays": False}}
+        )
         trainer = HRTrainer(cfg, progress=False)
         t0 = time.perf_counter()
         model = trainer.fit(train)
         seconds = time.perf_counter() - t0
         m, _ = trainer.evaluate(model, test)
-        print(f"| {name} | {len(model.tasks)} | {m['image_auroc']:.4f} | {m['pixel_auroc']:.4f} | {m['aupro']:.4f} | {seconds:.0f} |", flush=True)
+        print(
+            f"| {name} | {len(model.tasks)} | {m['image_auroc']:.4f} | {m['pixel_auroc']:.4f} | {m['aupro']:.4f} | "
+            f"{seconds:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,12 @@ SETS = {
     "demo": (lambda out: build_elpv_demo(out), 2048, 512),
     "elpv-poly-2048": (_elpv(4, 512, "poly", 8), 2048, 512),
 }
-VAL = {"anomaly_syn_fn": {"name": "image_blending", "p": 0.5}, "val_sample_ratio": 0.25, "max_patch_number": 200,
-       "evaluators": ["image_auroc", "pixel_metrics"]}
+VAL = {
+    "anomaly_syn_fn": {"name": "image_blending", "p": 0.5},
+    "val_sample_ratio": 0.25,
+    "max_patch_number": 200,
+    "evaluators": ["image_auroc", "pixel_metrics"],
+}
 # name -> (config file, overrides); every one validates, so every one has thresholds
 CONFIGS = {
     "default-128d": ("demo.yaml", {"val_config": VAL}),
@@ -65,10 +69,24 @@ CONFIGS = {
     "lite1": ("demo.yaml", {"val_config": VAL, "patch": {"backbone_name": "tf_efficientnet_lite1"}}),
     "lite2": ("demo.yaml", {"val_config": VAL, "patch": {"backbone_name": "tf_efficientnet_lite2"}}),
     # hiad_full's branches one at a time on the default
-    "+clustering": ("demo.yaml", {"val_config": VAL, "tasks": {"generator": "spatial_clustering", "cluster_number": 4, "feature_resolution": 1}}),
+    "+clustering": (
+        "demo.yaml",
+        {"val_config": VAL, "tasks": {"generator": "spatial_clustering", "cluster_number": 4, "feature_resolution": 1}},
+    ),
     "+fusion": ("demo.yaml", {"val_config": VAL, "ds_factors": [0, 1], "fusion_weights": [0.5, 0.5]}),
-    "+thumbnail": ("demo.yaml", {"val_config": VAL, "thumbnail": {"backbone_name": "tf_efficientnet_lite0", "layers_to_extract_from": [2, 3],
-                                                                  "percentage": 0.1, "target_embed_dimension": 128, "thumbnail_size": 512}}),
+    "+thumbnail": (
+        "demo.yaml",
+        {
+            "val_config": VAL,
+            "thumbnail": {
+                "backbone_name": "tf_efficientnet_lite0",
+                "layers_to_extract_from": [2, 3],
+                "percentage": 0.1,
+                "target_embed_dimension": 128,
+                "thumbnail_size": 512,
+            },
+        },
+    ),
 }
 # image-score rules compared on the same maps (no retraining): the image AUROC each would give
 SCORE_RULES = {
@@ -91,7 +109,12 @@ def _rates(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -> t
 def run(set_name: str, config_name: str, data: Path) -> dict:
     root, image_size, patch_size = data, *SETS[set_name][1:]
     file, overrides = CONFIGS[config_name]
-    overrides = {**overrides, "image_size": image_size, "patch_size": patch_size, "evaluation": {"resize": 512, "overlays": False}}
+    overrides = {
+        **overrides,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "evaluation": {"resize": 512, "overlays": False},
+    }
     cfg = load_config(ROOT / "configs" / file, overrides)
     if cfg.thumbnail is not None:
         cfg = cfg.model_copy(update={"thumbnail": cfg.thumbnail.model_copy(update={"thumbnail_size": image_size // 4})})
@@ -112,29 +135,47 @@ def run(set_name: str, config_name: str, data: Path) -> dict:
     far_f1, miss_f1 = _rates(preds.scores, preds.labels, by_f1["image"])
     bank = sum(v.numel() * v.element_size() for d in model.detectors.values() for v in d.state().values())
     rule = by_rate["rules"]["image"]
-    by_score_rule = {name: image_auroc(np.array([image_score(m, spec) for m in preds.maps]), preds.labels, None, None)["image_auroc"]
-                     for name, spec in SCORE_RULES.items()}
+    by_score_rule = {
+        name: image_auroc(np.array([image_score(m, spec) for m in preds.maps]), preds.labels, None, None)["image_auroc"]
+        for name, spec in SCORE_RULES.items()
+    }
     return {
-        "set": set_name, "config": config_name, "tasks": len(model.tasks),
+        "set": set_name,
+        "config": config_name,
+        "tasks": len(model.tasks),
         **{k: metrics[k] for k in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")},
-        "threshold": by_rate["image"], "rate_interval_90": rule["rate_interval_90"], "val_images": rule["images"],
-        "false_alarm": far, "miss": miss, "threshold_f1": by_f1["image"], "false_alarm_f1": far_f1, "miss_f1": miss_f1,
-        "bank_mb": bank / 1e6, "train_s": train_s, "s_per_image": latency,
-        "good": int((preds.labels == 0).sum()), "defective": int((preds.labels == 1).sum()),
+        "threshold": by_rate["image"],
+        "rate_interval_90": rule["rate_interval_90"],
+        "val_images": rule["images"],
+        "false_alarm": far,
+        "miss": miss,
+        "threshold_f1": by_f1["image"],
+        "false_alarm_f1": far_f1,
+        "miss_f1": miss_f1,
+        "bank_mb": bank / 1e6,
+        "train_s": train_s,
+        "s_per_image": latency,
+        "good": int((preds.labels == 0).sum()),
+        "defective": int((preds.labels == 1).sum()),
         "image_auroc_by_score_rule": by_score_rule,
     }
 
 
-HEADER = ("| set | config | image AUROC | pixel AUROC | pixel AP | AUPRO | false alarms (target 1%) | misses "
-          "| false alarms, F1 rule | misses, F1 rule | bank MB | train s | s/image |\n" + "|---" * 13 + "|")
+HEADER = (
+    "| set | config | image AUROC | pixel AUROC | pixel AP | AUPRO | false alarms (target 1%) | misses "
+    "| false alarms, F1 rule | misses, F1 rule | bank MB | train s | s/image |\n" + "|---" * 13 + "|"
+)
 
 
 def row(r: dict) -> str:
     f = lambda x: f"{x:.3f}"  # noqa: E731
     pct = lambda x: "n/a" if np.isnan(x) else f"{x:.0%}"  # noqa: E731
-    return (f"| {r['set']} | {r['config']} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | {f(r['pixel_ap'])} | {f(r['aupro'])} "
-            f"| {pct(r['false_alarm'])} of {r['good']} | {pct(r['miss'])} of {r['defective']} | {pct(r['false_alarm_f1'])} "
-            f"| {pct(r['miss_f1'])} | {r['bank_mb']:.1f} | {r['train_s']:.0f} | {r['s_per_image']:.2f} |")
+    return (
+        f"| {r['set']} | {r['config']} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | {f(r['pixel_ap'])} | "
+        f"{f(r['aupro'])} "
+        f"| {pct(r['false_alarm'])} of {r['good']} | {pct(r['miss'])} of {r['defective']} | {pct(r['false_alarm_f1'])} "
+        f"| {pct(r['miss_f1'])} | {r['bank_mb']:.1f} | {r['train_s']:.0f} | {r['s_per_image']:.2f} |"
+    )
 
 
 def main() -> None:
@@ -156,10 +197,19 @@ def main() -> None:
                 f.write(json.dumps(r) + "\n")
             print(row(r), flush=True)
             rows.append(r)
-    print("\nImage AUROC by image-score rule, on the same maps:\n\n| set | config | " + " | ".join(SCORE_RULES) + " |\n"
-          + "|---" * (2 + len(SCORE_RULES)) + "|")
+    print(
+        "\nImage AUROC by image-score rule, on the same maps:\n\n| set | config | "
+        + " | ".join(SCORE_RULES)
+        + " |\n"
+        + "|---" * (2 + len(SCORE_RULES))
+        + "|"
+    )
     for r in rows:
-        print(f"| {r['set']} | {r['config']} | " + " | ".join(f"{v:.3f}" for v in r["image_auroc_by_score_rule"].values()) + " |")
+        print(
+            f"| {r['set']} | {r['config']} | "
+            + " | ".join(f"{v:.3f}" for v in r["image_auroc_by_score_rule"].values())
+            + " |"
+        )
 
 
 if __name__ == "__main__":

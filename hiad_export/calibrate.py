@@ -17,8 +17,10 @@ from hiad_runtime.bundle import MANIFEST, Bundle, Manifest, PipelineSpec
 from hiad_runtime.files import atomic_directory
 from hiad_train.calibration import Calibration, copy_except
 
-GRAPH_LEFT_OUT = ("left out by hiad-train calibrate: the graph holds the export-time normalization and thresholds; "
-                  "export a calibrated checkpoint to rebuild it")
+GRAPH_LEFT_OUT = (
+    "left out by hiad-train calibrate: the graph holds the export-time normalization and thresholds; "
+    "export a calibrated checkpoint to rebuild it"
+)
 
 
 def calibrated_manifest(manifest: Manifest, cal: Calibration) -> Manifest:
@@ -29,8 +31,10 @@ def calibrated_manifest(manifest: Manifest, cal: Calibration) -> Manifest:
         pipeline = PipelineSpec(unsupported=GRAPH_LEFT_OUT)
     parity = manifest.parity
     if parity is not None:
-        note = (f"calibrated {cal.thresholds['rules']['image']['calibrated']}: normalization and thresholds "
-                "recomputed after the parity check (the heads it checked are unchanged)")
+        note = (
+            f"calibrated {cal.thresholds['rules']['image']['calibrated']}: normalization and thresholds "
+            "recomputed after the parity check (the heads it checked are unchanged)"
+        )
         parity = {**parity, "notes": [*parity.get("notes", []), note]}
     thumbnail = manifest.thumbnail
     if thumbnail is not None:

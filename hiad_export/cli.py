@@ -12,7 +12,9 @@ import typer
 
 from hiad_runtime.bundle import Precision
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn a training checkpoint into a deployment bundle.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Turn a training checkpoint into a deployment bundle."
+)
 
 
 def _parity_images(paths: list[Path], data: str | None, size) -> list:
@@ -27,7 +29,9 @@ def _parity_images(paths: list[Path], data: str | None, size) -> list:
             for kind in sorted(d for d in test.iterdir() if d.is_dir()):
                 files += find_inputs([kind])[:1]
     if not files:
-        raise typer.BadParameter("no held-back images for the parity check: pass --images DIR_OR_FILES", param_hint="--images")
+        raise typer.BadParameter(
+            "no held-back images for the parity check: pass --images DIR_OR_FILES", param_hint="--images"
+        )
     return [resize_image(load_image(f), size) for f in files[:4]]
 
 
@@ -36,7 +40,9 @@ def _calibration_images(data: str | None, size, count: int) -> list:
     from hiad_train.data import read_mvtec
 
     if not data:
-        raise typer.BadParameter("int8 calibration reads the checkpoint's training images, but it records no data folder")
+        raise typer.BadParameter(
+            "int8 calibration reads the checkpoint's training images, but it records no data folder"
+        )
     try:
         samples = read_mvtec(data, "train")[:count]
     except FileNotFoundError as e:
@@ -46,19 +52,45 @@ def _calibration_images(data: str | None, size, count: int) -> list:
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="checkpoint folder written by hiad-train"),
+    checkpoint: Path = typer.Argument(
+        ..., exists=True, file_okay=False, help="checkpoint folder written by hiad-train"
+    ),
     out: Path = typer.Option(..., "--out", help="bundle: a symlink switched atomically to each new version OUT.v<N>"),
-    index: str = typer.Option("Flat", "--index", help="k-NN heads' faiss index_factory string: Flat (exact), IVF64,Flat, HNSW32, SQ8, ..."),
-    search: str = typer.Option("", "--search", help="k-NN heads' faiss search parameters, e.g. nprobe=8 or efSearch=64"),
+    index: str = typer.Option(
+        "Flat", "--index", help="k-NN heads' faiss index_factory string: Flat (exact), IVF64,Flat, HNSW32, SQ8, ..."
+    ),
+    search: str = typer.Option(
+        "", "--search", help="k-NN heads' faiss search parameters, e.g. nprobe=8 or efSearch=64"
+    ),
     images: Optional[List[Path]] = typer.Option(None, "--images", help="held-back images for the parity check"),
-    tolerance: float = typer.Option(1e-4, "--tolerance", min=0.0, help="max map difference relative to the map's range"),
+    tolerance: float = typer.Option(
+        1e-4, "--tolerance", min=0.0, help="max map difference relative to the map's range"
+    ),
     archive: bool = typer.Option(False, "--archive", help="also write OUT.tar (the full name plus .tar)"),
-    precision: Precision = typer.Option(Precision.fp32, "--precision", help="embedder graphs: fp32; int8 (static QDQ, calibrated on the training images; fastest on CPU); fp16 (for GPU providers)"),
-    calibration_images: int = typer.Option(4, "--calibration-images", help="int8: how many training images calibrate the activations"),
-    pipeline: bool = typer.Option(False, "--pipeline", help="also build the whole-image graph pipeline.onnx (what the C library and "
-                                  "--engine pipeline run): a second copy of every head, every tile in one run"),
-    pipeline_memory: Optional[float] = typer.Option(None, "--pipeline-memory", min=1, show_default="4096", help="--pipeline: MB "
-                                                    "the graph may take to build and check; a larger one is left out, the manifest says why"),
+    precision: Precision = typer.Option(
+        Precision.fp32,
+        "--precision",
+        help=(
+            "embedder graphs: fp32; int8 (static QDQ, calibrated on the training images; fastest on CPU); fp16 (for "
+            "GPU providers)"
+        ),
+    ),
+    calibration_images: int = typer.Option(
+        4, "--calibration-images", help="int8: how many training images calibrate the activations"
+    ),
+    pipeline: bool = typer.Option(
+        False,
+        "--pipeline",
+        help="also build the whole-image graph pipeline.onnx (what the C library and "
+        "--engine pipeline run): a second copy of every head, every tile in one run",
+    ),
+    pipeline_memory: Optional[float] = typer.Option(
+        None,
+        "--pipeline-memory",
+        min=1,
+        show_default="4096",
+        help="--pipeline: MB the graph may take to build and check; a larger one is left out, the manifest says why",
+    ),
 ) -> None:
     """Export graphs, indexes and manifest; prove parity with PyTorch; publish atomically."""
     from hiad_export.parity import ParityError
@@ -70,11 +102,20 @@ def export(
         model = load_checkpoint(checkpoint)
         meta = json.loads((checkpoint / "checkpoint.json").read_text())
         parity_images = _parity_images(list(images or []), meta.get("data"), model.tiling.image_size)
-        calibration = (_calibration_images(meta.get("data"), model.tiling.image_size, calibration_images)
-                       if precision is Precision.int8 else [])
-        opts = ExportOptions({"index": index, "search_params": search}, tolerance=tolerance, archive=archive,
-                             precision=precision, calibration=calibration, pipeline=pipeline,
-                             pipeline_memory_mb=pipeline_memory or PIPELINE_MEMORY_MB)
+        calibration = (
+            _calibration_images(meta.get("data"), model.tiling.image_size, calibration_images)
+            if precision is Precision.int8
+            else []
+        )
+        opts = ExportOptions(
+            {"index": index, "search_params": search},
+            tolerance=tolerance,
+            archive=archive,
+            precision=precision,
+            calibration=calibration,
+            pipeline=pipeline,
+            pipeline_memory_mb=pipeline_memory or PIPELINE_MEMORY_MB,
+        )
         manifest = write_bundle(model, out, parity_images, opts)
     except (CheckpointError, ParityError, ValueError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
@@ -83,12 +124,20 @@ def export(
         typer.secho(note, fg=typer.colors.YELLOW)
     for path, r in manifest.parity.items():
         if isinstance(r, dict):
-            status = "ok" if r["passed"] else ("not enforced (approximate path: recorded)" if not r["enforced"] else "FAILED")
-            typer.echo(f"parity [{path}] on {r['images']} image(s): max map diff {r['max_abs_map_diff']:.3g} "
-                       f"({r['max_rel_map_diff']:.2e} of range), score diff {r['max_rel_score_diff']:.2e}: {status}")
+            status = (
+                "ok"
+                if r["passed"]
+                else ("not enforced (approximate path: recorded)" if not r["enforced"] else "FAILED")
+            )
+            typer.echo(
+                f"parity [{path}] on {r['images']} image(s): max map diff {r['max_abs_map_diff']:.3g} "
+                f"({r['max_rel_map_diff']:.2e} of range), score diff {r['max_rel_score_diff']:.2e}: {status}"
+            )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    typer.echo(f"bundle: {out} ({len(manifest.tasks)} task(s), {sum(f.bytes for f in manifest.files.values()) / 1e6:.1f} MB); "
-               f"export peak RSS {peak_mb:.0f} MB")
+    typer.echo(
+        f"bundle: {out} ({len(manifest.tasks)} task(s), {sum(f.bytes for f in manifest.files.values()) / 1e6:.1f} MB); "
+        f"export peak RSS {peak_mb:.0f} MB"
+    )
 
 
 def main() -> None:

@@ -52,7 +52,9 @@ def _export(
         onnx.helper.set_model_props(model, metadata)
     size = sum(t.ByteSize() for t in model.graph.initializer)
     if size > EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
+        )
     elif metadata:
         onnx.save_model(model, str(path))
     for extra in set(path.parent.iterdir()) - before - {path, path.with_name(path.name + ".data")}:

@@ -62,4 +62,6 @@ def measure(
         ranges.append(span)
         rel_diff.append(d / span)
         rel_score.append(abs(result.score - ref_score) / span)
-    return ParityReport(path, len(images), max(abs_diff), min(ranges), max(rel_diff), max(rel_score), tolerance, enforced)
+    return ParityReport(
+        path, len(images), max(abs_diff), min(ranges), max(rel_diff), max(rel_score), tolerance, enforced
+    )

@@ -133,7 +133,8 @@ class Pipeline(nn.Module):
             sizes = {(w.width, w.height) for w in level.windows}
             if len(sizes) != 1:
                 raise PipelineUnsupported(
-                    f"tiling.ds_factors: context windows of level {k} differ in size {sorted(sizes)}")
+                    f"tiling.ds_factors: context windows of level {k} differ in size {sorted(sizes)}"
+                )
             self.shrinks.append(AreaShrink(sizes.pop(), tiling.patch_size, f"context windows of level {k}"))
         self.heads = nn.ModuleList(model.detectors[t.name].head().eval() for t in plan.tasks)
         norms = plan.normalization
@@ -152,12 +153,22 @@ class Pipeline(nn.Module):
             norm = plan.thumbnail_normalization
             self.thumb_norm = Normalize(norm) if norm is not None else nn.Identity()
         spec = self.post = plan.postprocess
-        self.blur = GaussianBlur(spec.gaussian_sigma, spec.gaussian_truncate, self.image_size) if spec.gaussian_sigma > 0 else None
+        self.blur = (
+            GaussianBlur(spec.gaussian_sigma, spec.gaussian_truncate, self.image_size)
+            if spec.gaussian_sigma > 0
+            else None
+        )
         # per-tile blur (at each tile's size, and at the thumbnail's), when the detector asks for it
         sizes = {tiling.patch_size} | ({plan.thumbnail_size} if self.thumbnail is not None else set())
         self.tile_blurs = nn.ModuleDict(
-            {f"{w}x{h}": GaussianBlur(spec.tile_blur_sigma, spec.gaussian_truncate, (w, h), "postprocess.tile_blur_sigma")
-             for w, h in sizes} if spec.tile_blur_sigma > 0 else {}
+            {
+                f"{w}x{h}": GaussianBlur(
+                    spec.tile_blur_sigma, spec.gaussian_truncate, (w, h), "postprocess.tile_blur_sigma"
+                )
+                for w, h in sizes
+            }
+            if spec.tile_blur_sigma > 0
+            else {}
         )
         self.image_threshold = plan.image_threshold
         self.pixel_threshold = plan.pixel_threshold
@@ -204,7 +215,9 @@ class Pipeline(nn.Module):
         if self.routed:
             key = feats[0].mean(dim=(2, 3))
             key = key / torch.clamp((key * key).sum(1, keepdim=True).sqrt(), min=1e-12)
-            d2 = (key * key).sum(1, keepdim=True) - 2 * key @ self.centres.T + (self.centres * self.centres).sum(1)[None]
+            d2 = (
+                (key * key).sum(1, keepdim=True) - 2 * key @ self.centres.T + (self.centres * self.centres).sum(1)[None]
+            )
             label = torch.argmin(d2, dim=1)
             scores = torch.stack([norm(head(*feats)) for head, norm in zip(self.heads, self.norms)], 1)
             index = label.view(-1, 1, 1, 1).expand(-1, 1, *scores.shape[-2:])
@@ -287,9 +300,12 @@ def export_pipeline(
         why = f"not built: hiad-export --pipeline builds the whole-image graph, {cost.describe()}"
         return PipelineSpec(unsupported=why), f"pipeline graph {why}"
     if cost.total_mb > memory_mb:
-        why = (f"left out: the whole-image graph runs all {len(model.tiling.tiles)} tiles at once, {cost.describe()}, over "
-               f"the budget of {memory_mb:g} MB; it needs a machine with that memory (hiad-export --pipeline-memory "
-               f"{cost.total_mb}) or a graph that streams tiles in chunks (not built yet)")
+        why = (
+            f"left out: the whole-image graph runs all {len(model.tiling.tiles)} tiles at once, {cost.describe()}, "
+            "over "
+            f"the budget of {memory_mb:g} MB; it needs a machine with that memory (hiad-export --pipeline-memory "
+            f"{cost.total_mb}) or a graph that streams tiles in chunks (not built yet)"
+        )
         return PipelineSpec(unsupported=why), f"pipeline graph {why}"
     width, height = model.tiling.image_size
     example = torch.zeros(1, height, width, 3, dtype=torch.uint8)
@@ -317,4 +333,6 @@ def export_pipeline(
         opset=OPSET,
     )
     size = sum(f.stat().st_size for f in folder.glob(PIPELINE_FILE + "*")) / MB
-    return PipelineSpec(graph=graph, metadata=metadata), f"pipeline graph built: {size:.1f} MB on disk, {cost.describe()}"
+    return PipelineSpec(
+        graph=graph, metadata=metadata
+    ), f"pipeline graph built: {size:.1f} MB on disk, {cost.describe()}"

@@ -69,8 +69,10 @@ class PipelineCost:
         return -(-(self.activations + self.constants) // MB)
 
     def describe(self) -> str:
-        return (f"about {self.total_mb} MB to build and run ({self.activations / MB:.0f} MB of tensors at its peak, "
-                f"{self.constants / MB:.0f} MB of weights: pipeline.onnx)")
+        return (
+            f"about {self.total_mb} MB to build and run ({self.activations / MB:.0f} MB of tensors at its peak, "
+            f"{self.constants / MB:.0f} MB of weights: pipeline.onnx)"
+        )
 
 
 def pipeline_cost(pipeline: nn.Module, image_size: tuple[int, int]) -> PipelineCost:

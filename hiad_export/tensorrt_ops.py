@@ -15,7 +15,8 @@ from pathlib import Path
 
 import onnx
 
-TENSORRT_OPS = frozenset("""
+TENSORRT_OPS = frozenset(
+    """
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil Celu
 Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div
 Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gemm
@@ -27,11 +28,13 @@ ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape
 RNN Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Sigmoid Sign Sin Sinh Size Slice
 Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK
 Transpose Unsqueeze Upsample Where Xor LayerNormalization
-""".split())
+""".split()
+)
 
 
 def op_types(path: str | Path) -> set[str]:
     """Op types of a graph's nodes, subgraphs included (default ONNX domain only)."""
+
     def walk(graph):
         for node in graph.node:
             yield node.op_type

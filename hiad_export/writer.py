@@ -57,7 +57,9 @@ PARITY_HEAD_MEMORY_MB = 256  # task heads each parity path keeps loaded (more ar
 
 @dataclass
 class ExportOptions:
-    native: dict = field(default_factory=dict)  # options of native head paths, e.g. {"index": "IVF64,Flat", "search_params": "nprobe=8"}
+    native: dict = field(
+        default_factory=dict
+    )  # options of native head paths, e.g. {"index": "IVF64,Flat", "search_params": "nprobe=8"}
     tolerance: float = DEFAULT_TOLERANCE
     archive: bool = False
     precision: Precision = Precision.fp32  # embedder graphs (heads stay fp32)
@@ -77,7 +79,9 @@ def _preprocessing() -> dict:
     }
 
 
-def _export_head(detector: Detector, folder: Path, stem: str, embedder: str, shapes, opts: ExportOptions, prefix: str) -> HeadSpec:
+def _export_head(
+    detector: Detector, folder: Path, stem: str, embedder: str, shapes, opts: ExportOptions, prefix: str
+) -> HeadSpec:
     """The detector's head graph plus whatever native artifacts it offers, with paths relative to the bundle."""
     graph = export_head(detector.head(), shapes, folder / f"{stem}_head.onnx")
     files, native_params = write_native(detector.head_kind, detector.state(), folder, stem, opts.native, detector.seed)
@@ -102,7 +106,9 @@ def _write_graphs(model: HRModel, tmp: Path, opts: ExportOptions) -> dict:
     (tmp / "tasks").mkdir()
     tasks = []
     for task in tqdm(model.tasks, desc="export tasks", leave=False):
-        head = _export_head(model.detectors[task.name], tmp / "tasks", task.name, "patch", _feature_shapes(spec), opts, "tasks/")
+        head = _export_head(
+            model.detectors[task.name], tmp / "tasks", task.name, "patch", _feature_shapes(spec), opts, "tasks/"
+        )
         norm = None if model.task_normalization is None else model.task_normalization[task.name]
         tasks.append(TaskSpec(task.name, list(task.tiles), head, norm, model.training.get(task.name)))
     thumbnail = None
@@ -111,27 +117,36 @@ def _write_graphs(model: HRModel, tmp: Path, opts: ExportOptions) -> dict:
         (tmp / "thumbnail").mkdir()
         tspec = export_embedder(t.embedder, t.size, tmp / "thumbnail" / "embedder.onnx")
         embedders["thumbnail"] = EmbedderSpec(replace(tspec, file="thumbnail/embedder.onnx"), list(t.size))
-        head = _export_head(t.detector, tmp / "thumbnail", "detector", "thumbnail", _feature_shapes(tspec), opts, "thumbnail/")
+        head = _export_head(
+            t.detector, tmp / "thumbnail", "detector", "thumbnail", _feature_shapes(tspec), opts, "thumbnail/"
+        )
         thumbnail = ThumbnailSpec(list(t.size), head, t.normalization)
     routing = None
     if model.routing is not None:
         np.save(tmp / "routing_centres.npy", model.routing.astype(np.float32), allow_pickle=False)
         routing = RoutingSpec(
             "routing_centres.npy",
-            "embedder 'patch' output feature_0 averaged over its grid, then L2-normalized; nearest centre (L2) = task index",
+            "embedder 'patch' output feature_0 averaged over its grid, then L2-normalized; nearest centre (L2) = "
+            "task index",
         )
     return {"embedders": embedders, "tasks": tasks, "thumbnail": thumbnail, "routing": routing}
 
 
 def _reduce_precision(model: HRModel, tmp: Path, fields: dict, opts: ExportOptions) -> dict:
     """Replace every embedder graph by its reduced-precision version (the fp32 file is removed)."""
-    tiles = calibration_tiles(opts.calibration, lambda im: split(im, model.tiling.tiles)) if opts.precision == "int8" else None
+    tiles = (
+        calibration_tiles(opts.calibration, lambda im: split(im, model.tiling.tiles))
+        if opts.precision == "int8"
+        else None
+    )
     embedders = {}
     for name, e in fields["embedders"].items():
         source = tmp / e.graph.file
         reduced = reduce_precision(source, opts.precision, None if tiles is None else _resized(tiles, e.tile_size))
         source.unlink()
-        embedders[name] = replace(e, graph=replace(e.graph, file=str(reduced.relative_to(tmp))), precision=opts.precision)
+        embedders[name] = replace(
+            e, graph=replace(e.graph, file=str(reduced.relative_to(tmp))), precision=opts.precision
+        )
     return {**fields, "embedders": embedders}
 
 
@@ -183,7 +198,12 @@ def _write_manifest(path: Path, manifest: Manifest) -> None:
 
 
 def check_parity(
-    model: HRModel, root: Path, images: Sequence[np.ndarray], opts: ExportOptions, reference: list | None = None, label: str = ""
+    model: HRModel,
+    root: Path,
+    images: Sequence[np.ndarray],
+    opts: ExportOptions,
+    reference: list | None = None,
+    label: str = "",
 ) -> dict:
     """Run PyTorch and every runtime path that applies (ONNX heads, native heads, the pipeline graph)
     on `images`; raise ParityError past the tolerance. A native path whose artifacts are approximate
@@ -207,7 +227,9 @@ def check_parity(
 
     reports = [measured(key + "onnx", not reduced, head_path="onnx", backend="onnxruntime")]
     native = [h for h in bundle.manifest.heads() if has_native_path(h)]
-    exact = all(h.params.get("exact", True) for h in native) and not reduced  # approximate indexes: recorded, not enforced
+    exact = (
+        all(h.params.get("exact", True) for h in native) and not reduced
+    )  # approximate indexes: recorded, not enforced
     if native:
         reports.append(measured(key + "native", exact, head_path="native", backend="onnxruntime"))
     if resolve_backend(Backend.auto) is Backend.openvino:  # the runtime's default backend on this box: proven too
@@ -216,12 +238,17 @@ def check_parity(
         reports.append(measured("pipeline", True, engine="pipeline", backend="onnxruntime"))
     failed = [r for r in reports if r.enforced and not r.passed]
     if failed:
-        lines = [f"{r.path}: max relative map diff {r.max_rel_map_diff:.2e}, score diff {r.max_rel_score_diff:.2e}" for r in failed]
+        lines = [
+            f"{r.path}: max relative map diff {r.max_rel_map_diff:.2e}, score diff {r.max_rel_score_diff:.2e}"
+            for r in failed
+        ]
         raise ParityError(f"runtime disagrees with PyTorch beyond tolerance {opts.tolerance:g}: " + "; ".join(lines))
     return {r.path: r.to_dict() for r in reports}
 
 
-def write_bundle(model: HRModel, out: str | Path, parity_images: Sequence[np.ndarray], opts: ExportOptions | None = None) -> Manifest:
+def write_bundle(
+    model: HRModel, out: str | Path, parity_images: Sequence[np.ndarray], opts: ExportOptions | None = None
+) -> Manifest:
     """Export `model` as a bundle at `out` and return its manifest.
 
     Writes the embedder and head graphs, each head kind's native files, the routing centres, the

@@ -27,12 +27,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Input:
+    """One input of a run: the path as listed and the key its outputs are written under."""
+
     path: str  # as listed (the record's "input"); read from here, relative to the driver's folder
     key: str  # where its map and overlay go, relative to maps/ and overlays/ (results.output_keys)
 
 
 @dataclass(frozen=True)
 class OutputSettings:
+    """What a run writes beside each record."""
+
     input_size: bool = False  # maps at each input's own size, not the bundle's image_size
     overlays: bool = False  # also an overlay PNG per input
 

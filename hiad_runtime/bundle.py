@@ -169,7 +169,9 @@ class Manifest:
     postprocess: PostprocessSpec
     routing: RoutingSpec | None = None
     thumbnail: ThumbnailSpec | None = None
-    thresholds: dict | None = None  # {"image": float|None, "pixel": float|None, "rules": {how each was set}} on the output scale
+    thresholds: dict | None = (
+        None  # {"image": float|None, "pixel": float|None, "rules": {how each was set}} on the output scale
+    )
     validation: dict | None = None  # metrics on the synthetic-anomaly validation set
     parity: dict | None = None
     pipeline: PipelineSpec | None = None  # the whole-image graph, or why there is none
@@ -227,7 +229,8 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, max_extract_bytes: int = MAX_EXTRACT_BYTES) -> "Bundle":
-        """Open a bundle directory (or a .tar/.tar.gz of one); check paths, validate the manifest, check every file's sha256.
+        """Open a bundle directory (or a .tar/.tar.gz of one); check paths, validate the manifest, check every
+        file's sha256.
 
         A published bundle (a symlink to its current version) is resolved once, so every file is read
         from the same version even if a new one is published meanwhile.
@@ -251,7 +254,11 @@ class Bundle:
         if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
             raise BundleError(f"{manifest_file}: not a {SCHEMA!r} manifest")
         if raw.get("schema_version") != SCHEMA_VERSION:
-            hint = " (written by an earlier hiad-export: re-export it from its checkpoint)" if raw.get("schema_version") in (1, 2) else ""
+            hint = (
+                " (written by an earlier hiad-export: re-export it from its checkpoint)"
+                if raw.get("schema_version") in (1, 2)
+                else ""
+            )
             raise BundleError(
                 f"{manifest_file}: schema_version {raw.get('schema_version')} is not supported "
                 f"(this runtime reads {SCHEMA_VERSION}){hint}"
@@ -290,8 +297,10 @@ def _without_engine_entries(raw: dict, manifest_file: Path) -> dict:
 
     for graph in graphs(raw):
         if graph.get("engine") is not None:
-            raise BundleError(f"{manifest_file}: graph {graph.get('file')!r} names a TensorRT engine file "
-                              f"({graph['engine']!r}), which this runtime does not load; re-export the bundle from its checkpoint")
+            raise BundleError(
+                f"{manifest_file}: graph {graph.get('file')!r} names a TensorRT engine file "
+                f"({graph['engine']!r}), which this runtime does not load; re-export the bundle from its checkpoint"
+            )
         graph.pop("engine", None)
     return raw
 
@@ -304,7 +313,9 @@ def confined(root: Path, name: str) -> Path:
     """
     pure = PurePosixPath(name)
     if not name or pure.is_absolute() or ".." in pure.parts:
-        raise BundleError(f"{root}: manifest path {name!r} is absolute or contains '..'; refused (files must be inside the bundle)")
+        raise BundleError(
+            f"{root}: manifest path {name!r} is absolute or contains '..'; refused (files must be inside the bundle)"
+        )
     path = root / name
     if not path.resolve().is_relative_to(root.resolve()):
         raise BundleError(f"{root}: manifest path {name!r} leads outside the bundle (through a symlink); refused")
@@ -393,11 +404,18 @@ def _extract(archive: Path, max_bytes: int) -> Path:
     parent = Path(tempfile.gettempdir())
     remove_stale(parent, EXTRACT_PREFIX)
     try:
-        with open(archive, "rb") as raw, tarfile.open(fileobj=_CappedStream(_decompressed(raw), max_bytes + max_bytes // 16 + (1 << 20), archive), mode="r:") as tar:
+        with (
+            open(archive, "rb") as raw,
+            tarfile.open(
+                fileobj=_CappedStream(_decompressed(raw), max_bytes + max_bytes // 16 + (1 << 20), archive), mode="r:"
+            ) as tar,
+        ):
             members = tar.getmembers()
             total = sum(m.size for m in members if m.isreg())
             if total > max_bytes:
-                raise BundleError(f"{archive}: would extract {total} bytes, more than the limit of {max_bytes}; refused")
+                raise BundleError(
+                    f"{archive}: would extract {total} bytes, more than the limit of {max_bytes}; refused"
+                )
             free = shutil.disk_usage(parent).free
             if total > free:
                 raise BundleError(f"{archive}: would extract {total} bytes but {parent} has {free} free; refused")

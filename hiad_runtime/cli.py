@@ -24,23 +24,53 @@ from hiad_runtime.results import InputError, OutputError, ResultsFolder, find_in
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hiad-deploy inspection runtime (torch-free).")
 
 # The runtime options, declared once; predict, bench and serve each take them and build one RuntimeOptions.
-BackendOption = Annotated[Backend, typer.Option(
-    "--backend", help="auto: onnxruntime on CUDA where its CUDA provider is offered ('hiad-deploy[gpu]'); on a "
-    "CPU-only box openvino where it is installed (faster here at the same parity), else onnxruntime; or name one")]
-HeadPathOption = Annotated[HeadPath, typer.Option(
-    "--head-path", help="native: a head kind's fast path (faiss for k-NN) where it has one; "
-    "onnx: every head's exported graph; auto: onnx on a GPU (features stay on the device), else native")]
-EngineOption = Annotated[EngineKind, typer.Option(
-    "--engine", help="tiles: stage by stage; pipeline: the bundle's whole-image graph (what the C library runs)")]
-BatchOption = Annotated[Optional[int], typer.Option(
-    "--batch", min=1, help="tiles per embedder call (default: 1 on a CPU, fastest and smallest ONNX Runtime arena "
-    "at 512 px tiles; --stream-tiles on a GPU)")]
-StreamTilesOption = Annotated[int, typer.Option(
-    "--stream-tiles", min=1, help="tiles embedded and scored per chunk: bounds memory on large images "
-    "(map built in place)")]
-HeadMemoryOption = Annotated[Optional[float], typer.Option(
-    "--head-memory", help="MB of task heads (their files) kept loaded (default: a quarter of the memory available "
-    "at start, at least 256); a bundle with more loads each chunk's heads as it goes, and says so once")]
+BackendOption = Annotated[
+    Backend,
+    typer.Option(
+        "--backend",
+        help="auto: onnxruntime on CUDA where its CUDA provider is offered ('hiad-deploy[gpu]'); on a "
+        "CPU-only box openvino where it is installed (faster here at the same parity), else onnxruntime; or name one",
+    ),
+]
+HeadPathOption = Annotated[
+    HeadPath,
+    typer.Option(
+        "--head-path",
+        help="native: a head kind's fast path (faiss for k-NN) where it has one; "
+        "onnx: every head's exported graph; auto: onnx on a GPU (features stay on the device), else native",
+    ),
+]
+EngineOption = Annotated[
+    EngineKind,
+    typer.Option(
+        "--engine", help="tiles: stage by stage; pipeline: the bundle's whole-image graph (what the C library runs)"
+    ),
+]
+BatchOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--batch",
+        min=1,
+        help="tiles per embedder call (default: 1 on a CPU, fastest and smallest ONNX Runtime arena "
+        "at 512 px tiles; --stream-tiles on a GPU)",
+    ),
+]
+StreamTilesOption = Annotated[
+    int,
+    typer.Option(
+        "--stream-tiles",
+        min=1,
+        help="tiles embedded and scored per chunk: bounds memory on large images (map built in place)",
+    ),
+]
+HeadMemoryOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--head-memory",
+        help="MB of task heads (their files) kept loaded (default: a quarter of the memory available "
+        "at start, at least 256); a bundle with more loads each chunk's heads as it goes, and says so once",
+    ),
+]
 ThreadsOption = Annotated[int, typer.Option("--threads", min=0, help="ONNX Runtime intra-op threads (0 = all cores)")]
 PREFETCH_HELP = "images decoded ahead on a worker thread while the current one is inferred (0 = none)"
 
@@ -69,7 +99,8 @@ def _load(bundle: Path, options: RuntimeOptions):
 def describe_threshold(kind: str, value: float | None, rule: dict | None, override: bool) -> str:
     """One line saying what a threshold is and how it was set (the bundle's record of its rule)."""
     if value is None:
-        return f"{kind} threshold: none ({'no decisions' if kind == 'image' else 'no masks'}; --{'threshold' if kind == 'image' else 'pixel-threshold'} sets one)"
+        effect, option = ("no decisions", "threshold") if kind == "image" else ("no masks", "pixel-threshold")
+        return f"{kind} threshold: none ({effect}; --{option} sets one)"
     head = f"{kind} threshold {value:.4g}"
     if override:
         return f"{head}: given on the command line"
@@ -78,57 +109,104 @@ def describe_threshold(kind: str, value: float | None, rule: dict | None, overri
     if rule.get("rule") == "false_alarm_rate":
         low, high = rule["rate_interval_90"]
         warning = f"; warning: {rule['warning']}" if "warning" in rule else ""
-        return (f"{head}: false-alarm rate {rule['rate']:.2%} on {rule['images']} normal image(s) ({rule['tiles']} tiles"
-                f"{when}), achieved rate {low:.2%}-{high:.2%} (90% interval){warning}")
+        return (
+            f"{head}: false-alarm rate {rule['rate']:.2%} on {rule['images']} normal image(s) ({rule['tiles']} tiles"
+            f"{when}), achieved rate {low:.2%}-{high:.2%} (90% interval){warning}"
+        )
     if rule.get("rule") == "max_miss":
         low, high = rule["false_alarm_interval_90"]
-        return (f"{head}: misses at most {rule['max_miss']:.0%} of {rule['defective_images']} defective image(s){when}; "
-                f"false-alarm rate {low:.1%}-{high:.1%} on {rule['images']} normal image(s) (90% interval)")
+        return (
+            f"{head}: misses at most {rule['max_miss']:.0%} of {rule['defective_images']} defective image(s){when}; "
+            f"false-alarm rate {low:.1%}-{high:.1%} on {rule['images']} normal image(s) (90% interval)"
+        )
     if rule.get("rule") == "f1":
-        return f"{head}: best F1 on {rule['tiles']} validation tiles with synthetic anomalies ({rule['images']} image(s){when})"
+        return (
+            f"{head}: best F1 on {rule['tiles']} validation tiles with synthetic anomalies "
+            f"({rule['images']} image(s){when})"
+        )
     return f"{head}: rule not recorded in this bundle"
 
 
 @app.command()
 def predict(
     bundle: Path = typer.Argument(..., exists=True, help="bundle folder or .tar"),
-    inputs: List[Path] = typer.Argument(..., help="image files, folders (searched recursively), quoted glob patterns "
-                                        "('data/**/*.png') and/or .txt files listing them, one per line"),
-    out: Path = typer.Option(..., "--out", help="results.jsonl, maps/ and overlays/ go here (locked while the run writes)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier run's results in --out (refused otherwise)"),
-    resume: bool = typer.Option(False, "--resume", help="continue an earlier run in --out (killed or not): score "
-                                "only the inputs it has not recorded; same bundle and options assumed"),
+    inputs: List[Path] = typer.Argument(
+        ...,
+        help="image files, folders (searched recursively), quoted glob patterns "
+        "('data/**/*.png') and/or .txt files listing them, one per line",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="results.jsonl, maps/ and overlays/ go here (locked while the run writes)"
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace an earlier run's results in --out (refused otherwise)"
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="continue an earlier run in --out (killed or not): score "
+        "only the inputs it has not recorded; same bundle and options assumed",
+    ),
     overlays: bool = typer.Option(False, "--overlays", help="also write anomaly-map overlay PNGs"),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="image-score threshold (overrides the bundle's)"),
-    pixel_threshold: Optional[float] = typer.Option(None, "--pixel-threshold", help="pixel threshold (overrides the bundle's)"),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", help="image-score threshold (overrides the bundle's)"
+    ),
+    pixel_threshold: Optional[float] = typer.Option(
+        None, "--pixel-threshold", help="pixel threshold (overrides the bundle's)"
+    ),
     head_path: HeadPathOption = HeadPath.auto,
     engine: EngineOption = EngineKind.tiles,
-    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0 = all cores); with "
-                                "--ray, per actor, which reserves as many CPUs (0 = 1)"),
+    threads: int = typer.Option(
+        0,
+        "--threads",
+        min=0,
+        help="ONNX Runtime intra-op threads (0 = all cores); with "
+        "--ray, per actor, which reserves as many CPUs (0 = 1)",
+    ),
     batch: BatchOption = None,
-    input_size: bool = typer.Option(False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"),
-    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="refuse inputs declaring more pixels (default: 4x the bundle's image area)"),
+    input_size: bool = typer.Option(
+        False, "--input-size", help="write maps at each input's own size instead of the bundle's image_size"
+    ),
+    max_pixels: Optional[int] = typer.Option(
+        None, "--max-pixels", min=1, help="refuse inputs declaring more pixels (default: 4x the bundle's image area)"
+    ),
     backend: BackendOption = Backend.auto,
     stream_tiles: StreamTilesOption = 16,
     head_memory: HeadMemoryOption = None,
     prefetch: int = typer.Option(0, "--prefetch", min=0, help=PREFETCH_HELP + " (not with --ray)"),
-    ray: Optional[str] = typer.Option(None, "--ray", help="score on Ray actors (extra [ray]): 'local' (a Ray instance "
-                                      "here), 'auto' (the cluster this node is in) or HEAD:6379; the bundle and inputs "
-                                      "at the same paths on every node (docs/distributed.md)"),
-    actors: int = typer.Option(0, "--actors", min=0, help="with --ray: actors, each loading the bundle once "
-                               "(0 = the cluster's CPUs / --threads)"),
+    ray: Optional[str] = typer.Option(
+        None,
+        "--ray",
+        help="score on Ray actors (extra [ray]): 'local' (a Ray instance "
+        "here), 'auto' (the cluster this node is in) or HEAD:6379; the bundle and inputs "
+        "at the same paths on every node (docs/distributed.md)",
+    ),
+    actors: int = typer.Option(
+        0,
+        "--actors",
+        min=0,
+        help="with --ray: actors, each loading the bundle once (0 = the cluster's CPUs / --threads)",
+    ),
 ) -> None:
     """Score images; one JSON line per image (written as soon as it is done, in input order), a float32 map each."""
     from hiad_runtime.batch import Input, OutputSettings, write_all
 
     options = _options(
-        backend=backend, head_path=head_path, engine=engine, batch_size=batch, stream_tiles=stream_tiles,
-        head_memory=head_memory, threads=threads or (1 if ray else 0), max_pixels=max_pixels, image_threshold=threshold,
+        backend=backend,
+        head_path=head_path,
+        engine=engine,
+        batch_size=batch,
+        stream_tiles=stream_tiles,
+        head_memory=head_memory,
+        threads=threads or (1 if ray else 0),
+        max_pixels=max_pixels,
+        image_threshold=threshold,
         pixel_threshold=pixel_threshold,
     )
     if ray and prefetch:
-        raise typer.BadParameter("decoding ahead is the local command's: each actor has its next input queued",
-                                 param_hint="--prefetch")
+        raise typer.BadParameter(
+            "decoding ahead is the local command's: each actor has its next input queued", param_hint="--prefetch"
+        )
     try:
         files = find_inputs(inputs)
     except InputError as e:
@@ -153,8 +231,10 @@ def predict(
                 rate = len(todo) / (time.perf_counter() - t_start)
         except OutputError as e:
             _fail(str(e))
-    typer.echo(f"{rate:.3g} images/s; embedder precision {about['precision']}; backend {about['backend']}; "
-               f"providers: {', '.join(about['providers'])}; results: {out / 'results.jsonl'}")
+    typer.echo(
+        f"{rate:.3g} images/s; embedder precision {about['precision']}; backend {about['backend']}; "
+        f"providers: {', '.join(about['providers'])}; results: {out / 'results.jsonl'}"
+    )
     if failures:
         raise typer.Exit(1)
 
@@ -192,8 +272,10 @@ def _on_ray(address: str, actors: int, bundle: Path, options: RuntimeOptions, se
             about = pool.describe()
         except ScoringFailed as e:
             _fail(str(e))
-        typer.echo(f"{count} Ray actor(s) of {options.threads} thread(s) each (the cluster holds {room} at once); "
-                   f"first started on node {about['node']}")
+        typer.echo(
+            f"{count} Ray actor(s) of {options.threads} thread(s) each (the cluster holds {room} at once); "
+            f"first started on node {about['node']}"
+        )
         yield pool.score, about
     except ScoringFailed as e:
         _fail(f"{e}; the records written are kept: --resume continues")
@@ -222,10 +304,16 @@ def verify(bundle: Path = typer.Argument(..., exists=True, help="bundle folder o
     typer.echo(f"bundle {b.root}: OK")
     typer.echo(f"  {m.schema} v{m.schema_version}, {m.producer}, created {m.created}, detector {m.detector}")
     typer.echo(f"  {len(m.files)} files, {sum(f.bytes for f in m.files.values()) / 1e6:.1f} MB, every sha256 matches")
-    typer.echo(f"  image_size {'x'.join(map(str, inspector.tiling.image_size))}, {len(inspector.tiling.tiles)} tiles, {len(m.tasks)} task(s)")
+    typer.echo(
+        f"  image_size {'x'.join(map(str, inspector.tiling.image_size))}, {len(inspector.tiling.tiles)} tiles, "
+        f"{len(m.tasks)} task(s)"
+    )
     for path, r in (m.parity or {}).items():
         if isinstance(r, dict):
-            typer.echo(f"  parity [{path}]: {'passed' if r['passed'] else 'FAILED'}{'' if r['enforced'] else ' (not enforced)'}")
+            typer.echo(
+                f"  parity [{path}]: "
+                f"{'passed' if r['passed'] else 'FAILED'}{'' if r['enforced'] else ' (not enforced)'}"
+            )
     typer.echo(f"  manifest sha256 {sha256_file(b.root / MANIFEST)} (sign manifest.json to sign the bundle)")
 
 
@@ -238,7 +326,9 @@ def _peak_rss_mb() -> float:
 @app.command()
 def bench(
     bundle: Path = typer.Argument(..., exists=True, help="bundle folder or .tar"),
-    images: Optional[List[Path]] = typer.Argument(None, help="images to run (default: one synthetic image at the bundle's size)"),
+    images: Optional[List[Path]] = typer.Argument(
+        None, help="images to run (default: one synthetic image at the bundle's size)"
+    ),
     repeat: int = typer.Option(10, "--repeat", min=1),
     warmup: int = typer.Option(1, "--warmup", min=0),
     head_path: HeadPathOption = HeadPath.auto,
@@ -249,14 +339,29 @@ def bench(
     backend: BackendOption = Backend.auto,
     stream_tiles: StreamTilesOption = 16,
     head_memory: HeadMemoryOption = None,
-    prefetch: int = typer.Option(0, "--prefetch", min=0, help="with IMAGES, each run decodes its image from the file: "
-                                 "inline (0) or N images ahead on a worker thread (throughput mode)"),
+    prefetch: int = typer.Option(
+        0,
+        "--prefetch",
+        min=0,
+        help="with IMAGES, each run decodes its image from the file: "
+        "inline (0) or N images ahead on a worker thread (throughput mode)",
+    ),
 ) -> None:
     """Per-stage latency (median, p95), images/s and peak RSS. A benchmark that prints figures."""
     from hiad_runtime.prefetch import prefetched
 
-    inspector = _load(bundle, _options(backend=backend, head_path=head_path, engine=engine, batch_size=batch,
-                                       stream_tiles=stream_tiles, head_memory=head_memory, threads=threads))
+    inspector = _load(
+        bundle,
+        _options(
+            backend=backend,
+            head_path=head_path,
+            engine=engine,
+            batch_size=batch,
+            stream_tiles=stream_tiles,
+            head_memory=head_memory,
+            threads=threads,
+        ),
+    )
     stages = inspector.stages
     size = inspector.tiling.image_size
     if images:
@@ -304,20 +409,28 @@ def bench(
         "prefetch": prefetch,
         "providers": inspector.providers_in_use,
         "repeat": repeat,
-        "stages_ms": {s: {"median": float(np.median(v) * 1000), "p95": float(np.percentile(v, 95) * 1000)} for s, v in per_stage.items()},
+        "stages_ms": {
+            s: {"median": float(np.median(v) * 1000), "p95": float(np.percentile(v, 95) * 1000)}
+            for s, v in per_stage.items()
+        },
         "images_per_s": repeat / wall,
         "peak_rss_mb": _peak_rss_mb(),
     }
-    typer.echo(f"{figures['tiles']} tiles, {figures['tasks']} tasks, engine {engine.value}, head path {figures['head_path']}, "
-               f"backend {inspector.sessions.backend}, embedder precision {inspector.precision}, providers={','.join(figures['providers'])}, "
-               f"{repeat} runs" + (f", {prefetch} image(s) decoded ahead" if prefetch else ""))
+    typer.echo(
+        f"{figures['tiles']} tiles, {figures['tasks']} tasks, engine {engine.value}, head path {figures['head_path']}, "
+        f"backend {inspector.sessions.backend}, embedder precision {inspector.precision}, "
+        f"providers={','.join(figures['providers'])}, "
+        f"{repeat} runs" + (f", {prefetch} image(s) decoded ahead" if prefetch else "")
+    )
     typer.echo(f"{'stage':<9} {'median ms':>10} {'p95 ms':>10}")
     for s, v in figures["stages_ms"].items():
         typer.echo(f"{s:<9} {v['median']:>10.1f} {v['p95']:>10.1f}")
     if heads:
-        typer.echo(f"head loads per image {figures['head_loads_per_image']:.1f} ({len(heads.sizes)} heads, "
-                   f"{sum(heads.sizes.values()) / 2**20:.0f} MB of files; "
-                   f"head memory {inspector.engine.head_memory:.0f} MB)")
+        typer.echo(
+            f"head loads per image {figures['head_loads_per_image']:.1f} ({len(heads.sizes)} heads, "
+            f"{sum(heads.sizes.values()) / 2**20:.0f} MB of files; "
+            f"head memory {inspector.engine.head_memory:.0f} MB)"
+        )
     typer.echo(f"images/s {figures['images_per_s']:.2f}; peak RSS {figures['peak_rss_mb']:.0f} MB")
     if json_out:
         json_out.write_text(json.dumps(figures, indent=1))
@@ -326,26 +439,37 @@ def bench(
 @app.command()
 def serve(
     bundle: Path = typer.Argument(..., help="bundle folder or .tar"),
-    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (0.0.0.0 exposes the service to the network)"),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="address to bind (0.0.0.0 exposes the service to the network)"
+    ),
     port: int = typer.Option(8080, "--port"),
     workers: int = typer.Option(1, "--workers", help="inferences run at once"),
     max_queue: int = typer.Option(8, "--max-queue", help="requests that may wait for a worker; more are answered 503"),
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="largest request body"),
     max_inflight_mb: float = typer.Option(256.0, "--max-inflight-mb", help="request bodies held at once; more: 503"),
     max_megapixels: Optional[float] = typer.Option(
-        None, "--max-megapixels", help="largest declared image size, checked before decoding (default: predict's, "
-        "4x the bundle's image area)"
+        None,
+        "--max-megapixels",
+        help="largest declared image size, checked before decoding (default: predict's, 4x the bundle's image area)",
     ),
-    timeout: float = typer.Option(30.0, "--timeout", help="seconds for an answer once the body is in, queue wait included"),
-    header_timeout: float = typer.Option(10.0, "--header-timeout", help="seconds a client has to send a request's headers"),
+    timeout: float = typer.Option(
+        30.0, "--timeout", help="seconds for an answer once the body is in, queue wait included"
+    ),
+    header_timeout: float = typer.Option(
+        10.0, "--header-timeout", help="seconds a client has to send a request's headers"
+    ),
     body_timeout: float = typer.Option(30.0, "--body-timeout", help="seconds a client has to send a request's body"),
     max_connections: Optional[int] = typer.Option(
-        None, "--max-connections", help="connections open at once; more are answered 503 (default: 1024, at most 3/4 of "
-        "the open-file limit)"
+        None,
+        "--max-connections",
+        help="connections open at once; more are answered 503 (default: 1024, at most 3/4 of the open-file limit)",
     ),
-    token_file: Optional[Path] = typer.Option(None, "--token-file", help="file holding the bearer token /v1/* requires"),
-    threads: int = typer.Option(0, "--threads", min=0,
-                                help="ONNX Runtime intra-op threads per inference (0 = cores / workers)"),
+    token_file: Optional[Path] = typer.Option(
+        None, "--token-file", help="file holding the bearer token /v1/* requires"
+    ),
+    threads: int = typer.Option(
+        0, "--threads", min=0, help="ONNX Runtime intra-op threads per inference (0 = cores / workers)"
+    ),
     head_path: HeadPathOption = HeadPath.auto,
     engine: EngineOption = EngineKind.tiles,
     batch: BatchOption = None,
@@ -360,7 +484,11 @@ def serve(
         from hiad_runtime.serve.app import ServeSettings
         from hiad_runtime.serve.server import run
     except ImportError as e:
-        typer.secho(f"error: {e.name} is missing; install the serve extra: pip install 'hiad-deploy[serve]'", fg=typer.colors.RED, err=True)
+        typer.secho(
+            f"error: {e.name} is missing; install the serve extra: pip install 'hiad-deploy[serve]'",
+            fg=typer.colors.RED,
+            err=True,
+        )
         raise typer.Exit(2) from None
     token = None
     if token_file is not None:
@@ -369,8 +497,13 @@ def serve(
             typer.secho(f"error: {token_file}: no token in this file", fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
     runtime = _options(
-        backend=backend, head_path=head_path, engine=engine, batch_size=batch, stream_tiles=stream_tiles,
-        head_memory=head_memory, threads=threads or max(1, (os.cpu_count() or 1) // max(workers, 1)),
+        backend=backend,
+        head_path=head_path,
+        engine=engine,
+        batch_size=batch,
+        stream_tiles=stream_tiles,
+        head_memory=head_memory,
+        threads=threads or max(1, (os.cpu_count() or 1) // max(workers, 1)),
         max_pixels=None if max_megapixels is None else int(max_megapixels * 1e6),
     )
     try:

@@ -42,7 +42,9 @@ class Features:
         if device[0] == "cpu":
             arrays = [np.empty(shape, np.float32) for shape in shapes]
             return cls([ort.OrtValue.ortvalue_from_numpy(a) for a in arrays], device, arrays)
-        return cls([ort.OrtValue.ortvalue_from_shape_and_type(list(s), np.float32, *device) for s in shapes], device, None)
+        return cls(
+            [ort.OrtValue.ortvalue_from_shape_and_type(list(s), np.float32, *device) for s in shapes], device, None
+        )
 
     @classmethod
     def upload(cls, arrays: Sequence[np.ndarray], device: Device | None) -> "Features":

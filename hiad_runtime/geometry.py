@@ -132,11 +132,20 @@ class Tiling:
         count = cls.count(image_size, patch_size, stride)
         if count > MAX_TILES:
             (w, h), (pw, ph), (sw, sh) = image_size, patch_size, stride
-            raise ValueError(f"a {w}x{h} image cut into {pw}x{ph} patches at stride {sw}x{sh} makes {count} tiles, "
-                             f"more than the limit of {MAX_TILES}")
+            raise ValueError(
+                f"a {w}x{h} image cut into {pw}x{ph} patches at stride {sw}x{sh} makes {count} tiles, "
+                f"more than the limit of {MAX_TILES}"
+            )
         ds_factors = tuple(int(f) for f in ds_factors)
-        if not ds_factors or ds_factors[0] != 0 or any(f < 0 for f in ds_factors) or len(set(ds_factors)) != len(ds_factors):
-            raise ValueError(f"ds_factors must start with 0 and hold distinct non-negative ints, got {list(ds_factors)}")
+        if (
+            not ds_factors
+            or ds_factors[0] != 0
+            or any(f < 0 for f in ds_factors)
+            or len(set(ds_factors)) != len(ds_factors)
+        ):
+            raise ValueError(
+                f"ds_factors must start with 0 and hold distinct non-negative ints, got {list(ds_factors)}"
+            )
         xs = _starts(image_size[0], patch_size[0], stride[0])
         ys = _starts(image_size[1], patch_size[1], stride[1])
         tiles = []
@@ -158,8 +167,9 @@ class Tiling:
         return cls(image_size, patch_size, stride, ds_factors, tuple(tiles))
 
     @staticmethod
-    def count(image_size: int | Sequence[int], patch_size: int | Sequence[int], stride: int | Sequence[int] | None = None
-              ) -> int:
+    def count(
+        image_size: int | Sequence[int], patch_size: int | Sequence[int], stride: int | Sequence[int] | None = None
+    ) -> int:
         """How many tiles `create` makes, from the sizes alone (nothing is made): the cheap checks a
         geometry read from a manifest or a config passes before its tiles are computed."""
         (w, h), (pw, ph) = as_size(image_size, "image_size"), as_size(patch_size, "patch_size")

@@ -48,6 +48,7 @@ def resolve_head_path(path: str, on_gpu: bool) -> HeadPath:
 
 
 def as_head_path(name: str) -> HeadPath:
+    """The HeadPath a name stands for; a ValueError naming the choices otherwise."""
     try:
         return HeadPath(name)
     except ValueError:
@@ -126,11 +127,17 @@ class FaissKnnHead:
         try:
             self.index = faiss.read_index(str(index_path))
             # A Flat index stores the bank itself: re-rank against its vectors instead of a second copy.
-            self.bank = flat_vectors(self.index) if isinstance(self.index, faiss.IndexFlat) else np.load(bank_path, allow_pickle=False)
+            self.bank = (
+                flat_vectors(self.index)
+                if isinstance(self.index, faiss.IndexFlat)
+                else np.load(bank_path, allow_pickle=False)
+            )
         except (RuntimeError, ValueError, OSError) as e:
             raise BundleError(f"{index_path.parent}: cannot load k-NN index or bank ({e})") from e
         if self.bank.shape != (self.index.ntotal, self.index.d) or self.bank.dtype != np.float32:
-            raise BundleError(f"{bank_path}: bank {self.bank.shape} does not match index ({self.index.ntotal}, {self.index.d})")
+            raise BundleError(
+                f"{bank_path}: bank {self.bank.shape} does not match index ({self.index.ntotal}, {self.index.d})"
+            )
         if spec.params.get("search_params"):
             faiss.ParameterSpace().set_index_parameters(self.index, spec.params["search_params"])
         self.k = int(spec.params["k"])
@@ -205,9 +212,11 @@ class HeadCache:
             self.reloads += 1
             if self.reloads == 1:
                 total = sum(self.sizes.values()) / 2**20
-                log.warning(f"task heads are read again for every image: their files take {total:.0f} MB, more "
-                            f"than the head memory of {self.budget / 2**20:.0f} MB; give --head-memory "
-                            f"{math.ceil(total)} (or more) to keep them loaded, if the machine has the memory")
+                log.warning(
+                    f"task heads are read again for every image: their files take {total:.0f} MB, more "
+                    f"than the head memory of {self.budget / 2**20:.0f} MB; give --head-memory "
+                    f"{math.ceil(total)} (or more) to keep them loaded, if the machine has the memory"
+                )
         return head
 
     def preload(self) -> None:

@@ -102,7 +102,9 @@ def check_encoded(stream: BinaryIO, source: str = "image", max_pixels: int | Non
     if max_pixels is not None:
         width, height = declared_size(stream, source)
         if width * height > max_pixels:
-            raise ImageError(f"{source}: declares {width}x{height} = {width * height} pixels, above the limit of {max_pixels}")
+            raise ImageError(
+                f"{source}: declares {width}x{height} = {width * height} pixels, above the limit of {max_pixels}"
+            )
     check_complete(stream, source)
 
 
@@ -257,15 +259,22 @@ def _opencv_to_rgb8(raw: np.ndarray, source: str) -> np.ndarray:
     return to_rgb8(raw, source)
 
 
-def size_warnings(input_size: Size, image_size: Size, aspect_tolerance: float = 0.05, min_fraction: float = 0.5) -> list[str]:
+def size_warnings(
+    input_size: Size, image_size: Size, aspect_tolerance: float = 0.05, min_fraction: float = 0.5
+) -> list[str]:
     """Why an input may score poorly although it decoded: a different aspect ratio (the resize
     distorts it) or a side far below image_size (the resize invents detail)."""
     found = []
     (w, h), (bw, bh) = input_size, image_size
     if abs(math.log((w / h) / (bw / bh))) > math.log1p(aspect_tolerance):
-        found.append(f"aspect ratio {w / h:.3f} ({w}x{h}) differs from the bundle's {bw / bh:.3f} ({bw}x{bh}) by more than {aspect_tolerance:.0%}: the image is distorted by the resize")
+        found.append(
+            f"aspect ratio {w / h:.3f} ({w}x{h}) differs from the bundle's {bw / bh:.3f} ({bw}x{bh}) by more than "
+            f"{aspect_tolerance:.0%}: the image is distorted by the resize"
+        )
     if w < min_fraction * bw or h < min_fraction * bh:
-        found.append(f"{w}x{h} is far smaller than the bundle's image_size {bw}x{bh}: enlarged more than {1 / min_fraction:g}x")
+        found.append(
+            f"{w}x{h} is far smaller than the bundle's image_size {bw}x{bh}: enlarged more than {1 / min_fraction:g}x"
+        )
     return found
 
 
@@ -289,7 +298,9 @@ def resize_image(image: np.ndarray, size: Size) -> np.ndarray:
     try:
         return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     except cv2.error as e:
-        raise ImageError(f"image of shape {image.shape}: cannot be resized to {width}x{height} ({_cv_reason(e)})") from None
+        raise ImageError(
+            f"image of shape {image.shape}: cannot be resized to {width}x{height} ({_cv_reason(e)})"
+        ) from None
 
 
 def resize_mask(mask: np.ndarray, size: Size) -> np.ndarray:
@@ -300,7 +311,9 @@ def resize_mask(mask: np.ndarray, size: Size) -> np.ndarray:
     try:
         return cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
     except cv2.error as e:
-        raise ImageError(f"mask of shape {mask.shape}: cannot be resized to {width}x{height} ({_cv_reason(e)})") from None
+        raise ImageError(
+            f"mask of shape {mask.shape}: cannot be resized to {width}x{height} ({_cv_reason(e)})"
+        ) from None
 
 
 def resize_map(anomaly_map: np.ndarray, size: Size) -> np.ndarray:
@@ -311,4 +324,6 @@ def resize_map(anomaly_map: np.ndarray, size: Size) -> np.ndarray:
     try:
         return cv2.resize(anomaly_map, (width, height), interpolation=cv2.INTER_LINEAR)
     except cv2.error as e:
-        raise ImageError(f"map of shape {anomaly_map.shape}: cannot be resized to {width}x{height} ({_cv_reason(e)})") from None
+        raise ImageError(
+            f"map of shape {anomaly_map.shape}: cannot be resized to {width}x{height} ({_cv_reason(e)})"
+        ) from None

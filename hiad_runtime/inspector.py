@@ -18,8 +18,15 @@ import numpy as np
 from hiad_runtime.backends import SessionFactory
 from hiad_runtime.bundle import Bundle, BundleError
 from hiad_runtime.engines import ENGINES
-from hiad_runtime.image import (ImageError, decode, default_max_pixels, load_image, resize_image, resize_map,
-                                size_warnings)
+from hiad_runtime.image import (
+    ImageError,
+    decode,
+    default_max_pixels,
+    load_image,
+    resize_image,
+    resize_map,
+    size_warnings,
+)
 from hiad_runtime.options import RuntimeOptions
 from hiad_runtime.plan import InferencePlan
 

@@ -42,16 +42,24 @@ class RuntimeOptions:
     providers: tuple[str, ...] | None = None  # ONNX Runtime execution providers, best first (None: the best present)
 
     def __post_init__(self):
-        for name, kind, what in (("backend", Backend, "backend"), ("head_path", HeadPath, "head path"),
-                                 ("engine", EngineKind, "engine")):
+        for name, kind, what in (
+            ("backend", Backend, "backend"),
+            ("head_path", HeadPath, "head path"),
+            ("engine", EngineKind, "engine"),
+        ):
             object.__setattr__(self, name, _member(kind, getattr(self, name), what))
         if self.head_memory is not None and not self.head_memory > 0:
             raise ValueError(f"head_memory must be > 0 MB, got {self.head_memory}")
-        limits = {"batch_size": self.batch_size is None or self.batch_size >= 1, "stream_tiles": self.stream_tiles >= 1,
-                  "threads": self.threads >= 0, "max_pixels": self.max_pixels is None or self.max_pixels > 0}
+        limits = {
+            "batch_size": self.batch_size is None or self.batch_size >= 1,
+            "stream_tiles": self.stream_tiles >= 1,
+            "threads": self.threads >= 0,
+            "max_pixels": self.max_pixels is None or self.max_pixels > 0,
+        }
         wrong = [f"{name}={getattr(self, name)}" for name, ok in limits.items() if not ok]
         if wrong:
             raise ValueError(f"runtime options out of range: {', '.join(wrong)}")
+
     def resolved(self, backend: Backend, on_gpu: bool) -> "RuntimeOptions":
         """These options as they run with `backend` (resolved), on a GPU (`on_gpu`) or not: head path 'auto'
         -> onnx on a GPU (faiss is the CPU build here; the features stay on the device), else native; batch

@@ -8,7 +8,13 @@ import cv2
 import numpy as np
 
 
-def overlay(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None = None, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+def overlay(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    mask: np.ndarray | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> np.ndarray:
     """RGB image under a JET heat layer of the map; a mask (truth or decision) outlined in green."""
     vmin = float(anomaly_map.min()) if vmin is None else vmin
     vmax = float(anomaly_map.max()) if vmax is None else vmax

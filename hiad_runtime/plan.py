@@ -51,8 +51,10 @@ def upsample_grid(embedding: np.ndarray, size: Size) -> np.ndarray:
     """(D, h, w) -> (D, size_h, size_w), bilinear with half-pixel centres (torch align_corners=False);
     channels are independent, so they are resized `CV_CHANNELS` at a time."""
     hwc = np.ascontiguousarray(embedding.transpose(1, 2, 0))
-    parts = [cv2.resize(hwc[:, :, i : i + CV_CHANNELS], size, interpolation=cv2.INTER_LINEAR)
-             for i in range(0, hwc.shape[2], CV_CHANNELS)]
+    parts = [
+        cv2.resize(hwc[:, :, i : i + CV_CHANNELS], size, interpolation=cv2.INTER_LINEAR)
+        for i in range(0, hwc.shape[2], CV_CHANNELS)
+    ]
     out = np.concatenate([c.reshape(size[1], size[0], -1) for c in parts], axis=2)
     return out.transpose(2, 0, 1)
 
@@ -155,8 +157,11 @@ class InferencePlan:
 
     def with_thresholds(self, image: float | None = None, pixel: float | None = None) -> "InferencePlan":
         """The plan with the given thresholds in place of its own (None keeps its own)."""
-        return replace(self, image_threshold=self.image_threshold if image is None else image,
-                       pixel_threshold=self.pixel_threshold if pixel is None else pixel)
+        return replace(
+            self,
+            image_threshold=self.image_threshold if image is None else image,
+            pixel_threshold=self.pixel_threshold if pixel is None else pixel,
+        )
 
     def renormalized(self, tasks: Mapping[str, Normalization], thumbnail: Normalization | None) -> "InferencePlan":
         """The plan with new normalizations (calibration)."""
@@ -236,8 +241,9 @@ class InferencePlan:
             assembler.add(i, grid)
         return assembler.result()
 
-    def finish(self, merged: np.ndarray, thumbnail: np.ndarray | None = None, in_place: bool = True
-               ) -> tuple[np.ndarray, float]:
+    def finish(
+        self, merged: np.ndarray, thumbnail: np.ndarray | None = None, in_place: bool = True
+    ) -> tuple[np.ndarray, float]:
         """The merged map's max with the thumbnail map (upsampled), blurred, and the image score.
         `in_place` reuses the merged map's memory (large images: no second image-sized buffer)."""
         return post.finish(post.fuse_thumbnail(merged, thumbnail), self.postprocess, in_place)

@@ -25,9 +25,13 @@ class PostprocessSpec:
     """Recorded in the manifest: what a non-Python caller must do after the ONNX graphs."""
 
     gaussian_sigma: Annotated[float, Field(ge=0)] = 4.0
-    gaussian_truncate: Annotated[float, Field(gt=0)] = 4.0  # radius = int(truncate * sigma + 0.5), border 'reflect' (scipy)
+    gaussian_truncate: Annotated[float, Field(gt=0)] = (
+        4.0  # radius = int(truncate * sigma + 0.5), border 'reflect' (scipy)
+    )
     score_pool: Annotated[int, Field(ge=1)] = 16  # block_mean_max: max over non-overlapping pool x pool block means
-    tile_blur_sigma: Annotated[float, Field(ge=0)] = 0.0  # > 0: Gaussian blur of each tile's map (at tile size) before merging
+    tile_blur_sigma: Annotated[float, Field(ge=0)] = (
+        0.0  # > 0: Gaussian blur of each tile's map (at tile size) before merging
+    )
     score_rule: Literal["block_mean_max", "top_k_mean"] = "block_mean_max"
     score_top_k: Annotated[int, Field(ge=1)] = 1  # top_k_mean: image score = mean of the k largest map values
 
@@ -86,7 +90,10 @@ def gaussian_blur(anomaly_map: np.ndarray, sigma: float, truncate: float, in_pla
     if sigma <= 0:
         return anomaly_map
     radius = int(truncate * sigma + 0.5)
-    blur = lambda a: cv2.GaussianBlur(a, (2 * radius + 1,) * 2, sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)  # noqa: E731
+
+    def blur(a: np.ndarray) -> np.ndarray:
+        return cv2.GaussianBlur(a, (2 * radius + 1,) * 2, sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+
     if not in_place:
         return blur(anomaly_map)
     height = anomaly_map.shape[0]

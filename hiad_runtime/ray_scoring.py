@@ -60,9 +60,11 @@ class Scorer:
         self.settings = settings
 
     def describe(self) -> dict:
+        """The runtime's description of this actor's inspector, with the node it runs on."""
         return {**describe(self.inspector), "node": socket.gethostname()}
 
     def score(self, item: Input) -> Scored:
+        """Read and score one input on this actor (its decode errors come back as a record)."""
         return score_input(self.inspector, item, lambda: self.inspector.decode(item.path), self.settings)
 
 
@@ -146,6 +148,7 @@ class RayScorers:
                 first += 1
 
     def close(self) -> None:
+        """Stop every actor (not restarted)."""
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
 

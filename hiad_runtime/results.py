@@ -107,7 +107,10 @@ class ResultsFolder:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock.close()
-            raise OutputError(f"{self.out}: another run is writing here (it holds {self.lock_path}); wait for it or choose another --out") from None
+            raise OutputError(
+                f"{self.out}: another run is writing here (it holds {self.lock_path}); wait for it or choose another "
+                "--out"
+            ) from None
         try:
             earlier = sorted(p.name for p in self.out.iterdir() if p.name != LOCK)
             if self.resume:

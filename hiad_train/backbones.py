@@ -109,7 +109,6 @@ def create_backbone(
     return model
 
 
-
 @functools.cache
 def _stage_geometry(name: str, layers: tuple[int | str, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     with torch.device("meta"):  # no weights allocated, no random draws

@@ -69,8 +69,16 @@ def final_map(raw: Raw, plan: InferencePlan) -> tuple[np.ndarray, float]:
     return plan.finish(plan.merge(grids), plan.thumbnail_map(thumb), in_place=False)
 
 
-def calibrate(scorer: RawScorer, normal: list[np.ndarray], defective: list[np.ndarray], synthesizer, rate: float, seed: int = 0,
-              normalization: str = "global", max_miss: float | None = None) -> Calibration:
+def calibrate(
+    scorer: RawScorer,
+    normal: list[np.ndarray],
+    defective: list[np.ndarray],
+    synthesizer,
+    rate: float,
+    seed: int = 0,
+    normalization: str = "global",
+    max_miss: float | None = None,
+) -> Calibration:
     """Normalization from normal images (as they are and with synthetic anomalies) and defective ones;
     thresholds by false-alarm rate on the normal images, or with `max_miss` the highest ones missing at
     most that share of the defective images; with defective images, the operating curves and misses."""
@@ -105,8 +113,14 @@ def calibrate(scorer: RawScorer, normal: list[np.ndarray], defective: list[np.nd
         if max_miss is not None:
             thresholds[kind] = max_miss_threshold(bad_, max_miss)
             alarms = Rate(int((good >= thresholds[kind]).sum()), good.size)
-            rules[kind] = {"rule": "max_miss", "max_miss": max_miss, "images": int(good.size), "calibrated": when,
-                           "flagged": alarms.count, "false_alarm_interval_90": list(alarms.interval())}
+            rules[kind] = {
+                "rule": "max_miss",
+                "max_miss": max_miss,
+                "images": int(good.size),
+                "calibrated": when,
+                "flagged": alarms.count,
+                "false_alarm_interval_90": list(alarms.interval()),
+            }
         rules[kind].update(defective_images=len(bad), missed=int((bad_ < thresholds[kind]).sum()))
     return Calibration(norms, thumb_norm, thresholds, curves)
 

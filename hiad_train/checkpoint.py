@@ -105,7 +105,8 @@ def load_checkpoint(path: str | Path) -> HRModel:
     embedder.load_state_dict(load_file(path / "embedder_patch.safetensors"))
     tasks = [Task.from_dict(t) for t in meta["tasks"]]
     detectors = {
-        t.name: detector_cls.from_state(config.patch, load_file(path / "tasks" / f"{t.name}.safetensors")) for t in tasks
+        t.name: detector_cls.from_state(config.patch, load_file(path / "tasks" / f"{t.name}.safetensors"))
+        for t in tasks
     }
     thumbnail = None
     if meta["thumbnail"] is not None:
@@ -114,7 +115,9 @@ def load_checkpoint(path: str | Path) -> HRModel:
         det = detector_cls.from_state(config.thumbnail, load_file(path / "thumbnail" / "detector.safetensors"))
         tn = meta["thumbnail"].get("normalization")
         size = tuple(meta["thumbnail"]["size"])
-        thumbnail = Thumbnail(size, emb, det, None if tn is None else Normalization(**tn), meta["thumbnail"].get("training"))
+        thumbnail = Thumbnail(
+            size, emb, det, None if tn is None else Normalization(**tn), meta["thumbnail"].get("training")
+        )
     routing = None
     if (path / "routing.safetensors").is_file():
         routing = load_file(path / "routing.safetensors")["centres"].numpy()
@@ -130,7 +133,9 @@ def load_checkpoint(path: str | Path) -> HRModel:
         tasks=tasks,
         embedder=embedder,
         detectors=detectors,
-        postprocess=PostprocessSpec.from_dict({k: v for k, v in meta["postprocess"].items() if k != "clip_to_unit"}),  # dropped in #11
+        postprocess=PostprocessSpec.from_dict(
+            {k: v for k, v in meta["postprocess"].items() if k != "clip_to_unit"}
+        ),  # dropped in #11
         thumbnail=thumbnail,
     )
 

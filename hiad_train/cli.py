@@ -19,8 +19,7 @@ from hiad_train.synthesis import SYNTHESIZERS
 from hiad_train.tasks import GENERATORS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hiad-deploy training stage (PyTorch).")
-REGISTRIES = (f"tasks.generator: {', '.join(GENERATORS)}; "
-              f"val_config.anomaly_syn_fn.name: {', '.join(SYNTHESIZERS)}")
+REGISTRIES = f"tasks.generator: {', '.join(GENERATORS)}; val_config.anomaly_syn_fn.name: {', '.join(SYNTHESIZERS)}"
 
 
 def _fail(message: str) -> None:
@@ -55,18 +54,41 @@ def _evaluate(model, data: Path, out: Path) -> dict:
     if model.config.evaluation.overlays:
         vmax = float(max(m.max() for m in preds.maps))
         for s, m, g in zip(samples, preds.maps, preds.masks):
-            save_rgb(out / "overlays" / f"{s.label_name}_{s.image_path.stem}.png", overlay(s.image(model.tiling.image_size), m, g, vmax=vmax))
+            save_rgb(
+                out / "overlays" / f"{s.label_name}_{s.image_path.stem}.png",
+                overlay(s.image(model.tiling.image_size), m, g, vmax=vmax),
+            )
     return metrics
 
 
 @app.command("train")
 def train(
     config: Path = typer.Argument(..., exists=True, dir_okay=False, help=f"training YAML (see configs/); {REGISTRIES}"),
-    data: Path = typer.Option(..., "--data", exists=True, file_okay=False, help="class folder in MVTec-AD layout (train/, test/, ground_truth/) or with train.jsonl/test.jsonl"),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        exists=True,
+        file_okay=False,
+        help="class folder in MVTec-AD layout (train/, test/, ground_truth/) or with train.jsonl/test.jsonl",
+    ),
     out: Path = typer.Option(Path("models/run"), "--out", help="run folder; the checkpoint goes to OUT/checkpoint"),
     eval_: bool = typer.Option(False, "--eval", help="evaluate on the test split afterwards"),
-    ray_address: str | None = typer.Option(None, "--ray", help="train on Ray: 'local' (a Ray instance on this machine), 'auto' (the cluster this machine joined with `ray start`) or a cluster ADDRESS; needs the [ray] extra (docs/distributed.md)"),
-    ship_features: bool = typer.Option(False, "--ray-ship-features", help="with --ray: extract features here and ship them through Ray's object store (no storage shared by the nodes); by default workers read the images from their paths"),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray",
+        help=(
+            "train on Ray: 'local' (a Ray instance on this machine), 'auto' (the cluster this machine joined with "
+            "`ray start`) or a cluster ADDRESS; needs the [ray] extra (docs/distributed.md)"
+        ),
+    ),
+    ship_features: bool = typer.Option(
+        False,
+        "--ray-ship-features",
+        help=(
+            "with --ray: extract features here and ship them through Ray's object store (no storage shared by the "
+            "nodes); by default workers read the images from their paths"
+        ),
+    ),
 ) -> None:
     """Train one detector per task and write the checkpoint (atomically)."""
     from hiad_runtime.cli import describe_threshold
@@ -104,10 +126,17 @@ def train(
 
             ray.shutdown()
     seconds = time.perf_counter() - t0
-    typer.echo(print_tasks(model.tasks, model.tiling) if model.routing is None else f"{len(model.tasks)} retrieval tasks (routed at inference)")
+    typer.echo(
+        print_tasks(model.tasks, model.tiling)
+        if model.routing is None
+        else f"{len(model.tasks)} retrieval tasks (routed at inference)"
+    )
     held_out = model.validation["images"] if model.validation else 0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process (Ray workers have their own)
-    typer.echo(f"trained {len(model.tasks)} task(s) on {len(samples) - held_out} images in {seconds:.1f} s, peak RSS {peak_mb:.0f} MB")
+    typer.echo(
+        f"trained {len(model.tasks)} task(s) on {len(samples) - held_out} images in {seconds:.1f} s, peak RSS "
+        f"{peak_mb:.0f} MB"
+    )
     if model.validation:
         v = {k: round(x, 4) if isinstance(x, float) else x for k, x in model.validation.items()}
         typer.echo(f"validation ({held_out} held-out image(s), synthetic anomalies): {v}")
@@ -115,8 +144,18 @@ def train(
             typer.echo(describe_threshold(kind, model.thresholds[kind], model.thresholds["rules"][kind], False))
     save_checkpoint(model, out / "checkpoint", data)
     save_rgb(out / "task_map.png", task_map(model.tasks, model.tiling, samples[0].image(model.tiling.image_size)))
-    (out / "train.json").write_text(json.dumps({"train_seconds": seconds, "train_images": len(samples), "ray": ray_address,
-                                                "peak_rss_mb": round(peak_mb), "seconds": executor.seconds}, indent=1))
+    (out / "train.json").write_text(
+        json.dumps(
+            {
+                "train_seconds": seconds,
+                "train_images": len(samples),
+                "ray": ray_address,
+                "peak_rss_mb": round(peak_mb),
+                "seconds": executor.seconds,
+            },
+            indent=1,
+        )
+    )
     typer.echo(f"checkpoint: {out / 'checkpoint'}")
     if eval_:
         _evaluate(model, data, out / "eval_torch")
@@ -149,8 +188,12 @@ def eval_cmd(
 
 @app.command("eval-runtime")
 def eval_runtime(
-    results: Path = typer.Argument(..., exists=True, file_okay=False, help="output folder of `hiad-runtime predict` (results.jsonl, maps/)"),
-    data: Path = typer.Option(..., "--data", exists=True, file_okay=False, help="the dataset whose test split was predicted"),
+    results: Path = typer.Argument(
+        ..., exists=True, file_okay=False, help="output folder of `hiad-runtime predict` (results.jsonl, maps/)"
+    ),
+    data: Path = typer.Option(
+        ..., "--data", exists=True, file_okay=False, help="the dataset whose test split was predicted"
+    ),
     resize: int = typer.Option(512, min=1, help="pixel metrics at this resolution"),
 ) -> None:
     """Evaluate the runtime's maps and scores against ground truth; print metrics and latency."""
@@ -180,13 +223,36 @@ def eval_runtime(
 @app.command("calibrate")
 def calibrate_cmd(
     source: Path = typer.Argument(..., exists=True, file_okay=False, help="checkpoint folder or bundle folder"),
-    normal: Path = typer.Option(..., "--normal", exists=True, file_okay=False, help="normal (good) images from the line, searched recursively"),
-    defective: Path = typer.Option(None, "--defective", exists=True, file_okay=False, help="defective images: widen the normalization, misses reported"),
-    out: Path = typer.Option(None, "--out", help="where the calibrated copy is published (default: SOURCE, as its new version)"),
+    normal: Path = typer.Option(
+        ..., "--normal", exists=True, file_okay=False, help="normal (good) images from the line, searched recursively"
+    ),
+    defective: Path = typer.Option(
+        None,
+        "--defective",
+        exists=True,
+        file_okay=False,
+        help="defective images: widen the normalization, misses reported",
+    ),
+    out: Path = typer.Option(
+        None, "--out", help="where the calibrated copy is published (default: SOURCE, as its new version)"
+    ),
     rate: float = typer.Option(0.01, "--rate", min=1e-6, max=0.5, help="target false-alarm rate on normal images"),
-    max_miss: Optional[float] = typer.Option(None, "--max-miss", min=0.0, max=0.99, help="instead of --rate: the highest thresholds missing at most this share of the --defective images"),
+    max_miss: Optional[float] = typer.Option(
+        None,
+        "--max-miss",
+        min=0.0,
+        max=0.99,
+        help="instead of --rate: the highest thresholds missing at most this share of the --defective images",
+    ),
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the synthetic anomalies and the bootstrap"),
-    normalization: Optional[NormalizationMode] = typer.Option(None, "--normalization", help="global: one min-max for every task (keeps their relative scale); per_task: HiAD's (default: a checkpoint's own val_config, else global)"),
+    normalization: Optional[NormalizationMode] = typer.Option(
+        None,
+        "--normalization",
+        help=(
+            "global: one min-max for every task (keeps their relative scale); per_task: HiAD's (default: a "
+            "checkpoint's own val_config, else global)"
+        ),
+    ),
 ) -> None:
     """Recompute thresholds (by false-alarm rate) and normalization from new images, without retraining.
 
@@ -224,13 +290,17 @@ def calibrate_cmd(
             _fail(f"{source}: neither a checkpoint (checkpoint.json) nor a bundle ({MANIFEST})")
         size = scorer.tiling.image_size
         budget = default_max_pixels(size)
-        images = {name: [resize_image(load_image(f, budget), size) for f in find_inputs([d])] if d else []
-                  for name, d in (("normal", normal), ("defective", defective))}
+        images = {
+            name: [resize_image(load_image(f, budget), size) for f in find_inputs([d])] if d else []
+            for name, d in (("normal", normal), ("defective", defective))
+        }
         if not images["normal"]:
             _fail(f"{normal}: no images found")
         synthesizer = (val.anomaly_syn_fn if val is not None else SynthesizerConfig()).build()
         mode = normalization or (val.normalization if val is not None else NormalizationMode.GLOBAL)
-        cal = calibration.calibrate(scorer, images["normal"], images["defective"], synthesizer, rate, seed, mode, max_miss)
+        cal = calibration.calibrate(
+            scorer, images["normal"], images["defective"], synthesizer, rate, seed, mode, max_miss
+        )
         target = out or source
         write(source.resolve(), target, cal)
     except (BundleError, ImageError, OSError, ValueError) as e:
@@ -239,8 +309,12 @@ def calibrate_cmd(
         typer.echo(describe_curve(kind, curve))
     for kind in ("image", "pixel"):
         rule = cal.thresholds["rules"][kind]
-        missed = f"; misses {rule['missed']} of {rule['defective_images']} defective image(s)" if "missed" in rule else ""
-        typer.echo(describe_threshold(kind, cal.thresholds[kind], rule, False) + f"; flags {rule['flagged']} of them{missed}")
+        missed = (
+            f"; misses {rule['missed']} of {rule['defective_images']} defective image(s)" if "missed" in rule else ""
+        )
+        typer.echo(
+            describe_threshold(kind, cal.thresholds[kind], rule, False) + f"; flags {rule['flagged']} of them{missed}"
+        )
     typer.echo(f"calibrated: {target}")
 
 
@@ -262,12 +336,23 @@ def demo_data(
         root = build_elpv_demo(out, rows, cols, cell_size, n_train, n_test, module_type, seed)
     except ValueError as e:
         _fail(str(e))
-    typer.echo(f"demo dataset: {root} ({n_train} train, {n_test} test modules of {rows}x{cols} cells, {cols * cell_size}x{rows * cell_size} px)")
+    typer.echo(
+        f"demo dataset: {root} ({n_train} train, {n_test} test modules of {rows}x{cols} cells, "
+        f"{cols * cell_size}x{rows * cell_size} px)"
+    )
 
 
 def main() -> None:
     """`hiad-train CONFIG ...` is shorthand for `hiad-train train CONFIG ...`."""
-    if len(sys.argv) > 1 and sys.argv[1] not in {"train", "eval", "eval-runtime", "calibrate", "demo-data", "--help", "-h"}:
+    if len(sys.argv) > 1 and sys.argv[1] not in {
+        "train",
+        "eval",
+        "eval-runtime",
+        "calibrate",
+        "demo-data",
+        "--help",
+        "-h",
+    }:
         sys.argv.insert(1, "train")
     app()
 

@@ -143,13 +143,17 @@ class TrainConfig(Strict):
         need = w * h * PIPELINE_BYTES_PER_PIXEL + tiles * pw * ph * 3
         if need > MAX_IMAGE_BYTES:
             raise ValueError(
-                f"image_size/patch_size/stride: one {w}x{h} image cut into {tiles} tiles of {pw}x{ph} needs {need:,} bytes "
+                f"image_size/patch_size/stride: one {w}x{h} image cut into {tiles} tiles of {pw}x{ph} needs {need:,} "
+                "bytes "
                 f"(decoded RGB, float32 maps, stacked tiles), more than the limit of {MAX_IMAGE_BYTES:,}"
             )
         if self.thumbnail is not None:
             tw, th = as_size(self.thumbnail.thumbnail_size)
             if tw * th * PIPELINE_BYTES_PER_PIXEL > MAX_IMAGE_BYTES:
-                raise ValueError(f"thumbnail.thumbnail_size: {tw}x{th} needs {tw * th * PIPELINE_BYTES_PER_PIXEL:,} bytes, more than the limit of {MAX_IMAGE_BYTES:,}")
+                raise ValueError(
+                    f"thumbnail.thumbnail_size: {tw}x{th} needs {tw * th * PIPELINE_BYTES_PER_PIXEL:,} bytes, more "
+                    f"than the limit of {MAX_IMAGE_BYTES:,}"
+                )
 
     @property
     def normalized_fusion_weights(self) -> list[float]:
@@ -174,7 +178,10 @@ def config_model(detector: str) -> type[TrainConfig]:
     except ValidationError:
         default = ...
     return create_model(
-        f"TrainConfig[{detector}]", __base__=TrainConfig, patch=(section, default), thumbnail=(Union[thumbnail, None], None)
+        f"TrainConfig[{detector}]",
+        __base__=TrainConfig,
+        patch=(section, default),
+        thumbnail=(Union[thumbnail, None], None),
     )
 
 
@@ -182,9 +189,18 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the section that `loc` (ending in a bad key) points into."""
     candidates: list[type[BaseModel]] = [model]
     for part in loc[:-1]:
-        inner = [m for c in candidates if str(part) in c.model_fields for m in _models_in(c.model_fields[str(part)].annotation)]
+        inner = [
+            m
+            for c in candidates
+            if str(part) in c.model_fields
+            for m in _models_in(c.model_fields[str(part)].annotation)
+        ]
         if not inner:  # a discriminated union's tag, e.g. tasks.neighborhood.<key>
-            inner = [c for c in candidates if "generator" in c.model_fields and part in typing.get_args(c.model_fields["generator"].annotation)]
+            inner = [
+                c
+                for c in candidates
+                if "generator" in c.model_fields and part in typing.get_args(c.model_fields["generator"].annotation)
+            ]
         candidates = inner
     return list(candidates[0].model_fields) if candidates else []
 
@@ -210,8 +226,10 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise ConfigError(f"line {event.start_mark.line + 1}: alias *{event.anchor} refused: "
-                              "configs are plain data, write the value out (aliases can expand exponentially)")
+            raise ConfigError(
+                f"line {event.start_mark.line + 1}: alias *{event.anchor} refused: "
+                "configs are plain data, write the value out (aliases can expand exponentially)"
+            )
         return super().compose_node(parent, index)
 
     def construct_document(self, node):
@@ -227,7 +245,9 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 key = self.construct_object(key_node, deep=True)
                 if isinstance(key, typing.Hashable) and key in first:
                     path = ".".join([*self._paths.get(id(node), ()), str(key)])
-                    raise ConfigError(f"{path}: duplicate key (lines {first[key] + 1} and {key_node.start_mark.line + 1}); keep one")
+                    raise ConfigError(
+                        f"{path}: duplicate key (lines {first[key] + 1} and {key_node.start_mark.line + 1}); keep one"
+                    )
                 first.setdefault(key, key_node.start_mark.line)
         return super().construct_mapping(node, deep)
 
@@ -252,7 +272,9 @@ def parse_config(data: dict, source: str = "config") -> TrainConfig:
     except (KeyError, TypeError):
         close = difflib.get_close_matches(str(detector), list(DETECTORS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"{source}: detector: unknown detector {detector!r}{hint}; registered: {', '.join(sorted(DETECTORS))}") from None
+        raise ConfigError(
+            f"{source}: detector: unknown detector {detector!r}{hint}; registered: {', '.join(sorted(DETECTORS))}"
+        ) from None
     model = config_model(detector)
     try:
         return model.model_validate(data)

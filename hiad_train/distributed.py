@@ -52,7 +52,9 @@ class RayExecutor(LocalExecutor):
         shared = ray.put(stage.shared)
         fault = _fault_from_env()
         index = {
-            remote.options(**options, name=f"{stage.name}:{label}").remote(stage.work, shared, item, label, stage.threads, fault): i
+            remote.options(**options, name=f"{stage.name}:{label}").remote(
+                stage.work, shared, item, label, stage.threads, fault
+            ): i
             for i, (label, item) in enumerate(zip(stage.labels, stage.items))
         }
         results: list = [None] * len(index)

@@ -50,7 +50,9 @@ class BackboneFeatures(nn.Module):
     @classmethod
     def create(cls, config, pretrained: bool = True) -> "BackboneFeatures":
         """From a detector config's backbone_name, layers_to_extract_from, backbone_weights and input_normalization."""
-        backbone = create_backbone(config.backbone_name, config.layers_to_extract_from, config.backbone_weights, pretrained)
+        backbone = create_backbone(
+            config.backbone_name, config.layers_to_extract_from, config.backbone_weights, pretrained
+        )
         return cls(backbone, config.input_normalization).eval()
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -32,7 +32,9 @@ def image_auroc(prediction_scores, gt_labels, prediction_masks=None, gt_masks=No
     return {"image_auroc": float(roc_auc_score(labels, np.asarray(prediction_scores, np.float64)))}
 
 
-def pixel_metrics(prediction_scores, gt_labels, prediction_masks, gt_masks, device=None, resize: int | None = None, **kw) -> dict:
+def pixel_metrics(
+    prediction_scores, gt_labels, prediction_masks, gt_masks, device=None, resize: int | None = None, **kw
+) -> dict:
     """Pixel AUROC, pixel AP and the best pixel F1 over thresholds."""
     maps, masks = _resized(prediction_masks, gt_masks, resize)
     scores = np.concatenate([m.ravel() for m in maps])
@@ -48,7 +50,16 @@ def pixel_metrics(prediction_scores, gt_labels, prediction_masks, gt_masks, devi
     }
 
 
-def aupro(prediction_scores, gt_labels, prediction_masks, gt_masks, device=None, resize: int | None = None, fpr_limit: float = 0.3, **kw) -> dict:
+def aupro(
+    prediction_scores,
+    gt_labels,
+    prediction_masks,
+    gt_masks,
+    device=None,
+    resize: int | None = None,
+    fpr_limit: float = 0.3,
+    **kw,
+) -> dict:
     """Area under the per-region-overlap curve up to `fpr_limit`, divided by it (MVTec AD's AUPRO).
 
     PRO(t) is the mean, over connected ground-truth regions, of the fraction of the region scored
@@ -102,5 +113,7 @@ def evaluate(prediction_scores, gt_labels, prediction_masks, gt_masks, evaluator
 def format_table(metrics: dict) -> str:
     width = max(len(k) for k in metrics)
     lines = [f"{'metric'.ljust(width)} | value", f"{'-' * width}-|-------"]
-    lines += [f"{k.ljust(width)} | {v:.4f}" if isinstance(v, float) else f"{k.ljust(width)} | {v}" for k, v in metrics.items()]
+    lines += [
+        f"{k.ljust(width)} | {v:.4f}" if isinstance(v, float) else f"{k.ljust(width)} | {v}" for k, v in metrics.items()
+    ]
     return "\n".join(lines)

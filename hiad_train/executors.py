@@ -67,7 +67,9 @@ class LocalExecutor:
     def run(self, stage: Stage, progress: bool = False) -> list:
         results = []
         with torch_threads(stage.threads):
-            for label, item in tqdm(zip(stage.labels, stage.items), total=len(stage.items), desc=stage.name, disable=not progress):
+            for label, item in tqdm(
+                zip(stage.labels, stage.items), total=len(stage.items), desc=stage.name, disable=not progress
+            ):
                 start = time.perf_counter()
                 results.append(stage.work(stage.shared, item))
                 self.record(stage.name, label, time.perf_counter() - start)

@@ -106,8 +106,9 @@ class HRModel:
         """Per embedder output, the features (N, C, h, w) of the chosen tiles fused with their context windows'."""
         fusion = self.plan.fusion(tile_ids)
         main = embed(self.embedder, fusion.patches(image), self.config.batch_size)
-        windows = [embed(self.embedder, fusion.window_images(image, level), self.config.batch_size)
-                   for level in fusion.levels]
+        windows = [
+            embed(self.embedder, fusion.window_images(image, level), self.config.batch_size) for level in fusion.levels
+        ]
         return fusion.fuse(main, windows, upsample)
 
     def assignments(self, features: list[torch.Tensor], tile_ids: Sequence[int] | None = None) -> dict[str, list[int]]:

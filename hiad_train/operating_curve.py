@@ -85,9 +85,13 @@ def images_needed(rate: float, confidence: float = 0.95) -> int:
 def describe_curve(kind: str, curve: list[OperatingPoint]) -> str:
     """The curve as a table a line engineer reads: threshold, false alarms and misses with intervals."""
     normal, defective = curve[0].false_alarms.total, curve[0].misses.total
-    lines = [f"{kind} operating curve ({normal} normal, {defective} defective image(s); rate (count; 90% interval)):",
-             f"  {'threshold':>10}  {'false alarms':<28}  misses"]
+    lines = [
+        f"{kind} operating curve ({normal} normal, {defective} defective image(s); rate (count; 90% interval)):",
+        f"  {'threshold':>10}  {'false alarms':<28}  misses",
+    ]
     lines += [f"  {p.threshold:>10.4g}  {str(p.false_alarms):<28}  {p.misses}" for p in curve]
-    lines.append(f"  to show a false-alarm rate below 1% (95%) takes {images_needed(0.01)} normal images with none "
-                 f"flagged; a miss rate below 5%, {images_needed(0.05)} defective images with none missed")
+    lines.append(
+        f"  to show a false-alarm rate below 1% (95%) takes {images_needed(0.01)} normal images with none "
+        f"flagged; a miss rate below 5%, {images_needed(0.05)} defective images with none missed"
+    )
     return "\n".join(lines)

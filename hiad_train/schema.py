@@ -14,6 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 def _size(value):
     """An int or a (width, height) pair of positive ints, kept in the form given."""
+
     def whole(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 

@@ -93,7 +93,9 @@ class CutPaste(Synthesizer):
         mask = np.zeros(patch.shape[:2], bool)
         h, w = patch.shape[:2]
         sy, sx, bh, bw = _box(h, w, rng)
-        piece = np.clip(patch[sy : sy + bh, sx : sx + bw].astype(np.float32) * rng.uniform(0.6, 1.4), 0, 255).astype(np.uint8)
+        piece = np.clip(patch[sy : sy + bh, sx : sx + bw].astype(np.float32) * rng.uniform(0.6, 1.4), 0, 255).astype(
+            np.uint8
+        )
         ty, tx = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
         out = patch.copy()
         region = out[ty : ty + bh, tx : tx + bw]
@@ -152,7 +154,11 @@ def bundled_textures() -> list[Path]:
     import skimage
 
     data = Path(skimage.__file__).parent / "data"
-    return [p for name in ("brick.png", "grass.png", "gravel.png", "rough-wall.png", "coffee.png") if (p := data / name).is_file()]
+    return [
+        p
+        for name in ("brick.png", "grass.png", "gravel.png", "rough-wall.png", "coffee.png")
+        if (p := data / name).is_file()
+    ]
 
 
 @register_synthesizer
@@ -196,7 +202,6 @@ class ImageBlending(Synthesizer):
         return out, mask
 
 
-
 class SynthesizerConfig(Strict):
     """`val_config.anomaly_syn_fn`: a registered synthesizer by name and the keys it reads."""
 
@@ -215,8 +220,11 @@ class SynthesizerConfig(Strict):
 
     @model_validator(mode="after")
     def _keys_read(self) -> "SynthesizerConfig":
-        unread = [k for k in self.model_fields_set - {"name"} if k not in SYNTHESIZERS[self.name].keys
-                  and getattr(self, k) != type(self).model_fields[k].default]
+        unread = [
+            k
+            for k in self.model_fields_set - {"name"}
+            if k not in SYNTHESIZERS[self.name].keys and getattr(self, k) != type(self).model_fields[k].default
+        ]
         if unread:
             raise ValueError(f"{', '.join(sorted(unread))}: not read by synthesizer {self.name!r}")
         return self

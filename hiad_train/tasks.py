@@ -80,7 +80,9 @@ def tile_descriptors(embeddings: np.ndarray, resolution: int) -> np.ndarray:
     return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
 
-def spatial_clustering(embeddings: np.ndarray, cluster_number: int, feature_resolution: int = 1, seed: int = 0) -> list[Task]:
+def spatial_clustering(
+    embeddings: np.ndarray, cluster_number: int, feature_resolution: int = 1, seed: int = 0
+) -> list[Task]:
     """k-means over per-position descriptors: visually similar positions share a detector."""
     from sklearn.cluster import KMeans
 

@@ -73,7 +73,9 @@ def tile_statistics(anomaly_map: np.ndarray, tiling: Tiling, statistic) -> np.nd
     return np.array([statistic(anomaly_map[t.main.slices()]) for t in tiling.tiles], np.float64)
 
 
-def false_alarm_threshold(per_image: list[np.ndarray], rate: float, statistic: str, seed: int = 0) -> tuple[float, dict]:
+def false_alarm_threshold(
+    per_image: list[np.ndarray], rate: float, statistic: str, seed: int = 0
+) -> tuple[float, dict]:
     """The threshold flagging a normal image with probability at most `rate` (90 % of image
     resamples), from per-image tile statistics (each (T,)), and its record: rule, data, fit,
     achieved-rate interval, flags on these images."""
@@ -83,16 +85,20 @@ def false_alarm_threshold(per_image: list[np.ndarray], rate: float, statistic: s
     tiles = len(per_image[0])
     tail = GumbelTail.fit(values)
     rng = np.random.default_rng(seed)
-    resampled = [GumbelTail.fit(np.concatenate([per_image[i] for i in rng.integers(len(per_image), size=len(per_image))]))
-                 for _ in range(BOOTSTRAP)]
-    threshold = max(tail.level(rate, tiles), float(np.percentile([f.level(rate, tiles) for f in resampled], CONFIDENCE)))
+    resampled = [
+        GumbelTail.fit(np.concatenate([per_image[i] for i in rng.integers(len(per_image), size=len(per_image))]))
+        for _ in range(BOOTSTRAP)
+    ]
+    threshold = max(
+        tail.level(rate, tiles), float(np.percentile([f.level(rate, tiles) for f in resampled], CONFIDENCE))
+    )
     low, high = np.percentile([f.image_rate(threshold, tiles) for f in resampled], [5, 95])
     record = {
         "rule": "false_alarm_rate",
         "rate": rate,
         "statistic": statistic,
         "estimate": f"Gumbel fit of per-tile statistics, an image flagged when its largest tile is; level at the "
-                    f"{CONFIDENCE}th percentile of {BOOTSTRAP} refits over resampled images",
+        f"{CONFIDENCE}th percentile of {BOOTSTRAP} refits over resampled images",
         "images": len(per_image),
         "tiles": int(values.size),
         "fit": {"loc": tail.loc, "scale": tail.scale},
@@ -100,12 +106,16 @@ def false_alarm_threshold(per_image: list[np.ndarray], rate: float, statistic: s
         "flagged": int(sum(v.max() >= threshold for v in per_image)),
     }
     if len(per_image) < FEW_IMAGES:
-        record["warning"] = (f"{len(per_image)} normal image(s): how much normal images vary is barely seen, the rate on "
-                             f"new images may be higher; calibrate with >= {FEW_IMAGES * 2} of the line's normal images")
+        record["warning"] = (
+            f"{len(per_image)} normal image(s): how much normal images vary is barely seen, the rate on "
+            f"new images may be higher; calibrate with >= {FEW_IMAGES * 2} of the line's normal images"
+        )
     return threshold, record
 
 
-def false_alarm_thresholds(maps: list[np.ndarray], tiling: Tiling, spec: PostprocessSpec, rate: float, seed: int = 0) -> dict:
+def false_alarm_thresholds(
+    maps: list[np.ndarray], tiling: Tiling, spec: PostprocessSpec, rate: float, seed: int = 0
+) -> dict:
     """Image and pixel thresholds by false-alarm rate from the final maps of normal images:
     {"image", "pixel", "rules": {"image": record, "pixel": record}}."""
     by_score = [tile_statistics(m, tiling, partial(image_score, spec=spec)) for m in maps]

@@ -88,11 +88,13 @@ def extract_features(shared: FeaturePass, samples: list[HRSample]) -> list[Image
     out = []
     for sample in samples:
         image = sample.image(shared.model.tiling.image_size)
-        out.append(ImageFeatures(
-            image_features(shared.model, image),
-            split(image, shared.model.tiling.tiles) if shared.keep_tiles else None,
-            resize_image(image, shared.thumbnail_size) if shared.thumbnail_size is not None else None,
-        ))
+        out.append(
+            ImageFeatures(
+                image_features(shared.model, image),
+                split(image, shared.model.tiling.tiles) if shared.keep_tiles else None,
+                resize_image(image, shared.thumbnail_size) if shared.thumbnail_size is not None else None,
+            )
+        )
     return out
 
 
@@ -121,7 +123,9 @@ class TaskInputsList(Sequence[TaskInputs]):
     """Every task's TaskInputs, each gathered from the shared features when it is read: the executor
     holds one task's copy at a time instead of all tasks' (a second copy of every feature in O2O)."""
 
-    def __init__(self, tasks: list, pairs: dict, features: list[torch.Tensor], tiles: np.ndarray | None, validation, spec):
+    def __init__(
+        self, tasks: list, pairs: dict, features: list[torch.Tensor], tiles: np.ndarray | None, validation, spec
+    ):
         self.tasks, self.pairs, self.features, self.tiles = tasks, pairs, features, tiles
         self.validation, self.spec = validation, spec
 
@@ -198,7 +202,12 @@ class HRTrainer:
             samples, val_samples = split_validation(list(samples), cfg.val_config.val_sample_ratio, cfg.seed)
         tiling = Tiling.create(cfg.image_size, cfg.patch_size, cfg.stride, cfg.ds_factors)
         model = HRModel(
-            cfg, tiling, [], self.detector_cls.build_embedder(cfg.patch), {}, PostprocessSpec(**self.detector_cls.postprocess)
+            cfg,
+            tiling,
+            [],
+            self.detector_cls.build_embedder(cfg.patch),
+            {},
+            PostprocessSpec(**self.detector_cls.postprocess),
         )
         features, tiles, thumbnails = self._feature_pass(model, samples)
         assignment = cfg.tasks.generate(tiling, features[0].numpy(), cfg.seed)
@@ -209,8 +218,18 @@ class HRTrainer:
             if not pairs[task.name]:
                 raise ValueError(f"{task.name} has no training tiles")
         inputs = TaskInputsList(model.tasks, pairs, features, tiles, validation, model.postprocess)
-        shared = FitShared(cfg.detector, cfg.patch, model.embedder, synthesizer, cfg.seed, self.progress and self.executor.in_process)
-        stage = Stage("tasks", fit_task, shared, inputs, [t.name for t in model.tasks], cfg.distributed.fit, cfg.distributed.max_retries)
+        shared = FitShared(
+            cfg.detector, cfg.patch, model.embedder, synthesizer, cfg.seed, self.progress and self.executor.in_process
+        )
+        stage = Stage(
+            "tasks",
+            fit_task,
+            shared,
+            inputs,
+            [t.name for t in model.tasks],
+            cfg.distributed.fit,
+            cfg.distributed.max_retries,
+        )
         for task, fitted in zip(model.tasks, self.executor.fit(stage, self.progress)):
             model.detectors[task.name] = self.detector_cls.from_state(cfg.patch, load_tensors(fitted.state))
             model.training[task.name] = fitted.record
@@ -228,8 +247,15 @@ class HRTrainer:
         per_task = cfg.distributed.images_per_task
         batches = [list(samples[i : i + per_task]) for i in range(0, len(samples), per_task)]
         labels = [f"images {i}-{i + len(b) - 1}" for i, b in zip(range(0, len(samples), per_task), batches)]
-        stage = Stage("features", extract_features, FeaturePass(model, self.detector_cls.needs_tiles, size), batches, labels,
-                      cfg.distributed.features, cfg.distributed.max_retries)
+        stage = Stage(
+            "features",
+            extract_features,
+            FeaturePass(model, self.detector_cls.needs_tiles, size),
+            batches,
+            labels,
+            cfg.distributed.features,
+            cfg.distributed.max_retries,
+        )
         images = [im for batch in self.executor.extract(stage, self.progress) for im in batch]
         tiles = np.stack([im.tiles for im in images]) if images[0].tiles is not None else None
         return stack_features(images), tiles, [im.thumbnail for im in images]
@@ -240,8 +266,14 @@ class HRTrainer:
         size = as_size(cfg.thumbnail_size, "thumbnail_size")
         embedder = self.detector_cls.build_embedder(cfg)
         seed_everything(self.config.seed)  # as every task: independent of where the tasks ran
-        data = TaskData(embed(embedder, small, self.config.batch_size), small if self.detector_cls.needs_tiles else None,
-                        embedder, synthesizer, None, self.config.seed)
+        data = TaskData(
+            embed(embedder, small, self.config.batch_size),
+            small if self.detector_cls.needs_tiles else None,
+            embedder,
+            synthesizer,
+            None,
+            self.config.seed,
+        )
         det = self.detector_cls(cfg, seed=self.config.seed)
         record = det.fit(data, progress=self.progress)
         return Thumbnail(size, embedder, det, training=record)

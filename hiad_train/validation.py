@@ -43,7 +43,9 @@ def synthesize_tiles(image: np.ndarray, tiling: Tiling, synthesizer, rng: np.ran
 EVALUATORS = {"image_auroc": image_auroc, "pixel_metrics": pixel_metrics, "aupro": aupro}
 
 
-def min_max_normalization(records: list, thumbs: list, tasks: list[str], mode: str = "global") -> tuple[dict[str, Normalization], Normalization | None]:
+def min_max_normalization(
+    records: list, thumbs: list, tasks: list[str], mode: str = "global"
+) -> tuple[dict[str, Normalization], Normalization | None]:
     """Per task, a min-max of raw scores in `records` ((task, tile, grid, ...)): of all records for
     every task ('global'), or of the task's own ('per_task'; a task no record reached gets the
     global one). The thumbnail's from its raw grids (None without any): another resolution, its own scale."""
@@ -52,7 +54,11 @@ def min_max_normalization(records: list, thumbs: list, tasks: list[str], mode: s
     norms = {}
     for task in tasks:
         values = [r[2] for r in records if r[0] == task] if mode == "per_task" else []
-        norms[task] = Normalization(float(min(v.min() for v in values)), float(max(v.max() for v in values))) if values else overall
+        norms[task] = (
+            Normalization(float(min(v.min() for v in values)), float(max(v.max() for v in values)))
+            if values
+            else overall
+        )
     thumb = Normalization(float(min(t.min() for t in thumbs)), float(max(t.max() for t in thumbs))) if thumbs else None
     return norms, thumb
 
@@ -89,11 +95,18 @@ def validate(model, val_samples: list, cfg: ValConfig, seed: int = 0) -> None:
         masks.append(m)
     labels = np.array([m.any() for m in masks])
     if cfg.threshold.mode == "f1":
-        rule = {"rule": "f1", "on": "validation tiles with synthetic anomalies", "images": len(val_samples),
-                "tiles": len(records), "anomalous_tiles": int(labels.sum())}
+        rule = {
+            "rule": "f1",
+            "on": "validation tiles with synthetic anomalies",
+            "images": len(val_samples),
+            "tiles": len(records),
+            "anomalous_tiles": int(labels.sum()),
+        }
         model.thresholds = {
             "image": f1_threshold(np.array(scores), labels),
-            "pixel": f1_threshold(np.concatenate([p.ravel() for p in maps]), np.concatenate([m.ravel() for m in masks])),
+            "pixel": f1_threshold(
+                np.concatenate([p.ravel() for p in maps]), np.concatenate([m.ravel() for m in masks])
+            ),
             "rules": {"image": rule, "pixel": rule},
         }
     else:  # the held-out images as they are (normal), through the whole model

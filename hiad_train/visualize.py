@@ -26,5 +26,13 @@ def task_map(tasks: Sequence[Task], tiling: Tiling, image: np.ndarray) -> np.nda
     for t, n in zip(tiling.tiles, owner):
         b = t.main
         cv2.rectangle(out, (b.x, b.y), (b.x + b.width - 1, b.y + b.height - 1), (255, 255, 255), thick)
-        cv2.putText(out, n or "routed", (b.x + 8, b.y + b.height // 2), cv2.FONT_HERSHEY_SIMPLEX, b.width / 250, (255, 255, 255), 2 * thick)
+        cv2.putText(
+            out,
+            n or "routed",
+            (b.x + 8, b.y + b.height // 2),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            b.width / 250,
+            (255, 255, 255),
+            2 * thick,
+        )
     return out

@@ -88,8 +88,12 @@ CLUSTERED = dict(
     fusion_weights=[0.5, 0.5],
     tasks={"generator": "spatial_clustering", "cluster_number": 2},
     thumbnail={"thumbnail_size": 128, "target_embed_dimension": 64, "percentage": 0.1},
-    val_config={"anomaly_syn_fn": {"name": "random_box", "p": 0.5}, "val_sample_ratio": 0.25, "max_patch_number": 200,
-                "evaluators": ["image_auroc", "pixel_metrics", "aupro"]},
+    val_config={
+        "anomaly_syn_fn": {"name": "random_box", "p": 0.5},
+        "val_sample_ratio": 0.25,
+        "max_patch_number": 200,
+        "evaluators": ["image_auroc", "pixel_metrics", "aupro"],
+    },
 )
 
 

@@ -81,7 +81,9 @@ def _copy(bundle, tmp_path):
     return dst
 
 
-def test_tampered_truncated_missing_graph_and_wrong_size_are_refused(bundle_dir, c_build, ort_library, test_samples, tmp_path):
+def test_tampered_truncated_missing_graph_and_wrong_size_are_refused(
+    bundle_dir, c_build, ort_library, test_samples, tmp_path
+):
     image = [test_samples[0].image_path]
     b = _copy(bundle_dir, tmp_path / "tampered")
     data = bytearray((b / "pipeline.onnx").read_bytes())
@@ -107,7 +109,9 @@ def test_tampered_truncated_missing_graph_and_wrong_size_are_refused(bundle_dir,
     assert "error" not in lines[1] and np.isfinite(lines[1]["score"])  # the next image is still scored
 
 
-def test_c_refuses_a_bundle_without_a_graph_with_the_exports_reason(bundle_dir, c_build, ort_library, test_samples, tmp_path):
+def test_c_refuses_a_bundle_without_a_graph_with_the_exports_reason(
+    bundle_dir, c_build, ort_library, test_samples, tmp_path
+):
     b = _copy(bundle_dir, tmp_path)
     manifest = json.loads((b / "manifest.json").read_text())
     manifest["pipeline"] = {"unsupported": "thumbnail.size: resizing 2048x2048 to 300x300 is not a whole-factor shrink"}
@@ -120,7 +124,9 @@ def test_c_refuses_a_bundle_without_a_graph_with_the_exports_reason(bundle_dir, 
     assert rc == 2 and "schema_version 99 is not supported" in err
 
 
-def test_c_refuses_a_default_export_naming_the_option_that_builds_the_graph(default_bundle, c_build, ort_library, test_samples):
+def test_c_refuses_a_default_export_naming_the_option_that_builds_the_graph(
+    default_bundle, c_build, ort_library, test_samples
+):
     _, bundle = default_bundle
     rc, _, err = infer(c_build, ort_library, bundle, [test_samples[0].image_path])
     assert rc == 2 and "no pipeline graph: not built: hiad-export --pipeline builds the whole-image graph" in err
@@ -152,13 +158,33 @@ def test_the_documented_example_compiles_as_written_and_runs(bundle_dir, c_build
     source = doc.split("## Running a bundle from C", 1)[1].split("```c\n", 1)[1].split("```", 1)[0]
     (tmp_path / "example.c").write_text(source)
     cc = subprocess.run(
-        ["cc", "-std=c11", "-Wall", "-Werror", str(tmp_path / "example.c"), f"-I{C_DIR / 'include'}", f"-I{BUILD / 'deps' / 'include'}",
-         str(BUILD / "libhiad.a"), "-ljansson", "-lcrypto", "-ldl", "-lpthread", "-lm", "-o", str(tmp_path / "example")],
-        capture_output=True, text=True,
+        [
+            "cc",
+            "-std=c11",
+            "-Wall",
+            "-Werror",
+            str(tmp_path / "example.c"),
+            f"-I{C_DIR / 'include'}",
+            f"-I{BUILD / 'deps' / 'include'}",
+            str(BUILD / "libhiad.a"),
+            "-ljansson",
+            "-lcrypto",
+            "-ldl",
+            "-lpthread",
+            "-lm",
+            "-o",
+            str(tmp_path / "example"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert cc.returncode == 0, cc.stderr
-    done = subprocess.run([str(tmp_path / "example"), str(bundle_dir)], capture_output=True, text=True,
-                          env={"HIAD_ORT_LIBRARY": str(ort_library)})
+    done = subprocess.run(
+        [str(tmp_path / "example"), str(bundle_dir)],
+        capture_output=True,
+        text=True,
+        env={"HIAD_ORT_LIBRARY": str(ort_library)},
+    )
     assert done.returncode == 0 and done.stdout.startswith("score "), done.stderr
 
 
@@ -229,8 +255,11 @@ def test_truncated_pngs_and_jpegs_are_errors(bundle_dir, c_build, ort_library, t
     rc, lines, err = infer(c_build, ort_library, bundle_dir, [*cut, good])
     assert rc == 1 and len(lines) == len(cut) + 1 and "score" in lines[-1]
     for path, line in zip(cut, lines):
-        why = ("corrupt JPEG: Premature end of JPEG file" if path.suffix == ".jpg"
-               else "truncated PNG: the file ends before the image does")
+        why = (
+            "corrupt JPEG: Premature end of JPEG file"
+            if path.suffix == ".jpg"
+            else "truncated PNG: the file ends before the image does"
+        )
         assert line == {"input": str(path), "error": f"{path}: not a readable image ({why})"}
         assert f"error: {path}: not a readable image" in err
     # the error paths (longjmp out of libpng and libjpeg) free everything
@@ -319,9 +348,11 @@ def test_hiad_infer_names_every_attempt_when_nothing_loads(bundle_dir, c_build, 
     rc, lines, err = run(NO_ORT / "hiad-infer", bundle_dir, [test_samples[0].image_path], env=BARE_ENV)
     assert rc == 2 and lines == []
     missing = "cannot open shared object file: No such file or directory"
-    assert (f"error: cannot load ONNX Runtime; tried libonnxruntime.so.1 (versioned soname): {missing}; "
-            f"libonnxruntime.so (unversioned soname): {missing}; make found none at build time; "
-            "name the library with $HIAD_ORT_LIBRARY") in err
+    assert (
+        f"error: cannot load ONNX Runtime; tried libonnxruntime.so.1 (versioned soname): {missing}; "
+        f"libonnxruntime.so (unversioned soname): {missing}; make found none at build time; "
+        "name the library with $HIAD_ORT_LIBRARY"
+    ) in err
 
     # a library the caller names is the only one tried: another ONNX Runtime would hide the mistake
     nowhere = tmp_path / "libonnxruntime.so.1"

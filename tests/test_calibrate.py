@@ -24,8 +24,18 @@ def _files(root):
 @pytest.fixture(scope="module")
 def calibrated(clustered_bundle, elpv_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("calibrated") / "bundle"
-    args = ["calibrate", str(clustered_bundle), "--normal", str(elpv_root / "train"), "--defective",
-            str(elpv_root / "test" / "defect"), "--out", str(out), "--rate", "0.05"]
+    args = [
+        "calibrate",
+        str(clustered_bundle),
+        "--normal",
+        str(elpv_root / "train"),
+        "--defective",
+        str(elpv_root / "test" / "defect"),
+        "--out",
+        str(out),
+        "--rate",
+        "0.05",
+    ]
     result = CliRunner().invoke(train_app, args)
     assert result.exit_code == 0, result.output
     return out, result.output
@@ -39,7 +49,9 @@ def test_calibrate_changes_only_thresholds_and_normalization(clustered_bundle, c
     assert _files(new_root) == _files(old_root) - {graph}  # the whole-image graph holds the old values: left out
     for name in _files(new_root) - {"manifest.json"}:
         assert filecmp.cmp(old_root / name, new_root / name, shallow=False), name
-    assert {k: v for k, v in old.items() if k not in RECALIBRATED} == {k: v for k, v in new.items() if k not in RECALIBRATED}
+    assert {k: v for k, v in old.items() if k not in RECALIBRATED} == {
+        k: v for k, v in new.items() if k not in RECALIBRATED
+    }
     strip = lambda d: {k: v for k, v in d.items() if k != "normalization"}  # noqa: E731
     assert [strip(t) for t in old["tasks"]] == [strip(t) for t in new["tasks"]]
     assert strip(old["thumbnail"]) == strip(new["thumbnail"])
@@ -62,17 +74,33 @@ def test_calibrated_bundle_decides_with_its_new_thresholds(calibrated, test_samp
     for s in test_samples:
         r = inspector.predict(str(s.image_path))
         assert r.decision == (r.score >= t["image"])
-    result = CliRunner().invoke(runtime_app, ["predict", str(out), str(test_samples[0].image_path), "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        runtime_app, ["predict", str(out), str(test_samples[0].image_path), "--out", str(tmp_path / "r")]
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert sum("image threshold" in x and "false-alarm rate 5.00% on 4 normal image(s)" in x and "calibrated" in x for x in lines) == 1
+    assert (
+        sum(
+            "image threshold" in x and "false-alarm rate 5.00% on 4 normal image(s)" in x and "calibrated" in x
+            for x in lines
+        )
+        == 1
+    )
 
 
 def test_checkpoint_and_bundle_calibrate_alike(clustered_model, calibrated, elpv_root, tmp_path):
     """The same images give the same normalization and thresholds through PyTorch and through the bundle's heads."""
     save_checkpoint(clustered_model, tmp_path / "checkpoint")
-    args = ["calibrate", str(tmp_path / "checkpoint"), "--normal", str(elpv_root / "train"), "--defective",
-            str(elpv_root / "test" / "defect"), "--rate", "0.05"]
+    args = [
+        "calibrate",
+        str(tmp_path / "checkpoint"),
+        "--normal",
+        str(elpv_root / "train"),
+        "--defective",
+        str(elpv_root / "test" / "defect"),
+        "--rate",
+        "0.05",
+    ]
     result = CliRunner().invoke(train_app, args)
     assert result.exit_code == 0, result.output
     model = load_checkpoint(tmp_path / "checkpoint")  # republished in place as its next version
@@ -95,7 +123,7 @@ def test_calibrate_prints_the_operating_curve_of_the_images_given(calibrated):
     _, output = calibrated
     for kind in ("image", "pixel"):
         head = next(i for i, x in enumerate(output.splitlines()) if x.startswith(f"{kind} operating curve"))
-        rows = output.splitlines()[head + 2:]
+        rows = output.splitlines()[head + 2 :]
         assert "(4 normal, " in output.splitlines()[head]
         assert "100.0% (4/4;" in rows[0] and "  0.0% (0/" in rows[0]  # lowest threshold: every image flagged
     assert "takes 299 normal images" in output
@@ -104,8 +132,18 @@ def test_calibrate_prints_the_operating_curve_of_the_images_given(calibrated):
 def test_max_miss_sets_thresholds_from_the_defective_images(clustered_bundle, elpv_root, tmp_path):
     """--max-miss 0 flags every defective image given; the rule, its false alarms and misses are recorded."""
     defect = elpv_root / "test" / "defect"
-    args = ["calibrate", str(clustered_bundle), "--normal", str(elpv_root / "train"), "--defective", str(defect),
-            "--out", str(tmp_path / "b"), "--max-miss", "0"]
+    args = [
+        "calibrate",
+        str(clustered_bundle),
+        "--normal",
+        str(elpv_root / "train"),
+        "--defective",
+        str(defect),
+        "--out",
+        str(tmp_path / "b"),
+        "--max-miss",
+        "0",
+    ]
     result = CliRunner().invoke(train_app, args)
     assert result.exit_code == 0, result.output
     inspector = Inspector(Bundle.load(tmp_path / "b"))

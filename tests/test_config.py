@@ -11,7 +11,9 @@ def test_unknown_key_is_named_with_a_suggestion():
     with pytest.raises(ConfigError, match=r"patch\.percentge: unknown key \(did you mean 'percentage'\?\)"):
         parse_config({"image_size": 512, "patch_size": 256, "patch": {"percentge": 0.1}})
     with pytest.raises(ConfigError, match=r"tasks\.neighborhood\.num_groups_widht: unknown key"):
-        parse_config({"image_size": 512, "patch_size": 256, "tasks": {"generator": "neighborhood", "num_groups_widht": 2}})
+        parse_config(
+            {"image_size": 512, "patch_size": 256, "tasks": {"generator": "neighborhood", "num_groups_widht": 2}}
+        )
     with pytest.raises(ConfigError, match=r"strid: unknown key \(did you mean 'stride'\?\)"):
         parse_config({"image_size": 512, "patch_size": 256, "strid": 128})
 
@@ -41,8 +43,15 @@ def test_shipped_configs_validate(path):
 def test_detector_is_chosen_from_the_registry_and_types_its_section():
     with pytest.raises(ConfigError, match=r"detector: unknown detector 'patchcor' \(did you mean 'patchcore'\?\)"):
         parse_config({"image_size": 512, "patch_size": 256, "detector": "patchcor"})
-    cfg = parse_config({"image_size": 512, "patch_size": 256, "detector": "patchcore", "patch": {"percentage": 0.2},
-                        "thumbnail": {"thumbnail_size": 128}})
+    cfg = parse_config(
+        {
+            "image_size": 512,
+            "patch_size": 256,
+            "detector": "patchcore",
+            "patch": {"percentage": 0.2},
+            "thumbnail": {"thumbnail_size": 128},
+        }
+    )
     assert type(cfg.patch).__name__ == "PatchCoreConfig" and cfg.patch.percentage == 0.2
     assert cfg.thumbnail.thumbnail_size == 128 and cfg.thumbnail.merge_size == 3
     with pytest.raises(ConfigError, match=r"thumbnail\.thumbnail_size: Field required"):
@@ -67,6 +76,8 @@ def test_yaml_aliases_are_refused_before_they_are_expanded(tmp_path, monkeypatch
     config = tmp_path / "bomb.yaml"
     config.write_text("image_size: 256\npatch_size: 128\n" + "\n".join(levels) + "\n")
     assert len(config.read_bytes()) < 600
-    with pytest.raises(ConfigError, match=r"bomb\.yaml: invalid configuration\n  line 4: alias \*a0 refused: configs are plain"):
+    with pytest.raises(
+        ConfigError, match=r"bomb\.yaml: invalid configuration\n  line 4: alias \*a0 refused: configs are plain"
+    ):
         load_config(config)
     assert walked == []

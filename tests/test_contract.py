@@ -26,12 +26,34 @@ ROWS = {  # detector -> its `patch:` section for the tiny run
     "destseg": {"total_epochs": 2, "de_st_epochs": 1, "batch_size": 4},
     "fastflow": {"flow_step": 2, "hidden_ratio": 0.5, "num_epochs": 2, "batch_size": 4},
     "padim": {"embed_dimension": 32},
-    "dinomaly": {**TINY_VIT, "layers_to_extract_from": [0, 1, 2, 3], "fuse_layer_encoder": [[0, 1], [2, 3]],
-                 "decoder_depth": 2, "fuse_layer_decoder": [[0], [1]], "total_epochs": 2, "batch_size": 4},
-    "inpformer": {**TINY_VIT, "layers_to_extract_from": [0, 1, 2, 3], "fuse_layer_encoder": [[0, 1], [2, 3]],
-                  "decoder_depth": 2, "fuse_layer_decoder": [[0], [1]], "num_prototypes": 3, "total_epochs": 2, "batch_size": 4},
+    "dinomaly": {
+        **TINY_VIT,
+        "layers_to_extract_from": [0, 1, 2, 3],
+        "fuse_layer_encoder": [[0, 1], [2, 3]],
+        "decoder_depth": 2,
+        "fuse_layer_decoder": [[0], [1]],
+        "total_epochs": 2,
+        "batch_size": 4,
+    },
+    "inpformer": {
+        **TINY_VIT,
+        "layers_to_extract_from": [0, 1, 2, 3],
+        "fuse_layer_encoder": [[0, 1], [2, 3]],
+        "decoder_depth": 2,
+        "fuse_layer_decoder": [[0], [1]],
+        "num_prototypes": 3,
+        "total_epochs": 2,
+        "batch_size": 4,
+    },
     "vitad": {**TINY_VIT, "layers_to_extract_from": [0, 1, 2], "neck_layers": [3], "total_epochs": 2, "batch_size": 4},
-    "realnet": {"max_epoch": 1, "batch_size": 4, "init_bsn": 1, "num_res_blocks": 1, "channel_mult": [1], "attention_mult": []},
+    "realnet": {
+        "max_epoch": 1,
+        "batch_size": 4,
+        "init_bsn": 1,
+        "num_res_blocks": 1,
+        "channel_mult": [1],
+        "attention_mult": [],
+    },
 }
 
 VALIDATION = {"anomaly_syn_fn": {"name": "random_box", "p": 0.5}, "val_sample_ratio": 0.25, "max_patch_number": 200}
@@ -43,8 +65,12 @@ def test_every_registered_detector_has_a_contract_row():
 
 @pytest.mark.parametrize("name", sorted(DETECTORS))
 def test_train_export_runtime_parity(name, train_samples, test_samples, parity_images, tmp_path):
-    config = tiny_config(detector=name, patch=ROWS[name], tasks={"generator": "neighborhood", "num_groups_width": 2, "num_groups_height": 1},
-                         val_config=VALIDATION)
+    config = tiny_config(
+        detector=name,
+        patch=ROWS[name],
+        tasks={"generator": "neighborhood", "num_groups_width": 2, "num_groups_height": 1},
+        val_config=VALIDATION,
+    )
     model = HRTrainer(config, progress=False).fit(train_samples)
     assert len(model.tasks) == 2 and set(model.training) == {"task_0", "task_1"}
     if issubclass(DETECTORS[name].Config, EpochConfig):  # the validation set chose the epoch

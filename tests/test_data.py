@@ -18,7 +18,9 @@ def test_elpv_demo_layout_labels_and_masks(elpv_root):
     assert (mask.reshape(2, 128, 2, 128).all(axis=(1, 3)) == cells).all()
     # the jsonl meta files describe the same samples
     from_meta = read_jsonl(elpv_root / "test.jsonl", elpv_root.parent)
-    assert sorted((s.image_path, s.label, s.mask_path) for s in from_meta) == sorted((s.image_path, s.label, s.mask_path) for s in test)
+    assert sorted((s.image_path, s.label, s.mask_path) for s in from_meta) == sorted(
+        (s.image_path, s.label, s.mask_path) for s in test
+    )
 
 
 def test_elpv_demo_is_deterministic_and_real(tmp_path):

@@ -111,6 +111,8 @@ def test_a_single_training_tile_is_refused():
     from hiad_train.detectors import TaskData
 
     config = DeSTSegConfig(total_epochs=2, de_st_epochs=1, batch_size=2)
-    data = TaskData([], np.zeros((1, 32, 32, 3), np.uint8), nn.Identity(), lambda tile, rng: (tile, tile[..., 0] > 0), None)
+    data = TaskData(
+        [], np.zeros((1, 32, 32, 3), np.uint8), nn.Identity(), lambda tile, rng: (tile, tile[..., 0] > 0), None
+    )
     with pytest.raises(ValueError, match="at least 2 tiles"):
         DeSTSeg(config).fit(data)

@@ -7,13 +7,13 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 
+from conftest import TINY, tiny_config  # noqa: E402
+
 from hiad_export.writer import write_bundle  # noqa: E402
 from hiad_train.checkpoint import save_checkpoint  # noqa: E402
 from hiad_train.distributed import FAULT_ENV, RayExecutor  # noqa: E402
 from hiad_train.executors import StageFailed  # noqa: E402
 from hiad_train.trainer import HRTrainer  # noqa: E402
-
-from conftest import TINY, tiny_config  # noqa: E402
 
 EPOCHS = dict(  # an epoch-trained detector validated per epoch (the validator travels to the worker)
     detector="fastflow",
@@ -34,7 +34,9 @@ def files(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_ray_checkpoint_and_bundle_equal_the_single_process_ones(cluster, trained, default_bundle, train_samples, parity_images, tmp_path):
+def test_ray_checkpoint_and_bundle_equal_the_single_process_ones(
+    cluster, trained, default_bundle, train_samples, parity_images, tmp_path
+):
     executor = RayExecutor()
     model = HRTrainer(tiny_config(), progress=False, executor=executor).fit(train_samples)
     assert set(executor.seconds["tasks"]) == {"task_0", "task_1", "task_2", "task_3"}
@@ -59,12 +61,16 @@ def test_epoch_training_with_validation_is_identical_on_ray(cluster, train_sampl
 def test_a_worker_killed_mid_task_is_retried(cluster, trained, train_samples, tmp_path, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "task_1:kill-once")
     with pytest.raises(StageFailed, match="task_1 failed: after 1 attempt.*WorkerCrashedError"):  # the kill is real
-        HRTrainer(tiny_config(distributed={"max_retries": 0}), progress=False, executor=RayExecutor()).fit(train_samples)
+        HRTrainer(tiny_config(distributed={"max_retries": 0}), progress=False, executor=RayExecutor()).fit(
+            train_samples
+        )
     model = HRTrainer(tiny_config(), progress=False, executor=RayExecutor()).fit(train_samples)
     assert files(save_checkpoint(model, tmp_path / "ray")) == files(save_checkpoint(trained, tmp_path / "local"))
 
 
-def test_a_task_failing_every_attempt_fails_the_run_by_name_with_no_checkpoint(cluster, elpv_root, tmp_path, monkeypatch):
+def test_a_task_failing_every_attempt_fails_the_run_by_name_with_no_checkpoint(
+    cluster, elpv_root, tmp_path, monkeypatch
+):
     import yaml
     from typer.testing import CliRunner
 
@@ -73,7 +79,9 @@ def test_a_task_failing_every_attempt_fails_the_run_by_name_with_no_checkpoint(c
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump({**TINY, "distributed": {"max_retries": 1}}))
     monkeypatch.setenv(FAULT_ENV, "task_2:raise")
-    result = CliRunner().invoke(app, ["train", str(cfg), "--data", str(elpv_root), "--out", str(tmp_path / "run"), "--ray", "local"])
+    result = CliRunner().invoke(
+        app, ["train", str(cfg), "--data", str(elpv_root), "--out", str(tmp_path / "run"), "--ray", "local"]
+    )
     assert result.exit_code == 2
     assert "task_2 failed: after 2 attempt(s): RuntimeError: fault injected by HIAD_FAULT" in result.output
     assert not (tmp_path / "run" / "checkpoint").exists()

@@ -30,8 +30,14 @@ def test_manifest_describes_everything_a_c_caller_needs(bundle_dir):
     assert head["files"] == {"index": "tasks/task_0.faiss", "bank": "tasks/task_0_bank.npy"}
     assert head["params"]["index_factory"] == "Flat" and head["params"]["k"] == 1
     assert m["tasks"][0]["training"] == {"bank_size": 102, "training_patches": 1024}
-    assert m["postprocess"] == {"gaussian_sigma": 4.0, "gaussian_truncate": 4.0, "score_pool": 16,
-                                "tile_blur_sigma": 4.0, "score_rule": "block_mean_max", "score_top_k": 1}
+    assert m["postprocess"] == {
+        "gaussian_sigma": 4.0,
+        "gaussian_truncate": 4.0,
+        "score_pool": 16,
+        "tile_blur_sigma": 4.0,
+        "score_rule": "block_mean_max",
+        "score_top_k": 1,
+    }
     for name, info in m["files"].items():
         assert len(info["sha256"]) == 64 and (bundle_dir / name).stat().st_size == info["bytes"]
     assert m["parity"]["onnx"]["passed"] and m["parity"]["native"]["passed"]
@@ -47,7 +53,9 @@ def test_runtime_matches_pytorch_on_real_demo_images(trained, bundle_dir, test_s
         span = ref_map.max() - ref_map.min()
         assert np.abs(result.anomaly_map - ref_map).max() <= TOLERANCE * span
         assert abs(result.score - ref_score) <= TOLERANCE * span
-    assert inspector.providers_in_use == (["OpenVINO:CPU"] if inspector.sessions.backend == "openvino" else ["CPUExecutionProvider"])
+    assert inspector.providers_in_use == (
+        ["OpenVINO:CPU"] if inspector.sessions.backend == "openvino" else ["CPUExecutionProvider"]
+    )
 
 
 def test_onnx_head_agrees_with_faiss(bundle_dir, test_samples):
@@ -159,7 +167,9 @@ def test_parity_check_holds_one_runtime_paths_sessions_at_a_time(trained, bundle
 
 
 def test_approximate_index_reports_its_cost(trained, parity_images, tmp_path):
-    manifest = write_bundle(trained, tmp_path / "ivf", parity_images, ExportOptions({"index": "IVF4,Flat", "search_params": "nprobe=1"}))
+    manifest = write_bundle(
+        trained, tmp_path / "ivf", parity_images, ExportOptions({"index": "IVF4,Flat", "search_params": "nprobe=1"})
+    )
     head = manifest.tasks[0].head
     assert head.params["index_factory"] == "IVF4,Flat" and head.params["search_params"] == "nprobe=1"
     assert manifest.parity["onnx"]["enforced"] and manifest.parity["onnx"]["passed"]
@@ -215,7 +225,9 @@ def test_predict_cli_writes_results_maps_and_overlays(bundle_dir, elpv_root, tmp
     broken.parent.mkdir()
     broken.write_bytes(b"\x89PNG garbage")
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["predict", str(bundle_dir), str(elpv_root / "test"), str(broken), "--out", str(out), "--overlays"])
+    result = CliRunner().invoke(
+        app, ["predict", str(bundle_dir), str(elpv_root / "test"), str(broken), "--out", str(out), "--overlays"]
+    )
     assert result.exit_code == 1  # one bad input: reported, the others still scored
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     ok = [line for line in lines if "error" not in line]
@@ -224,12 +236,17 @@ def test_predict_cli_writes_results_maps_and_overlays(bundle_dir, elpv_root, tmp
         amap = np.load(out / line["map"])
         assert amap.shape == (256, 256) and amap.dtype == np.float32
         assert line["latency_ms"] > 0
-    assert {p.name for p in (out / "maps").rglob("*") if p.is_dir()} >= {"defect", "good"}  # the inputs' folders mirrored
+    assert {p.name for p in (out / "maps").rglob("*") if p.is_dir()} >= {
+        "defect",
+        "good",
+    }  # the inputs' folders mirrored
     assert len(list((out / "overlays").rglob("*.png"))) == 4
     big = tmp_path / "big" / "wide.png"
     big.parent.mkdir()
     cv2.imwrite(str(big), np.zeros((300, 500), np.uint8))
-    result = CliRunner().invoke(app, ["predict", str(bundle_dir), str(big), "--out", str(tmp_path / "o2"), "--input-size"])
+    result = CliRunner().invoke(
+        app, ["predict", str(bundle_dir), str(big), "--out", str(tmp_path / "o2"), "--input-size"]
+    )
     assert result.exit_code == 0, result.output
     assert np.load(tmp_path / "o2" / "maps" / "wide.png.npy").shape == (300, 500)
 

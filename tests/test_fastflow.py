@@ -6,13 +6,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from torch.autograd.functional import jacobian
 
 from hiad_train.components.flow import AffineCoupling, Flow2d
 from hiad_train.config import ConfigError
 from hiad_train.detectors.fastflow import FastFlow, FastFlowConfig, FastFlowModel
-
-from conftest import tiny_config
 
 
 def _randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

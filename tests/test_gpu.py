@@ -19,9 +19,11 @@ from hiad_runtime.options import RuntimeOptions
 TOLERANCE = 1e-4  # of the reference map's range
 CUDA = "CUDAExecutionProvider"
 CPU_ONLY = {"providers": ("CPUExecutionProvider",), "backend": "onnxruntime"}
-needs_cuda = pytest.mark.skipif(CUDA not in ort.get_available_providers(),
-                                reason="this onnxruntime build offers no CUDAExecutionProvider (pip install '.[gpu]' "
-                                       "on a CUDA 13 machine; benchmarks/gpu_check.sh)")
+needs_cuda = pytest.mark.skipif(
+    CUDA not in ort.get_available_providers(),
+    reason="this onnxruntime build offers no CUDAExecutionProvider (pip install '.[gpu]' "
+    "on a CUDA 13 machine; benchmarks/gpu_check.sh)",
+)
 
 
 @pytest.fixture
@@ -32,7 +34,11 @@ def cuda_offered(monkeypatch):
 
 def test_auto_takes_cuda_and_the_heads_graphs_where_onnxruntime_offers_cuda(cuda_offered, bundle_dir):
     sessions = SessionFactory()
-    assert (sessions.backend, sessions.maker.providers, sessions.on_gpu) == (Backend.onnxruntime, [CUDA, "CPUExecutionProvider"], True)
+    assert (sessions.backend, sessions.maker.providers, sessions.on_gpu) == (
+        Backend.onnxruntime,
+        [CUDA, "CPUExecutionProvider"],
+        True,
+    )
     options = RuntimeOptions(stream_tiles=8).resolved(sessions.backend, sessions.on_gpu)
     assert (options.backend, options.head_path, options.batch_size) == (Backend.onnxruntime, HeadPath.onnx, 8)
     inspector = Inspector.load(bundle_dir)  # the same choice made by the Inspector; here the sessions run on the CPU

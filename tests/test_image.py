@@ -52,8 +52,10 @@ def _encodings(image: np.ndarray) -> dict[str, bytes]:
     bgr = image[:, :, ::-1]
     deep = bgr.astype(np.uint16) * 257
     return {
-        "rgb8.png": _png(bgr), "rgb16.png": _png(deep),
-        "gray8.png": _png(bgr[:, :, 0]), "gray16.png": _png(deep[:, :, 0]),
+        "rgb8.png": _png(bgr),
+        "rgb16.png": _png(deep),
+        "gray8.png": _png(bgr[:, :, 0]),
+        "gray16.png": _png(deep[:, :, 0]),
         "baseline.jpg": cv2.imencode(".jpg", bgr)[1].tobytes(),
         "progressive.jpg": cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes(),
     }
@@ -97,8 +99,14 @@ def test_a_file_name_that_is_not_utf8_is_read(real_image, tmp_path):
     with open(name, "wb") as f:
         f.write(_png(real_image[:, :, ::-1]))
     script = "import sys; from hiad_runtime.image import load_image; print(load_image(sys.argv[1]).sum())"
-    run = subprocess.run([sys.executable, "-c", script, name], capture_output=True, text=True, errors="replace",
-                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    run = subprocess.run(
+        [sys.executable, "-c", script, name],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert run.returncode == 0, run.stderr
     assert int(run.stdout) == int(real_image.sum())
 

@@ -32,6 +32,7 @@ def _cut(source: Path, target: Path, size: int = 1000) -> Path:
 
 def _header_only_png(width: int, height: int) -> bytes:
     """A complete PNG of a few hundred bytes whose header declares width x height 16-bit RGBA."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -50,8 +51,17 @@ def test_predict_batch_scores_a_name_that_is_not_utf8_and_reports_a_file_cut_sho
     shutil.copy(good, os.path.join(os.fsencode(inputs), b"c_odd\xff.png"))
     shutil.copy(good, inputs / "d_good.png")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "hiad_runtime.cli", "predict", str(bundle_dir), str(inputs),
-               "--out", str(out), "--overlays"]
+    command = [
+        sys.executable,
+        "-m",
+        "hiad_runtime.cli",
+        "predict",
+        str(bundle_dir),
+        str(inputs),
+        "--out",
+        str(out),
+        "--overlays",
+    ]
     run = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=300, cwd=ROOT)
     assert run.returncode == 1, run.stderr  # documented: 1 when some inputs failed
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -114,7 +124,9 @@ def test_calibrate_and_training_refuse_images_over_the_pixel_budget(bundle_dir, 
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     assert f"z_big.png: declares 13000x13000 = 169000000 pixels, above the limit of {limit}" in result.output
-    with pytest.raises(ImageError, match=f"z_big.png: declares 13000x13000 .* above the limit of {source_max_pixels((256, 256))}"):
+    with pytest.raises(
+        ImageError, match=f"z_big.png: declares 13000x13000 .* above the limit of {source_max_pixels((256, 256))}"
+    ):
         HRSample(big).image((256, 256))
 
 

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from hiad_export.writer import write_bundle
 from hiad_runtime.inspector import Inspector
@@ -16,9 +17,8 @@ from hiad_train.synthesis import ColorShift, CutPaste, ImageBlending, RandomBox
 from hiad_train.trainer import HRTrainer
 from hiad_train.validation import min_max_normalization
 
-from conftest import tiny_config
-
 TOLERANCE = 1e-4
+
 
 def _assert_parity(model, bundle, images, head_path):
     inspector = Inspector.load(bundle, head_path=head_path)
@@ -48,7 +48,9 @@ def test_fusion_changes_the_embedding(clustered_model, trained, test_samples):
     assert not np.allclose(fused.numpy(), plain.numpy())
 
 
-def test_validation_normalizes_to_unit_range_and_thresholds_decide(clustered_model, clustered_bundle, test_samples, tmp_path):
+def test_validation_normalizes_to_unit_range_and_thresholds_decide(
+    clustered_model, clustered_bundle, test_samples, tmp_path
+):
     v = clustered_model.validation
     assert v["patches"] == 4 and 0 < v["anomalous"] < 4  # 1 held-out image x 4 tiles, p = 0.5
     assert set(v) >= {"image_auroc", "pixel_auroc", "aupro"}
@@ -69,7 +71,9 @@ def test_validation_normalizes_to_unit_range_and_thresholds_decide(clustered_mod
 
     # Not clipped: scaling every normalization so that the top image scores 2, a threshold of 1.5 is reached.
     m = json.loads((clustered_bundle / "manifest.json").read_text())
-    for norm in [task["normalization"] for task in m["tasks"]] + ([m["thumbnail"]["normalization"]] if m["thumbnail"] else []):
+    for norm in [task["normalization"] for task in m["tasks"]] + (
+        [m["thumbnail"]["normalization"]] if m["thumbnail"] else []
+    ):
         norm["maximum"] = norm["minimum"] + (norm["maximum"] - norm["minimum"]) * top / 2
     m["thresholds"]["image"] = 1.5
     shutil.copytree(clustered_bundle, tmp_path / "scaled")
@@ -111,7 +115,9 @@ def test_clustering_generators_on_real_embeddings(trained, train_samples):
     assert len(tasks) == 2 and centres.shape == (2, 64) and labels.shape == (4, 4)
 
 
-@pytest.mark.parametrize("synth", [RandomBox(p=1), CutPaste(p=1), ColorShift(p=1), ImageBlending(p=1)], ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize(
+    "synth", [RandomBox(p=1), CutPaste(p=1), ColorShift(p=1), ImageBlending(p=1)], ids=lambda s: type(s).__name__
+)
 def test_synthetic_anomalies_land_inside_their_masks(synth, test_samples):
     rng = np.random.default_rng(0)
     patch = test_samples[2].image((256, 256))[:128, :128].copy()

@@ -8,16 +8,22 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import rng, tiny_config
 
-from hiad_export.pipeline import AreaShrink, GaussianBlur, Pipeline, PipelineUnsupported, bundle_identity, export_pipeline
+from hiad_export.pipeline import (
+    AreaShrink,
+    GaussianBlur,
+    Pipeline,
+    PipelineUnsupported,
+    bundle_identity,
+    export_pipeline,
+)
 from hiad_export.pipeline_memory import MB, LiveTensorBytes, pipeline_cost
 from hiad_export.writer import write_bundle
 from hiad_runtime.bundle import SCHEMA_VERSION, BundleError
 from hiad_runtime.inspector import Inspector
 from hiad_runtime.postprocess import PostprocessSpec, gaussian_blur
 from hiad_train.trainer import HRTrainer
-
-from conftest import rng, tiny_config
 
 TOLERANCE = 1e-4
 
@@ -101,7 +107,11 @@ def unsupported_bundle(train_samples, tmp_path_factory):
 def test_what_the_graph_cannot_express_is_named(unsupported_bundle):
     manifest, out = unsupported_bundle
     why = "context windows of level 1: resizing 320x320 to 128x128 is not a whole-factor shrink"
-    assert why in manifest.pipeline.unsupported and manifest.pipeline.graph is None and not (out / "pipeline.onnx").exists()
+    assert (
+        why in manifest.pipeline.unsupported
+        and manifest.pipeline.graph is None
+        and not (out / "pipeline.onnx").exists()
+    )
     assert any(why in n for n in manifest.parity["notes"]) and "pipeline" not in manifest.parity
     with pytest.raises(BundleError, match="no pipeline graph: " + why):
         Inspector.load(out, engine="pipeline")
@@ -115,7 +125,10 @@ def test_predict_cli_runs_the_pipeline_engine(bundle_dir, elpv_root, tmp_path):
 
     runner = CliRunner()
     for engine in ("tiles", "pipeline"):
-        done = runner.invoke(app, ["predict", str(bundle_dir), str(elpv_root / "test"), "--out", str(tmp_path / engine), "--engine", engine])
+        done = runner.invoke(
+            app,
+            ["predict", str(bundle_dir), str(elpv_root / "test"), "--out", str(tmp_path / engine), "--engine", engine],
+        )
         assert done.exit_code == 0, done.output
     tiles = [json.loads(x) for x in (tmp_path / "tiles" / "results.jsonl").read_text().splitlines()]
     pipe = [json.loads(x) for x in (tmp_path / "pipeline" / "results.jsonl").read_text().splitlines()]
@@ -130,7 +143,9 @@ def test_predict_cli_runs_the_pipeline_engine(bundle_dir, elpv_root, tmp_path):
 def test_the_graph_is_built_only_when_asked_for(default_bundle, bundle_dir):
     manifest, out = default_bundle
     why = manifest.pipeline.unsupported
-    assert manifest.pipeline.graph is None and why.startswith("not built: hiad-export --pipeline builds the whole-image graph")
+    assert manifest.pipeline.graph is None and why.startswith(
+        "not built: hiad-export --pipeline builds the whole-image graph"
+    )
     assert "MB to build and run" in why and "MB of weights: pipeline.onnx" in why  # its cost, stated
     assert not list(out.glob("pipeline.onnx*")) and "pipeline" not in manifest.parity
     assert "pipeline.onnx" not in manifest.files and any(why in n for n in manifest.parity["notes"])

@@ -45,7 +45,9 @@ def test_top_residual_channels_match_a_numpy_reference():
     rng = np.random.default_rng(1)
     residual = rng.random((2, 10, 4, 5)).astype(np.float32)
     ranking = rng.normal(size=(2, 10, 4, 5)).astype(np.float32)
-    chosen = top_residual_channels(torch.from_numpy(residual), torch.from_numpy(ranking), ["max", "mean"], [3, 2]).numpy()
+    chosen = top_residual_channels(
+        torch.from_numpy(residual), torch.from_numpy(ranking), ["max", "mean"], [3, 2]
+    ).numpy()
     assert chosen.shape == (2, 5, 4, 5)
     for b in range(2):
         by_max = np.argsort(-ranking[b].reshape(10, -1).max(axis=1))[:3]

@@ -36,7 +36,9 @@ def _png_header(width: int, height: int, depth: int = 16, colour: int = 6) -> by
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+    )
 
 
 def _run(app, *args):
@@ -58,7 +60,9 @@ def test_every_decoding_and_resizing_failure_is_an_image_error_naming_the_input(
         decode(b"", "upload.png")
     with pytest.raises(ImageError, match="bomb: cannot be decoded .*PIXELS"):  # OpenCV's own limit, no budget given
         decode(_png_header(40000, 40000), "bomb")
-    with pytest.raises(ImageError, match="bomb: declares more pixels than the decoder allows"):  # Pillow's, on the header
+    with pytest.raises(
+        ImageError, match="bomb: declares more pixels than the decoder allows"
+    ):  # Pillow's, on the header
         decode(_png_header(40000, 40000), "bomb", max_pixels=2_000_000_000)
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
@@ -163,7 +167,9 @@ def test_an_earlier_run_is_never_destroyed(bundle_dir, elpv_root, test_samples, 
     maps = sorted(p.relative_to(out) for p in out.rglob("*.npy"))
     rerun = _run(app, "predict", bundle_dir, test_samples[0].image_path, "--out", out)  # a mistyped rerun
     assert rerun.exit_code == 2 and "--overwrite" in rerun.output
-    assert (out / "results.jsonl").read_bytes() == before and sorted(p.relative_to(out) for p in out.rglob("*.npy")) == maps
+    assert (out / "results.jsonl").read_bytes() == before and sorted(
+        p.relative_to(out) for p in out.rglob("*.npy")
+    ) == maps
     assert _run(app, "predict", bundle_dir, test_samples[0].image_path, "--out", out, "--overwrite").exit_code == 0
     assert len(_records(out)) == 1 and len(list(out.rglob("*.npy"))) == 1
 
@@ -182,7 +188,9 @@ def test_inputs_with_the_same_stem_get_their_own_maps(bundle_dir, inspector, tes
     assert len({r["map"] for r in records}) == 4
     assert [r["map"] for r in records] == ["maps/a/m.png.npy", "maps/b/m.png.npy", "maps/x.png.npy", "maps/x.jpg.npy"]
     for r in records:  # each record names the map of its own input
-        np.testing.assert_allclose(np.load(out / r["map"]), inspector.predict(r["input"]).anomaly_map, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.load(out / r["map"]), inspector.predict(r["input"]).anomaly_map, rtol=1e-5, atol=1e-6
+        )
 
 
 def test_a_second_run_on_the_same_output_folder_is_refused(bundle_dir, test_samples, tmp_path):
@@ -263,7 +271,9 @@ def test_archive_extraction_is_capped_before_anything_is_written(tmp_path, monke
             info = tarfile.TarInfo(f"bundle/part_{i}.npy")
             info.size = 600_000
             tar.addfile(info, Zeros(info.size))
-    with pytest.raises(BundleError, match="would extract 1200000 bytes, more than the limit of 1048576"):  # the members' sum
+    with pytest.raises(
+        BundleError, match="would extract 1200000 bytes, more than the limit of 1048576"
+    ):  # the members' sum
         Bundle.load(parts, max_extract_bytes=1 << 20)
     assert list(temp.iterdir()) == []
 
@@ -275,7 +285,10 @@ def test_extraction_folders_of_dead_processes_are_removed(bundle_dir, tmp_path):
     temp = tmp_path / "temp"
     temp.mkdir()
     env = {**os.environ, "TMPDIR": str(temp)}
-    load_and_die = f"import os, signal\nfrom hiad_runtime.bundle import Bundle\nBundle.load({str(archive)!r})\nos.kill(os.getpid(), signal.SIGKILL)"
+    load_and_die = (
+        "import os, signal\nfrom hiad_runtime.bundle import Bundle\n"
+        f"Bundle.load({str(archive)!r})\nos.kill(os.getpid(), signal.SIGKILL)"
+    )
     killed = subprocess.Popen([sys.executable, "-c", load_and_die], env=env)
     assert killed.wait(timeout=120) == -9
     (left,) = list(temp.iterdir())  # a kill skips the exit-time cleanup
@@ -349,7 +362,9 @@ while not stop.exists() or reads < 1000:
         misses += 1
 print(reads, misses)
 """
-    reader = subprocess.Popen([sys.executable, "-c", poll], stdout=subprocess.PIPE, text=True)  # a reader on another core
+    reader = subprocess.Popen(
+        [sys.executable, "-c", poll], stdout=subprocess.PIPE, text=True
+    )  # a reader on another core
     while not (tmp_path / "reading").exists() and reader.poll() is None:
         time.sleep(0.01)
     for n in range(1, 60):

@@ -83,7 +83,22 @@ def cli_scores(bundle_dir, images, tmp_path_factory) -> dict[str, float]:
     """What `hiad-runtime predict` says for each image: the service must say the same."""
     out = tmp_path_factory.mktemp("cli")
     files = [str(f) for f in images]
-    subprocess.run([sys.executable, "-m", "hiad_runtime.cli", "predict", str(bundle_dir), *files, "--out", str(out), "--threads", "1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hiad_runtime.cli",
+            "predict",
+            str(bundle_dir),
+            *files,
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     return {line["input"]: line["score"] for line in lines}
 
@@ -94,7 +109,18 @@ def server(bundle_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
     token_file = folder / "token"
     token_file.write_text(TOKEN + "\n")
-    options = ["--workers", "2", "--max-queue", "2", "--max-body-mb", "1", "--max-megapixels", "1", "--token-file", str(token_file)]
+    options = [
+        "--workers",
+        "2",
+        "--max-queue",
+        "2",
+        "--max-body-mb",
+        "1",
+        "--max-megapixels",
+        "1",
+        "--token-file",
+        str(token_file),
+    ]
     with serving(bundle_dir, folder / "server.log", *options, env=ENV) as (url, _):
         yield url
 
@@ -149,10 +175,22 @@ def test_bad_images_get_4xx_and_the_server_keeps_serving(server, images, cli_sco
     good = images[0].read_bytes()
     bomb = _png(np.zeros((2000, 2000), np.uint8))  # 4 MP of zeros in a few kB: over the 1 MP limit
     header = struct.pack(">IIBBBBB", 12000, 12000, 8, 0, 0, 0, 0)  # declares 12000 x 12000, holds 3 rows
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    forged = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(3 * 12001))) + chunk(b"IEND", b"")
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    forged = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(3 * 12001)))
+        + chunk(b"IEND", b"")
+    )
     cases = {
-        "corrupt": (np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(), 400, "not a readable image"),
+        "corrupt": (
+            np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+            400,
+            "not a readable image",
+        ),
         "empty": (b"", 400, "empty"),
         "truncated": (good[: len(good) // 2], 400, "request body: incomplete PNG"),
         "bomb": (bomb, 400, "declares 2000x2000"),
@@ -199,12 +237,17 @@ def test_model_summary_and_metrics(server, bundle_dir, images):
     assert summary["tiling"]["tiles"] == len(manifest["tiling"]["tiles"])
     assert [t["name"] for t in summary["tasks"]] == [t["name"] for t in manifest["tasks"]]
     assert summary["parity"] == manifest["parity"] and summary["thresholds"] == manifest["thresholds"]
-    assert set(summary["providers_in_use"]) & {"CPUExecutionProvider", "OpenVINO:CPU"}  # backend auto: either on a CPU box
+    assert set(summary["providers_in_use"]) & {
+        "CPUExecutionProvider",
+        "OpenVINO:CPU",
+    }  # backend auto: either on a CPU box
     assert summary["bundle_id"].endswith("@" + manifest["created"])
     metrics = httpx.get(f"{server}/metrics").text
     assert f'hiad_model_info{{bundle_id="{summary["bundle_id"]}"' in metrics
     count, inspected = _metric(metrics, "hiad_inspect_latency_seconds_count"), _metric(metrics, "hiad_images_total")
-    assert httpx.post(f"{server}/v1/inspect", content=images[0].read_bytes(), headers=AUTH, timeout=60).status_code == 200
+    assert (
+        httpx.post(f"{server}/v1/inspect", content=images[0].read_bytes(), headers=AUTH, timeout=60).status_code == 200
+    )
     metrics = httpx.get(f"{server}/metrics").text  # one more inspection, timed and counted
     assert _metric(metrics, "hiad_inspect_latency_seconds_count") == count + 1
     assert _metric(metrics, "hiad_images_total") == inspected + 1 and _metric(metrics, "hiad_images_per_second") > 0
@@ -245,7 +288,11 @@ def test_reload_under_load_and_a_tampered_bundle_is_refused(bundle_dir, images, 
             for t in threads:
                 t.join()
         assert not failures, failures[:3]
-        assert refused.status_code == 422 and "embedder_patch.onnx" in refused.json()["error"] and refused.json()["bundle_id"] == first
+        assert (
+            refused.status_code == 422
+            and "embedder_patch.onnx" in refused.json()["error"]
+            and refused.json()["bundle_id"] == first
+        )
         assert swapped.status_code == 200 and swapped.json()["previous"] == first
         second = swapped.json()["bundle_id"]
         assert second != first and {first, second} <= seen
@@ -255,12 +302,18 @@ def test_reload_under_load_and_a_tampered_bundle_is_refused(bundle_dir, images, 
         answer = httpx.post(f"{url}/v1/inspect?map=png&mask=png", content=good).json()
         expected = Inspector.load(with_thresholds).predict(str(images[0]))
         assert answer["decision"] == expected.decision
-        mask = cv2.imdecode(np.frombuffer(base64.b64decode(answer["mask"]["png_base64"]), np.uint8), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imdecode(
+            np.frombuffer(base64.b64decode(answer["mask"]["png_base64"]), np.uint8), cv2.IMREAD_UNCHANGED
+        )
         np.testing.assert_array_equal(mask > 0, expected.mask)
-        encoded = cv2.imdecode(np.frombuffer(base64.b64decode(answer["map"]["png_base64"]), np.uint8), cv2.IMREAD_UNCHANGED)
+        encoded = cv2.imdecode(
+            np.frombuffer(base64.b64decode(answer["map"]["png_base64"]), np.uint8), cv2.IMREAD_UNCHANGED
+        )
         low, high = answer["map"]["range"]
         assert encoded.dtype == np.uint16
-        np.testing.assert_allclose(low + encoded / 65535 * (high - low), expected.anomaly_map, atol=(high - low) / 65535)
+        np.testing.assert_allclose(
+            low + encoded / 65535 * (high - low), expected.anomaly_map, atol=(high - low) / 65535
+        )
 
         # SIGHUP re-reads the served path from disk
         _copy_with_thresholds(bundle_dir, tmp_path / "third", {"image": 1.0, "pixel": 2.0})
@@ -277,13 +330,35 @@ def test_timeout_answers_504_and_a_bad_bundle_stops_the_start(bundle_dir, images
         assert r.status_code == 504 and "timeout" in r.json()["error"]
         assert httpx.get(f"{url}/healthz").status_code == 200
     tampered = _tampered(bundle_dir, tmp_path / "tampered")
-    out = subprocess.run([sys.executable, "-m", "hiad_runtime.cli", "serve", str(tampered), "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "hiad_runtime.cli", "serve", str(tampered), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "embedder_patch.onnx" in out.stderr
     too_many = subprocess.run(  # a connection cap the open-file limit cannot hold
-        [sys.executable, "-m", "hiad_runtime.cli", "serve", str(bundle_dir), "--port", str(free_port()), "--max-connections", "1000"],
-        capture_output=True, text=True, timeout=120, env=ENV, preexec_fn=_file_limit(256),
+        [
+            sys.executable,
+            "-m",
+            "hiad_runtime.cli",
+            "serve",
+            str(bundle_dir),
+            "--port",
+            str(free_port()),
+            "--max-connections",
+            "1000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+        preexec_fn=_file_limit(256),
     )
-    assert too_many.returncode == 2 and "--max-connections 1000 is more than the open-file limit (256) allows" in too_many.stderr
+    assert (
+        too_many.returncode == 2
+        and "--max-connections 1000 is more than the open-file limit (256) allows" in too_many.stderr
+    )
 
 
 def test_service_imports_nothing_of_training():
@@ -312,12 +387,28 @@ def test_serve_takes_predicts_runtime_options_and_serves_with_them(bundle_dir, i
 
     seen = []
     monkeypatch.setattr(server, "run", lambda settings, host, port: seen.append(settings) or 0)
-    args = ["--backend", "onnxruntime", "--head-path", "onnx", "--engine", "tiles", "--batch", "2", "--stream-tiles", "3",
-            "--head-memory", "64", "--threads", "1"]
+    args = [
+        "--backend",
+        "onnxruntime",
+        "--head-path",
+        "onnx",
+        "--engine",
+        "tiles",
+        "--batch",
+        "2",
+        "--stream-tiles",
+        "3",
+        "--head-memory",
+        "64",
+        "--threads",
+        "1",
+    ]
     result = CliRunner().invoke(app, ["serve", str(bundle_dir), *args])
     assert result.exit_code == 0, result.output
     runtime = seen[0].runtime
-    expected = RuntimeOptions(backend="onnxruntime", head_path="onnx", batch_size=2, stream_tiles=3, head_memory=64, threads=1)
+    expected = RuntimeOptions(
+        backend="onnxruntime", head_path="onnx", batch_size=2, stream_tiles=3, head_memory=64, threads=1
+    )
     assert runtime == expected
     served = ModelSlot(runtime).reload(bundle_dir)
     engine = served.inspector.engine
@@ -329,6 +420,7 @@ def test_serve_takes_predicts_runtime_options_and_serves_with_them(bundle_dir, i
 
 
 # -- publishing, pixel rule, PNG answers -------------------------------------------------------------
+
 
 def _bundle_id(folder: Path) -> str:
     """What the service calls a bundle: the first 12 hex digits of manifest.json's sha256 @ its `created`."""
@@ -359,7 +451,10 @@ def test_reload_serves_what_was_published_last(bundle_dir, elpv_root, images, tm
         assert first == _bundle_id(out)
         calibrated = subprocess.run(  # hiad-train calibrate publishes bundle.v2 and switches the symlink
             [sys.executable, "-m", "hiad_train.cli", "calibrate", str(out), "--normal", str(elpv_root / "train")],
-            capture_output=True, text=True, timeout=600, env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=ENV,
         )
         assert calibrated.returncode == 0, calibrated.stderr
         assert os.readlink(out) == "bundle.v2"
@@ -398,14 +493,33 @@ def test_service_and_cli_share_the_default_pixel_budget(default_server, tmp_path
     url, bundle = default_server
     width, height = json.loads((bundle / "manifest.json").read_text())["tiling"]["image_size"]
     side = int((MAX_PIXELS_FACTOR * width * height) ** 0.5)
-    sizes = {"at the budget": (side, MAX_PIXELS_FACTOR * width * height // side), "one row over": (side, MAX_PIXELS_FACTOR * width * height // side + 1)}
+    sizes = {
+        "at the budget": (side, MAX_PIXELS_FACTOR * width * height // side),
+        "one row over": (side, MAX_PIXELS_FACTOR * width * height // side + 1),
+    }
     for name, (w, h) in sizes.items():  # 16-bit RGBA: the costliest kind of pixel to decode
         assert cv2.imwrite(str(tmp_path / f"{name}.png"), np.full((h, w, 4), 30000, np.uint16))
     cli = subprocess.run(
-        [sys.executable, "-m", "hiad_runtime.cli", "predict", str(bundle), str(tmp_path), "--out", str(tmp_path / "out"), "--threads", "1"],
-        capture_output=True, text=True, timeout=300, env=ENV,
+        [
+            sys.executable,
+            "-m",
+            "hiad_runtime.cli",
+            "predict",
+            str(bundle),
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
     )
-    by_cli = {Path(r["input"]).stem: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    by_cli = {
+        Path(r["input"]).stem: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())
+    }
     for name, (w, h) in sizes.items():
         r = httpx.post(f"{url}/v1/inspect", content=(tmp_path / f"{name}.png").read_bytes(), timeout=60)
         if name == "at the budget":
@@ -426,10 +540,15 @@ def test_accept_image_png_answers_the_png_itself(default_server, images):
         default_png = c.post("/v1/inspect", content=good, headers={"Accept": "image/png"})
         mask_png = c.post("/v1/inspect?mask=png", content=good, headers={"Accept": "image/png"})
         both = c.post("/v1/inspect?map=png&mask=png", content=good, headers={"Accept": "image/png"})
-        prefers_json = c.post("/v1/inspect?map=png", content=good, headers={"Accept": "application/json, image/png;q=0.5"})
+        prefers_json = c.post(
+            "/v1/inspect?map=png", content=good, headers={"Accept": "application/json, image/png;q=0.5"}
+        )
     for r in (map_png, default_png, mask_png):
         assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text[:200]
-        assert float(r.headers["X-Hiad-Score"]) == pytest.approx(answer["score"], rel=1e-6) and json.loads(r.headers["X-Hiad-Decision"]) == answer["decision"]
+        assert (
+            float(r.headers["X-Hiad-Score"]) == pytest.approx(answer["score"], rel=1e-6)
+            and json.loads(r.headers["X-Hiad-Decision"]) == answer["decision"]
+        )
         assert r.headers["X-Hiad-Bundle-Id"] == answer["bundle_id"]
         assert r.headers["X-Hiad-Input-Size"] == "x".join(map(str, answer["input_size"]))
         assert set(json.loads(r.headers["X-Hiad-Latency-Ms"])) == set(answer["latency_ms"])
@@ -437,17 +556,23 @@ def test_accept_image_png_answers_the_png_itself(default_server, images):
     in_json = decoded(base64.b64decode(answer["map"]["png_base64"]))
     for r in (map_png, default_png):  # the same map as the JSON form's (another inference: equal to the last bit of 16)
         assert np.abs(decoded(r.content) - in_json).max() <= 1
-        assert [float(v) for v in r.headers["X-Hiad-Map-Range"].split()] == pytest.approx(answer["map"]["range"], rel=1e-6)
+        assert [float(v) for v in r.headers["X-Hiad-Map-Range"].split()] == pytest.approx(
+            answer["map"]["range"], rel=1e-6
+        )
     assert cv2.imdecode(np.frombuffer(map_png.content, np.uint8), cv2.IMREAD_UNCHANGED).dtype == np.uint16
     np.testing.assert_array_equal(decoded(mask_png.content), decoded(base64.b64decode(answer["mask"]["png_base64"])))
     assert "X-Hiad-Map-Range" not in mask_png.headers
     assert len(map_png.content) < len(as_json.content)
-    assert as_json.headers["content-type"] == "application/json" and as_json.headers["vary"] == map_png.headers["vary"] == "Accept"
+    assert (
+        as_json.headers["content-type"] == "application/json"
+        and as_json.headers["vary"] == map_png.headers["vary"] == "Accept"
+    )
     assert both.status_code == 400 and "one PNG" in both.json()["error"]
     assert prefers_json.headers["content-type"] == "application/json" and "map" in prefers_json.json()
 
 
 # -- slow and greedy clients -------------------------------------------------------------------------
+
 
 def _connect(url: str) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
@@ -468,7 +593,11 @@ def _answer(sock) -> tuple[int, dict, bytes]:
     if not head:
         return 0, {}, b""
     lines = head.decode("latin-1").split("\r\n")
-    return int(lines[0].split()[1]), {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}, body
+    return (
+        int(lines[0].split()[1]),
+        {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])},
+        body,
+    )
 
 
 def _file_limit(n: int):
@@ -476,6 +605,7 @@ def _file_limit(n: int):
         import resource
 
         resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
     return limit
 
 
@@ -553,7 +683,11 @@ def test_request_bodies_in_memory_stay_within_the_budget(guarded_server, images)
     assert status == 503 and int(headers["retry-after"]) >= 1 and headers["connection"] == "close"
     assert b"request bodies in memory" in body
     chunked = _connect(url)
-    chunked.sendall(b"POST /v1/inspect HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n" + bytes(4096) + b"\r\n")
+    chunked.sendall(
+        b"POST /v1/inspect HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n"
+        + bytes(4096)
+        + b"\r\n"
+    )
     status, headers, body = _answer(chunked)
     assert status == 503 and b"request bodies in memory" in body
     for s in uploading:
@@ -564,6 +698,7 @@ def test_request_bodies_in_memory_stay_within_the_budget(guarded_server, images)
 
 
 # -- .tar bundles ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_tar_bundle_extractions_are_removed(bundle_dir, images, tmp_path, stop):

@@ -27,7 +27,9 @@ def test_int8_export_calibrates_on_training_images_and_runtime_reports_it(traine
 
     ckpt = save_checkpoint(trained, tmp_path / "ckpt", data=elpv_root)
     out = tmp_path / "int8"
-    result = CliRunner().invoke(export_app, [str(ckpt), "--out", str(out), "--precision", "int8", "--calibration-images", "2"])
+    result = CliRunner().invoke(
+        export_app, [str(ckpt), "--out", str(out), "--precision", "int8", "--calibration-images", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert "parity [onnx]" in result.output and "parity [int8:onnx]" in result.output
 
@@ -91,7 +93,9 @@ def many_tiles_bundle(train_samples, test_samples, tmp_path_factory):
     """9 overlapping tiles of 64 px with context windows: the large-image case, small enough to be fast."""
     from hiad_train.trainer import HRTrainer
 
-    model = HRTrainer(tiny_config(image_size=160, patch_size=64, stride=48, ds_factors=[0, 1]), progress=False).fit(train_samples[:2])
+    model = HRTrainer(tiny_config(image_size=160, patch_size=64, stride=48, ds_factors=[0, 1]), progress=False).fit(
+        train_samples[:2]
+    )
     out = tmp_path_factory.mktemp("bundles") / "many"
     write_bundle(model, out, [test_samples[-1].image((160, 160))])
     return out
@@ -104,7 +108,9 @@ def test_streamed_tiles_give_the_all_at_once_map(many_tiles_bundle, test_samples
     whole = Inspector(bundle, stream_tiles=9).predict(image)
     for chunk in (1, 4):
         streamed = Inspector(bundle, stream_tiles=chunk).predict(image)
-        np.testing.assert_allclose(streamed.anomaly_map, whole.anomaly_map, rtol=1e-5, atol=1e-6 * whole.anomaly_map.max())
+        np.testing.assert_allclose(
+            streamed.anomaly_map, whole.anomaly_map, rtol=1e-5, atol=1e-6 * whole.anomaly_map.max()
+        )
         assert streamed.score == pytest.approx(whole.score, rel=1e-5)
 
 
@@ -118,12 +124,18 @@ def test_heads_held_per_chunk_within_a_tiny_budget_give_the_all_resident_map(man
     assert resident.engine.heads.loads == 9  # nothing read again
 
     for head_path in ("native", "onnx"):
-        largest = max(sum(bundle.manifest.files[f].bytes for f in head_files(t.head, head_path)) for t in bundle.manifest.tasks)
-        paged = Inspector(bundle, stream_tiles=4, head_memory=(largest + 1) / 2**20, head_path=head_path)  # room for one head
+        largest = max(
+            sum(bundle.manifest.files[f].bytes for f in head_files(t.head, head_path)) for t in bundle.manifest.tasks
+        )
+        paged = Inspector(
+            bundle, stream_tiles=4, head_memory=(largest + 1) / 2**20, head_path=head_path
+        )  # room for one head
         assert len(paged.engine.heads.heads) == 1 and paged.engine.heads.resident_bytes <= paged.engine.heads.budget
         for _ in range(2):  # twice: evicted heads are read again
             r = paged.predict(image)
-            np.testing.assert_allclose(r.anomaly_map, expected.anomaly_map, rtol=1e-5, atol=1e-6 * expected.anomaly_map.max())
+            np.testing.assert_allclose(
+                r.anomaly_map, expected.anomaly_map, rtol=1e-5, atol=1e-6 * expected.anomaly_map.max()
+            )
             assert r.score == pytest.approx(expected.score, rel=1e-5)
             assert len(paged.engine.heads.heads) == 1
         # the preloaded first head is reused once, then every task per image
@@ -144,7 +156,11 @@ def test_in_place_blur_in_strips_equals_the_whole_map_blur():
     from hiad_runtime.postprocess import BLUR_ROWS, gaussian_blur
 
     rng = np.random.default_rng(0)
-    for height, sigma in ((3 * BLUR_ROWS + 7, 4.0), (BLUR_ROWS // 3, 4.0), (2 * BLUR_ROWS, 80.0)):  # several strips; one; radius > strip
+    for height, sigma in (
+        (3 * BLUR_ROWS + 7, 4.0),
+        (BLUR_ROWS // 3, 4.0),
+        (2 * BLUR_ROWS, 80.0),
+    ):  # several strips; one; radius > strip
         m = rng.random((height, 37), dtype=np.float32)
         expected = gaussian_blur(m, sigma, 4.0)
         out = gaussian_blur(m, sigma, 4.0, in_place=True)
@@ -158,8 +174,12 @@ def test_load_image_decodes_into_one_buffer_with_the_bytes_path_pixels(tmp_path)
     from hiad_runtime.image import decode, load_image
 
     rng = np.random.default_rng(0)
-    images = {"rgb.png": rng.integers(0, 256, (70, 90, 3), dtype=np.uint8), "rgba.png": rng.integers(0, 256, (70, 90, 4), dtype=np.uint8),
-              "gray16.png": rng.integers(0, 65536, (70, 90), dtype=np.uint16), "rgb.bmp": rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)}
+    images = {
+        "rgb.png": rng.integers(0, 256, (70, 90, 3), dtype=np.uint8),
+        "rgba.png": rng.integers(0, 256, (70, 90, 4), dtype=np.uint8),
+        "gray16.png": rng.integers(0, 65536, (70, 90), dtype=np.uint16),
+        "rgb.bmp": rng.integers(0, 256, (70, 90, 3), dtype=np.uint8),
+    }
     for name, pixels in images.items():
         cv2.imwrite(str(tmp_path / name), pixels)
         loaded = load_image(tmp_path / name)
@@ -205,14 +225,28 @@ def test_prefetch_keeps_order_and_hands_errors_to_their_item():
 def test_predict_and_bench_with_prefetch_report_images_per_second(bundle_dir, elpv_root, tmp_path):
     from hiad_runtime.cli import app
 
-    result = CliRunner().invoke(app, ["predict", str(bundle_dir), str(elpv_root / "test"), "--out", str(tmp_path / "p"), "--prefetch", "2"])
+    result = CliRunner().invoke(
+        app, ["predict", str(bundle_dir), str(elpv_root / "test"), "--out", str(tmp_path / "p"), "--prefetch", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert "images/s" in result.output
     lines = [json.loads(x) for x in (tmp_path / "p" / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and all("score" in x for x in lines)
 
-    bench = CliRunner().invoke(app, ["bench", str(bundle_dir), str(elpv_root / "test"), "--repeat", "3", "--prefetch", "1",
-                                     "--json", str(tmp_path / "b.json")])
+    bench = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            str(bundle_dir),
+            str(elpv_root / "test"),
+            "--repeat",
+            "3",
+            "--prefetch",
+            "1",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+    )
     assert bench.exit_code == 0, bench.output
     figures = json.loads((tmp_path / "b.json").read_text())
     assert figures["prefetch"] == 1 and figures["images_per_s"] > 0 and len(figures["stages_ms"]) == 6

@@ -15,7 +15,9 @@ TILING = Tiling.create(2048, 512)
 
 
 def test_a2o_and_o2o():
-    assert print_tasks(all_to_one(TILING), TILING).splitlines()[0] == "Row: 4, Column: 4, Patch Number: 16, Task Number: 1"
+    assert (
+        print_tasks(all_to_one(TILING), TILING).splitlines()[0] == "Row: 4, Column: 4, Patch Number: 16, Task Number: 1"
+    )
     o2o = one_to_one(TILING)
     assert [t.tiles for t in o2o] == [(i,) for i in range(16)]
     assert grid(o2o, TILING)[3][3] == "task_15"

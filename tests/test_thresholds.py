@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from scipy import stats
 
 from hiad_train.data import read_mvtec
 from hiad_train.data.elpv import build_elpv_demo
 from hiad_train.thresholds import GumbelTail, false_alarm_threshold
 from hiad_train.trainer import HRTrainer
-
-from conftest import tiny_config
 
 
 def test_gumbel_level_and_rate_are_inverse():
@@ -45,8 +44,10 @@ def normal_modules(tmp_path_factory):
 def test_false_alarm_rate_threshold_holds_on_unseen_normal_images(normal_modules):
     train, unseen = normal_modules
     rate = 0.1  # 32 unseen images measure a 10% rate; 1% would need hundreds
-    cfg = tiny_config(tasks={"generator": "a2o"},
-                      val_config={"val_sample_ratio": 0.34, "threshold": {"mode": "false_alarm_rate", "rate": rate}})
+    cfg = tiny_config(
+        tasks={"generator": "a2o"},
+        val_config={"val_sample_ratio": 0.34, "threshold": {"mode": "false_alarm_rate", "rate": rate}},
+    )
     model = HRTrainer(cfg, progress=False).fit(train)
     t = model.thresholds
     rule = t["rules"]["image"]

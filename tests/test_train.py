@@ -2,11 +2,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from hiad_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hiad_train.trainer import HRTrainer
-
-from conftest import tiny_config
 
 
 def test_one_detector_per_tile_with_a_coreset_bank(trained, train_samples):
@@ -81,7 +80,10 @@ def test_checkpoint_write_is_atomic(trained, tmp_path, monkeypatch):
             save_checkpoint(trained, tmp_path / "ckpt")
     assert (out / "checkpoint.json").read_text() == before
     assert load_checkpoint(out).tiling == trained.tiling
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt.v1"]  # the published version; no half-written sibling
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt",
+        "ckpt.v1",
+    ]  # the published version; no half-written sibling
 
 
 def test_tampered_checkpoint_is_rejected(trained, tmp_path):
@@ -95,14 +97,24 @@ def test_tampered_checkpoint_is_rejected(trained, tmp_path):
 
 def test_cli_trains_evaluates_and_draws(elpv_root, tmp_path):
     import yaml
+    from conftest import TINY
     from typer.testing import CliRunner
 
     from hiad_train.cli import app
-    from conftest import TINY
 
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump({**TINY, "tasks": {"generator": "neighborhood", "num_groups_width": 2, "num_groups_height": 1}, "evaluation": {"resize": 128, "overlays": True}}))
-    result = CliRunner().invoke(app, ["train", str(cfg), "--data", str(elpv_root), "--out", str(tmp_path / "run"), "--eval"])
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                **TINY,
+                "tasks": {"generator": "neighborhood", "num_groups_width": 2, "num_groups_height": 1},
+                "evaluation": {"resize": 128, "overlays": True},
+            }
+        )
+    )
+    result = CliRunner().invoke(
+        app, ["train", str(cfg), "--data", str(elpv_root), "--out", str(tmp_path / "run"), "--eval"]
+    )
     assert result.exit_code == 0, result.output
     assert "| task_0 | task_1 |" in result.output.replace("  ", " ").replace("  ", " ")
     assert "image_auroc" in result.output and "aupro" in result.output

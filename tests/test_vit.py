@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 import timm
 import torch
+from conftest import tiny_config
 from safetensors.torch import save_file
 
 from hiad_export.graphs import export_embedder, export_head
@@ -16,8 +17,6 @@ from hiad_train.backbones import BackboneWeightsError
 from hiad_train.components.vit import ViTFeatures, load_vit_weights
 from hiad_train.config import ConfigError
 from hiad_train.detectors import get_detector
-
-from conftest import tiny_config
 
 REG_VIT = dict(model_name="vit_small_patch14_reg4_dinov2", depth=2, img_size=56, num_classes=0)  # small DINOv2-reg ViT
 DINOV3 = dict(depth=2, img_size=64, num_classes=0, dynamic_img_size=False)  # small DINOv3 (timm Eva), 4x4 grid
@@ -55,7 +54,9 @@ def _meta_dinov3(state):
             q = state.get(key.replace("qkv.weight", "q_bias"), torch.zeros(value.shape[1]))
             v = state.get(key.replace("qkv.weight", "v_bias"), torch.zeros(value.shape[1]))
             meta[key.replace("weight", "bias")] = torch.cat([q, torch.zeros_like(q), v])
-            meta[key.replace("weight", "bias_mask")] = torch.cat([torch.ones_like(q), torch.zeros_like(q), torch.ones_like(v)])
+            meta[key.replace("weight", "bias_mask")] = torch.cat(
+                [torch.ones_like(q), torch.zeros_like(q), torch.ones_like(v)]
+            )
         if not key.endswith(("q_bias", "v_bias")):
             meta[".".join(names.get(part, part) for part in key.split("."))] = value
     return meta
@@ -76,8 +77,12 @@ def test_meta_dinov2_register_checkpoint_maps_to_timm(tmp_path):
     state = reference.state_dict()
     cls_position = torch.randn(1, 1, state["pos_embed"].shape[-1])
     meta = {k: v for k, v in state.items() if k not in ("reg_token", "cls_token", "pos_embed")}
-    meta.update(register_tokens=state["reg_token"], cls_token=state["cls_token"] - cls_position,
-                pos_embed=torch.cat([cls_position, state["pos_embed"]], 1), mask_token=torch.zeros(1, state["cls_token"].shape[-1]))
+    meta.update(
+        register_tokens=state["reg_token"],
+        cls_token=state["cls_token"] - cls_position,
+        pos_embed=torch.cat([cls_position, state["pos_embed"]], 1),
+        mask_token=torch.zeros(1, state["cls_token"].shape[-1]),
+    )
     torch.save({"model": meta}, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
     loaded = _fresh(1, **REG_VIT)
     load_vit_weights(loaded, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
@@ -119,30 +124,50 @@ def test_a_dinov3_file_that_does_not_fit_is_refused_by_name(tmp_path):
     meta = _meta_dinov3(_perturbed(_fresh(0, model_name="vit_small_patch16_dinov3_qkvb", **DINOV3)).state_dict())
     meta["blocks.2.ls1.gamma"] = meta.pop("blocks.1.ls2.gamma")
     torch.save(meta, tmp_path / "odd.pth")
-    with pytest.raises(BackboneWeightsError, match=r"missing \(1\): blocks.1.gamma_2; unexpected \(1\): blocks.2.gamma_1"):
+    with pytest.raises(
+        BackboneWeightsError, match=r"missing \(1\): blocks.1.gamma_2; unexpected \(1\): blocks.2.gamma_1"
+    ):
         load_vit_weights(_fresh(1, model_name="vit_small_patch16_dinov3_qkvb", **DINOV3), tmp_path / "odd.pth")
     # q/v biases the no-bias model would silently lose: refused, pointing to the variant that has them
-    with pytest.raises(BackboneWeightsError, match=r"odd.pth: .*non-zero attention biases .*blocks.0.attn.qkv.bias.* `_qkvb`"):
+    with pytest.raises(
+        BackboneWeightsError, match=r"odd.pth: .*non-zero attention biases .*blocks.0.attn.qkv.bias.* `_qkvb`"
+    ):
         load_vit_weights(_fresh(1, model_name="vit_small_patch16_dinov3", **DINOV3), tmp_path / "odd.pth")
 
 
 def test_no_weights_file_is_refused_before_training():
-    config = tiny_config(detector="vitad", patch={"backbone_name": "vit_tiny_patch16_224", "layers_to_extract_from": [0, 1], "neck_layers": [2]})
+    config = tiny_config(
+        detector="vitad",
+        patch={"backbone_name": "vit_tiny_patch16_224", "layers_to_extract_from": [0, 1], "neck_layers": [2]},
+    )
     with pytest.raises(BackboneWeightsError, match="needs a local weights file.*allow_random_backbone"):
         get_detector("vitad").build_embedder(config.patch)
 
 
 @pytest.mark.parametrize("tile, proposal", [(128, "126 or 140"), (512, "504 or 518")])
 def test_tile_size_must_be_whole_patches(tile, proposal):
-    with pytest.raises(ConfigError, match=f"patch_size: tile side {tile} px is not a multiple of .* 14: use {proposal}"):
-        tiny_config(detector="dinomaly", image_size=1024, patch_size=tile, patch={"backbone_name": "vit_small_patch14_reg4_dinov2"})
+    with pytest.raises(
+        ConfigError, match=f"patch_size: tile side {tile} px is not a multiple of .* 14: use {proposal}"
+    ):
+        tiny_config(
+            detector="dinomaly",
+            image_size=1024,
+            patch_size=tile,
+            patch={"backbone_name": "vit_small_patch14_reg4_dinov2"},
+        )
 
 
 @pytest.mark.parametrize("backbone, patch", [("vit_small_patch14_reg4_dinov2", 14), ("vit_small_patch16_dinov3", 16)])
 def test_checkpointed_embedder_keeps_its_tile_grid(backbone, patch):
-    """Positions (embedding resampled, or DINOv3's RoPE table) follow the tiles' grid; a reload (random init) takes that grid back."""
-    config = get_detector("dinomaly").Config(backbone_name=backbone, layers_to_extract_from=[0, 1],
-                                              fuse_layer_encoder=[[0], [1]], fuse_layer_decoder=[[0], [1]], allow_random_backbone=True)
+    """Positions (embedding resampled, or DINOv3's RoPE table) follow the tiles' grid; a reload (random init)
+    takes that grid back."""
+    config = get_detector("dinomaly").Config(
+        backbone_name=backbone,
+        layers_to_extract_from=[0, 1],
+        fuse_layer_encoder=[[0], [1]],
+        fuse_layer_decoder=[[0], [1]],
+        allow_random_backbone=True,
+    )
     embedder = get_detector("dinomaly").build_embedder(config)
     _perturbed(embedder.vit)
     tiles = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 5 * patch, 3 * patch, 3), dtype=np.uint8))
@@ -154,15 +179,23 @@ def test_checkpointed_embedder_keeps_its_tile_grid(backbone, patch):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
-RECONSTRUCTION = {"layers_to_extract_from": [0, 1], "fuse_layer_encoder": [[0], [1]], "decoder_depth": 2, "fuse_layer_decoder": [[0], [1]]}
+RECONSTRUCTION = {
+    "layers_to_extract_from": [0, 1],
+    "fuse_layer_encoder": [[0], [1]],
+    "decoder_depth": 2,
+    "fuse_layer_decoder": [[0], [1]],
+}
 
 
-@pytest.mark.parametrize("name, backbone, patch", [
-    ("vitad", "vit_tiny_patch16_224", {"layers_to_extract_from": [0, 1], "neck_layers": [2]}),
-    ("dinomaly", "vit_tiny_patch16_224", RECONSTRUCTION),
-    ("inpformer", "vit_tiny_patch16_224", RECONSTRUCTION),
-    ("dinomaly", "vit_small_patch16_dinov3", RECONSTRUCTION),  # RoPE: its table is a constant of the tile grid
-])
+@pytest.mark.parametrize(
+    "name, backbone, patch",
+    [
+        ("vitad", "vit_tiny_patch16_224", {"layers_to_extract_from": [0, 1], "neck_layers": [2]}),
+        ("dinomaly", "vit_tiny_patch16_224", RECONSTRUCTION),
+        ("inpformer", "vit_tiny_patch16_224", RECONSTRUCTION),
+        ("dinomaly", "vit_small_patch16_dinov3", RECONSTRUCTION),  # RoPE: its table is a constant of the tile grid
+    ],
+)
 def test_graphs_hold_only_tensorrt_ops(name, backbone, patch, tmp_path):
     cls = get_detector(name)
     config = cls.Config(backbone_name=backbone, allow_random_backbone=True, **patch)
@@ -175,15 +208,21 @@ def test_graphs_hold_only_tensorrt_ops(name, backbone, patch, tmp_path):
 
 def test_dinov3_embedder_onnx_matches_pytorch_off_its_224_grid(tmp_path):
     """At 160 px tiles (10x10 patches, not timm's 14x14) the exported DINOv3 embedder gives PyTorch's maps."""
-    config = get_detector("dinomaly").Config(backbone_name="vit_small_patch16_dinov3", allow_random_backbone=True, **RECONSTRUCTION)
+    config = get_detector("dinomaly").Config(
+        backbone_name="vit_small_patch16_dinov3", allow_random_backbone=True, **RECONSTRUCTION
+    )
     embedder = get_detector("dinomaly").build_embedder(config)
     _perturbed(embedder.vit)
     export_embedder(embedder, (160, 160), tmp_path / "embedder.onnx")
-    assert not {"Sin", "Cos", "Range"} & op_types(tmp_path / "embedder.onnx")  # RoPE table fixed at export, not computed
+    assert not {"Sin", "Cos", "Range"} & op_types(
+        tmp_path / "embedder.onnx"
+    )  # RoPE table fixed at export, not computed
     tiles = _tiles(160, batch=2)
     with torch.no_grad():
         expected = [t.numpy() for t in embedder(tiles)]
-    got = ort.InferenceSession(str(tmp_path / "embedder.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": tiles.numpy()})
+    got = ort.InferenceSession(str(tmp_path / "embedder.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"image": tiles.numpy()}
+    )
     assert [g.shape for g in got] == [(2, 384, 10, 10)] * 2
     for ours, theirs in zip(got, expected):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())

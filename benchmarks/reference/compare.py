@@ -65,8 +65,11 @@ def patchcore_config(patch) -> dict:
 
 def padim_config(patch) -> dict:
     """HiAD's HRPaDiM keys for our PaDiM config."""
-    return {"backbone_name": patch.backbone_name, "embed_dimension": patch.embed_dimension,
-            "layers_to_extract_from": hiad_layers(patch.backbone_name, patch.layers_to_extract_from)}
+    return {
+        "backbone_name": patch.backbone_name,
+        "embed_dimension": patch.embed_dimension,
+        "layers_to_extract_from": hiad_layers(patch.backbone_name, patch.layers_to_extract_from),
+    }
 
 
 # HiAD's config from ours, per detector. HiAD's FastFlow, RD++, DeSTSeg and RealNet cannot run here
@@ -86,14 +89,24 @@ CONFIGS = {
 def our_config(name: str, image_size: int, patch_size: int, seed: int = 0) -> TrainConfig:
     """The compared configuration `name` at a set's sizes and seed, one thread for the feature pass."""
     _, file, overrides = CONFIGS[name]
-    base = {"seed": seed, "image_size": image_size, "patch_size": patch_size,
-            "evaluation": {"resize": EVAL_SIZE, "overlays": False}, "distributed": {"features": {"num_cpus": 1}}}
+    base = {
+        "seed": seed,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "evaluation": {"resize": EVAL_SIZE, "overlays": False},
+        "distributed": {"features": {"num_cpus": 1}},
+    }
     return load_config(ROOT / "configs" / file, {**base, **overrides})
 
 
 def record(s: HRSample) -> dict:
-    return {"image": str(s.image_path), "mask": str(s.mask_path) if s.mask_path else None, "label": int(s.label),
-            "label_name": s.label_name, "clsname": s.class_name}
+    return {
+        "image": str(s.image_path),
+        "mask": str(s.mask_path) if s.mask_path else None,
+        "label": int(s.label),
+        "label_name": s.label_name,
+        "clsname": s.class_name,
+    }
 
 
 def scored(scores, maps, test: list[HRSample], image_size: int) -> dict:
@@ -117,10 +130,17 @@ def run_ours(cfg: TrainConfig, train, test) -> dict:
 
 def hiad_job(cfg: TrainConfig, train, test) -> dict:
     """What hiad_side.py runs: the same samples, sizes, seed and batch, HiAD's detector config."""
-    return {"detector": cfg.detector, "image_size": cfg.image_size, "patch_size": cfg.patch_size,
-            "batch_size": cfg.batch_size, "seed": cfg.seed, "eval_size": EVAL_SIZE,
-            "config": HIAD_CONFIG[cfg.detector](cfg.patch),
-            "train": [record(s) for s in train], "test": [record(s) for s in test]}
+    return {
+        "detector": cfg.detector,
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "eval_size": EVAL_SIZE,
+        "config": HIAD_CONFIG[cfg.detector](cfg.patch),
+        "train": [record(s) for s in train],
+        "test": [record(s) for s in test],
+    }
 
 
 def run_hiad(name: str, cfg: TrainConfig, train, test, work: Path) -> dict:
@@ -132,20 +152,33 @@ def run_hiad(name: str, cfg: TrainConfig, train, test, work: Path) -> dict:
     if not python.is_file():
         raise SystemExit(f"{python}: no reference venv; create it with benchmarks/reference/setup.sh")
     with open(work / f"{name}_seed{cfg.seed}.log", "w") as log:
-        subprocess.run([str(python), str(HERE / "hiad_side.py"), str(job_path), str(out)], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=log)
+        subprocess.run(
+            [str(python), str(HERE / "hiad_side.py"), str(job_path), str(out)],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     r = np.load(out)
-    return {**scored(r["scores"], r["maps"], test, cfg.image_size), "train_s": float(r["train_s"]),
-            "s_per_image": float(r["s_per_image"])}
+    return {
+        **scored(r["scores"], r["maps"], test, cfg.image_size),
+        "train_s": float(r["train_s"]),
+        "s_per_image": float(r["s_per_image"]),
+    }
 
 
-HEADER = ("| configuration | set | side | image AUROC | pixel AUROC | pixel AP | AUPRO | train s | s/image |\n"
-          + "|---" * 9 + "|")
+HEADER = (
+    "| configuration | set | side | image AUROC | pixel AUROC | pixel AP | AUPRO | train s | s/image |\n"
+    + "|---" * 9
+    + "|"
+)
 
 
 def row(r: dict) -> str:
-    return (f"| {r['config']} | {r['set']} | {r['side']} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | "
-            f"{r['pixel_ap']:.3f} | {r['aupro']:.3f} | {r['train_s']:.0f} | {r['s_per_image']:.2f} |")
+    return (
+        f"| {r['config']} | {r['set']} | {r['side']} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | "
+        f"{r['pixel_ap']:.3f} | {r['aupro']:.3f} | {r['train_s']:.0f} | {r['s_per_image']:.2f} |"
+    )
 
 
 def table(results: Path) -> str:

@@ -10,8 +10,6 @@ anomaly maps resized to the evaluation size (bilinear, as our evaluators resize)
 
 from __future__ import annotations
 
-import hiad_cpu  # noqa: F401  (first: HiAD's CUDA patched out in this process and in its workers)
-
 import json
 import sys
 import tempfile
@@ -19,8 +17,8 @@ import time
 from pathlib import Path
 
 import cv2
+import hiad_cpu  # noqa: F401  (first: HiAD's CUDA patched out in this process and in its workers)
 import numpy as np
-
 from hiad import detectors
 from hiad.task import O2OTaskGenerator
 from hiad.trainer import HRTrainer
@@ -31,8 +29,17 @@ DETECTORS = {"patchcore": detectors.HRPatchCore, "padim": detectors.HRPaDiM}
 
 
 def samples(records: list[dict], image_size: int) -> list[HRSample]:
-    return [HRSample(image=r["image"], mask=r.get("mask"), image_size=image_size, clsname=r["clsname"],
-                     label=r["label"], label_name=r["label_name"]) for r in records]
+    return [
+        HRSample(
+            image=r["image"],
+            mask=r.get("mask"),
+            image_size=image_size,
+            clsname=r["clsname"],
+            label=r["label"],
+            label_name=r["label_name"],
+        )
+        for r in records
+    ]
 
 
 def run(job: dict, work: Path) -> dict:
@@ -42,10 +49,15 @@ def run(job: dict, work: Path) -> dict:
     tasks = O2OTaskGenerator().create_tasks(train, indexes)
     for sub in ("checkpoints", "logs"):
         (work / sub).mkdir(parents=True, exist_ok=True)
-    trainer = HRTrainer(detector_class=DETECTORS[job["detector"]],
-                        config={"patch": {**job["config"], "patch_size": patch_size}}, batch_size=job["batch_size"],
-                        checkpoint_root=str(work / "checkpoints"), log_root=str(work / "logs"), tasks=tasks,
-                        seed=job["seed"])
+    trainer = HRTrainer(
+        detector_class=DETECTORS[job["detector"]],
+        config={"patch": {**job["config"], "patch_size": patch_size}},
+        batch_size=job["batch_size"],
+        checkpoint_root=str(work / "checkpoints"),
+        log_root=str(work / "logs"),
+        tasks=tasks,
+        seed=job["seed"],
+    )
     t0 = time.perf_counter()
     trainer.train(train_samples=train, gpu_ids=[0])
     train_s = time.perf_counter() - t0

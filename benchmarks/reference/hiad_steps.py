@@ -11,22 +11,20 @@ task's tile map, HiAD's stitched and post-processed map and its image score.
 
 from __future__ import annotations
 
-import hiad_cpu  # noqa: F401  (first: HiAD's CUDA patched out)
-
 import argparse
 import json
 import tempfile
 from pathlib import Path
 
+import hiad_cpu  # noqa: F401  (first: HiAD's CUDA patched out)
 import numpy as np
 import torch
-
+from easydict import EasyDict
 from hiad.detectors import HRPatchCore
 from hiad.detectors.patchcore import common, sampler
 from hiad.task import O2OTaskGenerator
 from hiad.utils.device import test_in_device, train_in_device
 from hiad.utils.split_and_gather import HRSample, MultiResolutionHRImageSpliter, NPImageGather
-from easydict import EasyDict
 
 
 class Recorder:
@@ -67,8 +65,20 @@ def main() -> None:
     args = parser.parse_args()
     job = json.loads(args.job.read_text())
     image_size, patch_size, seed = job["image_size"], job["patch_size"], job["seed"]
-    make = lambda rs: [HRSample(image=r["image"], mask=r.get("mask"), image_size=image_size,  # noqa: E731
-                                clsname=r["clsname"], label=r["label"], label_name=r["label_name"]) for r in rs]
+
+    def make(rs):
+        return [
+            HRSample(
+                image=r["image"],
+                mask=r.get("mask"),
+                image_size=image_size,
+                clsname=r["clsname"],
+                label=r["label"],
+                label_name=r["label_name"],
+            )
+            for r in rs
+        ]
+
     train = make(job["train"])
     picked = [int(i) % len(job["test"]) for i in args.images.split(",")]
     test = make([job["test"][i] for i in picked])
@@ -80,8 +90,11 @@ def main() -> None:
     # the backbone's stages as patchcore_emb asks for them (not HiAD's probe of the channel counts)
     rec.wrap(HRPatchCore, "embedding", lambda a, out: (numpy(a[1]), [numpy(o) for o in out]), within="patchcore_emb")
     rec.wrap(HRPatchCore, "patchcore_emb", lambda a, out: numpy(out[0] if isinstance(out, tuple) else out))
-    rec.wrap(sampler.ApproximateGreedyCoresetSampler, "_compute_greedy_coreset_indices",
-             lambda a, out: (numpy(a[1]), np.asarray(out)))
+    rec.wrap(
+        sampler.ApproximateGreedyCoresetSampler,
+        "_compute_greedy_coreset_indices",
+        lambda a, out: (numpy(a[1]), np.asarray(out)),
+    )
     rec.wrap(common.NearestNeighbourScorer, "predict", lambda a, out: (np.asarray(out[1]), np.asarray(out[2])))
     rec.wrap(common.RescaleSegmentor, "convert_to_segmentation", lambda a, out: (numpy(a[1]), np.stack(out)))
 
@@ -97,7 +110,7 @@ def main() -> None:
                 for s in range(len(stages[0])):
                     record[f"train_stage{s}"] = np.concatenate([st[s] for st in stages])
                 record["train_embedding"] = np.concatenate(rec.calls["patchcore_emb"])
-                (record["coreset_input"], record["coreset_indices"]), = rec.calls["_compute_greedy_coreset_indices"]
+                ((record["coreset_input"], record["coreset_indices"]),) = rec.calls["_compute_greedy_coreset_indices"]
                 checkpoint = torch.load(Path(work) / f"{task['name']}_weight.pkl", weights_only=True)
                 record["bank"] = checkpoint["patch_features"]
             rec.calls = {}

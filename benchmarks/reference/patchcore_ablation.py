@@ -52,8 +52,12 @@ def features(cfg, samples, tiling, imagenet: bool, cache: Path) -> np.ndarray:
         norm = embedder.features.normalize
         norm.mean.copy_(torch.tensor(IMAGENET[0]).view(1, 3, 1, 1) * 255)
         norm.std.copy_(torch.tensor(IMAGENET[1]).view(1, 3, 1, 1) * 255)
-    out = np.stack([embed(embedder, split(s.image(tiling.image_size), tiling.tiles), cfg.batch_size)[0].numpy()
-                    for s in tqdm(samples, desc=f"features {cache.stem}", leave=False)])
+    out = np.stack(
+        [
+            embed(embedder, split(s.image(tiling.image_size), tiling.tiles), cfg.batch_size)[0].numpy()
+            for s in tqdm(samples, desc=f"features {cache.stem}", leave=False)
+        ]
+    )
     np.save(cache, out)
     return out
 

@@ -51,11 +51,20 @@ def record_hiad(job: dict, work: Path, task: int, images: str) -> Path:
     if not out.is_file():
         job_path = work / "patchcore_steps.json"
         job_path.write_text(json.dumps(job))
-        command = [str(VENV / "bin" / "python"), str(HERE / "hiad_steps.py"), str(job_path), str(out),
-                   "--task", str(task), "--images", images]
+        command = [
+            str(VENV / "bin" / "python"),
+            str(HERE / "hiad_steps.py"),
+            str(job_path),
+            str(out),
+            "--task",
+            str(task),
+            "--images",
+            images,
+        ]
         with open(work / "patchcore_steps.log", "w") as log:
-            subprocess.run(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True,
-                           stdout=subprocess.DEVNULL, stderr=log)
+            subprocess.run(
+                command, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, stdout=subprocess.DEVNULL, stderr=log
+            )
     return out
 
 
@@ -76,20 +85,35 @@ def compare(h: dict, cfg, test_images: list[np.ndarray]) -> list[tuple[str, str,
 
     # 1. the tile's pixels (HiAD decodes, resizes and crops itself), then the network input
     hiad_pixels = (h["test_input"].transpose(0, 2, 3, 1) * IMAGENET_STD + IMAGENET_MEAN) * 255
-    rows.append(("tile pixels", "HiAD's input de-normalized vs our tile (0-255)",
-                 f"max |diff| {np.abs(hiad_pixels - tiles).max():.4f}"))
+    rows.append(
+        (
+            "tile pixels",
+            "HiAD's input de-normalized vs our tile (0-255)",
+            f"max |diff| {np.abs(hiad_pixels - tiles).max():.4f}",
+        )
+    )
     norm = embedder.features.normalize
     ours_input = norm(torch.from_numpy(tiles)).numpy()
     mean, std = ([round(float(v) / 255, 3) for v in b.flatten()] for b in (norm.mean, norm.std))
-    rows.append(("input normalization", f"ours mean {mean} std {std}; HiAD ImageNet's",
-                 f"max |diff| {np.abs(ours_input - h['test_input']).max():.3f} "
-                 f"(relative {relative(ours_input, h['test_input']):.3f})"))
+    rows.append(
+        (
+            "input normalization",
+            f"ours mean {mean} std {std}; HiAD ImageNet's",
+            f"max |diff| {np.abs(ours_input - h['test_input']).max():.3f} "
+            f"(relative {relative(ours_input, h['test_input']):.3f})",
+        )
+    )
 
     # 2. backbone stages, 3. locally aware embedding
     stages = embedder.features.backbone(torch.from_numpy(h["test_input"]))
     for s, f in enumerate(stages):
-        rows.append((f"backbone stage {s}", f"{tuple(f.shape[1:])} on HiAD's input",
-                     f"relative {relative(f.numpy(), h[f'test_stage{s}']):.2e}"))
+        rows.append(
+            (
+                f"backbone stage {s}",
+                f"{tuple(f.shape[1:])} on HiAD's input",
+                f"relative {relative(f.numpy(), h[f'test_stage{s}']):.2e}",
+            )
+        )
     emb = embedder.aggregate([torch.from_numpy(h[f"test_stage{s}"]) for s in range(len(stages))])
     emb = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).numpy()
     rows.append(("embedding", f"{emb.shape} on HiAD's stages", f"relative {relative(emb, h['test_embedding']):.2e}"))
@@ -99,24 +123,39 @@ def compare(h: dict, cfg, test_images: list[np.ndarray]) -> list[tuple[str, str,
     p = cfg.patch
     picked = greedy_coreset(torch.from_numpy(features), p.percentage, p.coreset_projection_dim, seed=cfg.seed).numpy()
     same = len(set(picked.tolist()) & set(theirs.tolist())) / len(theirs)
-    rows.append(("coreset", f"{len(picked)} of {len(features)} {features.shape[1]}-d HiAD embeddings (ours: projected "
-                 f"to {p.coreset_projection_dim} if wider; HiAD: to 128 unless 128-d)",
-                 f"same picks {same:.1%}; coverage radius ours {coverage(features, features[picked]):.3f}, "
-                 f"HiAD {coverage(features, features[theirs]):.3f}"))
+    rows.append(
+        (
+            "coreset",
+            f"{len(picked)} of {len(features)} {features.shape[1]}-d HiAD embeddings (ours: projected "
+            f"to {p.coreset_projection_dim} if wider; HiAD: to 128 unless 128-d)",
+            f"same picks {same:.1%}; coverage radius ours {coverage(features, features[picked]):.3f}, "
+            f"HiAD {coverage(features, features[theirs]):.3f}",
+        )
+    )
 
     # 5. per-patch k-NN distance against HiAD's bank (its faiss IndexFlatL2 returns squared L2)
     head = KnnHead(torch.from_numpy(h["bank"]), p.anomaly_scorer_num_nn)
     ours_d = head(rows_of(h["test_embedding"])).flatten().numpy()
     theirs_d = h["test_distances"].mean(1)
-    rows.append(("k-NN distance", "ours |q-b| vs HiAD's faiss value",
-                 f"relative {relative(ours_d, theirs_d):.3f}; ours squared: {relative(ours_d ** 2, theirs_d):.2e}"))
+    rows.append(
+        (
+            "k-NN distance",
+            "ours |q-b| vs HiAD's faiss value",
+            f"relative {relative(ours_d, theirs_d):.3f}; ours squared: {relative(ours_d**2, theirs_d):.2e}",
+        )
+    )
 
     # 6. per-tile map from HiAD's patch scores
     spec = PostprocessSpec(**PatchCore.postprocess)
     size = (tiling.tiles[task].main.width, tiling.tiles[task].main.height)
     ours_tile = np.stack([tile_map(s, size, spec) for s in h["test_tile_scores"]])
-    rows.append(("tile map", f"bilinear to {size}, per-tile blur sigma {spec.tile_blur_sigma} (HiAD: 4)",
-                 f"relative {relative(ours_tile, h['test_tile_maps']):.2e}"))
+    rows.append(
+        (
+            "tile map",
+            f"bilinear to {size}, per-tile blur sigma {spec.tile_blur_sigma} (HiAD: 4)",
+            f"relative {relative(ours_tile, h['test_tile_maps']):.2e}",
+        )
+    )
 
     # 7. stitching HiAD's tile maps, 8. final blur, 9. image score
     hiad_order = {tuple(int(v) for v in box[:2]): i for i, box in enumerate(h["tile_boxes"][0])}
@@ -126,8 +165,13 @@ def compare(h: dict, cfg, test_images: list[np.ndarray]) -> list[tuple[str, str,
     final = np.stack([finish(m.astype(np.float32), spec)[0] for m in h["stitched"]])
     rows.append(("final blur", "sigma 4 on HiAD's stitched map", f"relative {relative(final, h['final']):.2e}"))
     scores = np.array([image_score(m, spec) for m in h["final"]])
-    rows.append(("image score", f"{spec.score_rule}, pool {spec.score_pool} (HiAD: 16x16 means sliding by 1 px)",
-                 f"relative {relative(scores, h['image_scores']):.2e}"))
+    rows.append(
+        (
+            "image score",
+            f"{spec.score_rule}, pool {spec.score_pool} (HiAD: 16x16 means sliding by 1 px)",
+            f"relative {relative(scores, h['image_scores']):.2e}",
+        )
+    )
     return rows
 
 
@@ -147,7 +191,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     h = dict(np.load(record_hiad(job, work, args.task, args.images)))
     images = [test[int(i)].image((image_size, image_size)) for i in h["test_images"]]
-    print(f"| step | compared | ours vs HiAD |\n|---|---|---|")
+    print("| step | compared | ours vs HiAD |\n|---|---|---|")
     for step, what, figure in compare(h, cfg, images):
         print(f"| {step} | {what} | {figure} |", flush=True)
 

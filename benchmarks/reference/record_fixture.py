@@ -13,24 +13,30 @@ pick order), and its per-patch k-NN distances (faiss IndexFlatL2: squared L2).
 
 from __future__ import annotations
 
-import hiad_cpu  # noqa: F401  (first: HiAD's CUDA patched out)
-
 import sys
 from pathlib import Path
 
+import hiad_cpu  # noqa: F401  (first: HiAD's CUDA patched out)
 import numpy as np
 import torch
-from PIL import Image
-
 from hiad.detectors import HRPatchCore
 from hiad.detectors.patchcore import sampler
 from hiad.utils.split_and_gather import LRPatch
+from PIL import Image
 
 TILE = 64
 CELLS = ("cell0061.png", "cell0062.png", "cell0063.png", "cell0064.png")  # the first four good poly cells
-CONFIG = {"backbone_name": "tf_efficientnet_lite0", "layers_to_extract_from": ["blocks.2", "blocks.4"],
-          "merge_size": 3, "percentage": 0.1, "pretrain_embed_dimension": 1024, "target_embed_dimension": 128,
-          "anomaly_scorer_num_nn": 1, "faiss_on_gpu": False, "faiss_num_workers": 1}
+CONFIG = {
+    "backbone_name": "tf_efficientnet_lite0",
+    "layers_to_extract_from": ["blocks.2", "blocks.4"],
+    "merge_size": 3,
+    "percentage": 0.1,
+    "pretrain_embed_dimension": 1024,
+    "target_embed_dimension": 128,
+    "anomaly_scorer_num_nn": 1,
+    "faiss_on_gpu": False,
+    "faiss_num_workers": 1,
+}
 
 
 def crops(folder: Path) -> np.ndarray:
@@ -47,6 +53,7 @@ def main() -> None:
     out, cells = Path(sys.argv[1]), Path(sys.argv[2])
     tiles = crops(cells)
     detector = HRPatchCore(patch_size=TILE, logger=None, device=torch.device("cpu"), seed=0, **CONFIG)
+
     def batch(ts: np.ndarray) -> dict:  # HiAD's dataset and loader: ImageNet normalization, CHW tensors
         dataset = detector.create_dataset([LRPatch(image=t) for t in ts], training=False, task_name="fixture")
         return next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(ts))))

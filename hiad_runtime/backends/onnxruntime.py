@@ -13,7 +13,9 @@ from typing import Sequence
 try:
     import onnxruntime as ort
 except ImportError as e:  # the base package pulls neither build on purpose
-    raise ImportError("hiad_runtime needs ONNX Runtime: pip install 'hiad-deploy[cpu]' (or '[gpu]' on a CUDA box)") from e
+    raise ImportError(
+        "hiad_runtime needs ONNX Runtime: pip install 'hiad-deploy[cpu]' (or '[gpu]' on a CUDA box)"
+    ) from e
 
 from hiad_runtime.bundle import BundleError
 

@@ -19,7 +19,8 @@ Maker = Callable[[Bundle, InferencePlan, SessionFactory, "RuntimeOptions"], Engi
 
 ENGINES: dict[EngineKind, Maker] = {
     EngineKind.tiles: lambda bundle, plan, sessions, o: TileEngine(
-        bundle, plan, sessions, o.batch_size, o.head_path, o.stream_tiles, o.head_memory),
+        bundle, plan, sessions, o.batch_size, o.head_path, o.stream_tiles, o.head_memory
+    ),
     EngineKind.pipeline: lambda bundle, plan, sessions, o: PipelineEngine(bundle, sessions),
 }
 

@@ -72,8 +72,16 @@ class TileEngine:
 
     stages = ("tile", "backbone", "scoring", "post")
 
-    def __init__(self, bundle: Bundle, plan: InferencePlan, sessions: SessionFactory, batch_size: int = 1,
-                 head_path: str = "native", stream_tiles: int = 16, head_memory: float | None = None):
+    def __init__(
+        self,
+        bundle: Bundle,
+        plan: InferencePlan,
+        sessions: SessionFactory,
+        batch_size: int = 1,
+        head_path: str = "native",
+        stream_tiles: int = 16,
+        head_memory: float | None = None,
+    ):
         m = bundle.manifest
         self.plan, self.stream_tiles = plan, stream_tiles
         self.embedders = {name: Embedder(bundle.root, spec, sessions, batch_size) for name, spec in m.embedders.items()}

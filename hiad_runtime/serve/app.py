@@ -60,7 +60,11 @@ class ServeSettings:
     token: str | None = None  # bearer token for /v1/*
 
     def __post_init__(self):
-        limits = {"workers": self.workers >= 1, "max_queue": self.max_queue >= 0, "max_body_bytes": self.max_body_bytes > 0}
+        limits = {
+            "workers": self.workers >= 1,
+            "max_queue": self.max_queue >= 0,
+            "max_body_bytes": self.max_body_bytes > 0,
+        }
         limits |= {"timeout_s": self.timeout_s > 0}
         limits |= {"header_timeout_s": self.header_timeout_s > 0, "body_timeout_s": self.body_timeout_s > 0}
         limits |= {"max_connections": self.max_connections is None or self.max_connections >= 1}
@@ -140,7 +144,13 @@ class Service:
             model.release()
 
     async def inspect_with(
-        self, request: Request, model: LoadedModel, claim: Claim, want_map: bool, want_mask: bool, as_png: bool,
+        self,
+        request: Request,
+        model: LoadedModel,
+        claim: Claim,
+        want_map: bool,
+        want_mask: bool,
+        as_png: bool,
         started: float,
     ) -> Response:
         """`inspect` once the model is leased and the body budget claimed: read the body, infer on the pool, answer.
@@ -199,7 +209,12 @@ class Service:
             model = await self.reload(path)
         except BundleError as e:
             return JSONResponse({"error": f"bundle refused, still serving {previous}: {e}", "bundle_id": previous}, 422)
-        answer = {"bundle_id": model.bundle_id, "path": str(model.source), "resolved": str(model.path), "previous": previous}
+        answer = {
+            "bundle_id": model.bundle_id,
+            "path": str(model.source),
+            "resolved": str(model.path),
+            "previous": previous,
+        }
         return JSONResponse(answer)
 
     async def healthz(self, request: Request) -> JSONResponse:
@@ -311,7 +326,9 @@ def summary(model: LoadedModel) -> dict:
             "ds_factors": list(tiling.ds_factors),
         },
         "detector": manifest.get("detector") or sorted({t["head"]["kind"] for t in manifest["tasks"]}),
-        "tasks": [{"name": t["name"], "tiles": len(t["tiles"]), "head": t["head"]["kind"]} for t in manifest["tasks"]],  # tiles: 0 when routed
+        "tasks": [
+            {"name": t["name"], "tiles": len(t["tiles"]), "head": t["head"]["kind"]} for t in manifest["tasks"]
+        ],  # tiles: 0 when routed
         "routing": manifest.get("routing") is not None,
         "thumbnail": manifest.get("thumbnail") is not None,
         "thresholds": manifest.get("thresholds"),
@@ -321,7 +338,8 @@ def summary(model: LoadedModel) -> dict:
 
 
 def _prefers_png(accept: str) -> bool:
-    """Whether an Accept header ranks image/png above application/json (wildcards favour neither: JSON stays default)."""
+    """Whether an Accept header ranks image/png above application/json (wildcards favour neither: JSON stays
+    the default)."""
     quality = {}
     for part in accept.split(","):
         media, *params = (p.strip() for p in part.split(";"))

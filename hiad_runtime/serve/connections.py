@@ -115,8 +115,9 @@ def guarded_protocol(
                 return
             started, _ = self.conn.trailing_data  # bytes of a request whose headers are not complete
             if started:
-                log.warning("connection closed: request headers not received within %g s (--header-timeout)",
-                            header_timeout_s)
+                log.warning(
+                    "connection closed: request headers not received within %g s (--header-timeout)", header_timeout_s
+                )
                 refused("header_timeout")
                 self.transport.write(late)
             self.transport.close()  # an idle keep-alive connection just closes

@@ -31,7 +31,11 @@ def _ready(url: str) -> bool:
 
 @contextmanager
 def serving(
-    bundle: Path, log: Path, *options: str, env: dict | None = None, wait_s: float = 120,
+    bundle: Path,
+    log: Path,
+    *options: str,
+    env: dict | None = None,
+    wait_s: float = 120,
     preexec_fn: Callable[[], None] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """Yield (base url, process) once /readyz answers 200; the server's output goes to `log`.
@@ -41,7 +45,10 @@ def serving(
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "hiad_runtime.cli", "serve", str(bundle), "--port", str(port), *options],
-            stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec_fn,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=preexec_fn,
         )
     url = f"http://127.0.0.1:{port}"
     try:

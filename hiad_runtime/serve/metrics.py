@@ -20,24 +20,37 @@ class ServiceMetrics:
 
     def __init__(self, pool: InferencePool, budget: BodyBudget, rate_window_s: float = 60.0):
         self.registry = CollectorRegistry()
-        self.requests = Counter("hiad_requests", "HTTP requests answered, by path and status", ["path", "status"], registry=self.registry)
+        self.requests = Counter(
+            "hiad_requests", "HTTP requests answered, by path and status", ["path", "status"], registry=self.registry
+        )
         self.latency = Histogram(
-            "hiad_inspect_latency_seconds", "POST /v1/inspect, request in to answer out", buckets=LATENCY_BUCKETS_S, registry=self.registry
+            "hiad_inspect_latency_seconds",
+            "POST /v1/inspect, request in to answer out",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
         )
         self.images = Counter("hiad_images", "images inspected", registry=self.registry)
         self.reloads = Counter("hiad_reloads", "bundle reloads, by result", ["result"], registry=self.registry)
         self.model = Info("hiad_model", "the bundle in service", registry=self.registry)
-        Gauge("hiad_queue_depth", "requests waiting for a worker", registry=self.registry).set_function(lambda: pool.waiting)
+        Gauge("hiad_queue_depth", "requests waiting for a worker", registry=self.registry).set_function(
+            lambda: pool.waiting
+        )
         Gauge("hiad_inflight", "inferences running", registry=self.registry).set_function(lambda: pool.running)
-        held = Gauge("hiad_body_bytes_held", "bytes of request bodies claimed (--max-inflight-mb)", registry=self.registry)
+        held = Gauge(
+            "hiad_body_bytes_held", "bytes of request bodies claimed (--max-inflight-mb)", registry=self.registry
+        )
         held.set_function(lambda: budget.held)
         self.connections_refused = Counter(
-            "hiad_connections_refused", "connections closed before a request reached the app, by reason", ["reason"],
+            "hiad_connections_refused",
+            "connections closed before a request reached the app, by reason",
+            ["reason"],
             registry=self.registry,
         )
-        Gauge("hiad_images_per_second", f"images inspected per second over the last {rate_window_s:.0f} s", registry=self.registry).set_function(
-            self.images_per_s
-        )
+        Gauge(
+            "hiad_images_per_second",
+            f"images inspected per second over the last {rate_window_s:.0f} s",
+            registry=self.registry,
+        ).set_function(self.images_per_s)
         self.rate_window_s = rate_window_s
         self.started = time.monotonic()
         self._done: collections.deque[float] = collections.deque()

@@ -57,7 +57,9 @@ class Mlp(nn.Sequential):
     """Linear -> GELU -> dropout -> Linear -> dropout (dropout makes Dinomaly's noisy bottleneck)."""
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout))
+        super().__init__(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+        )
 
 
 class Block(nn.Module):

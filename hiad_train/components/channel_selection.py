@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 
-def afs_channel_errors(anomalous: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+def afs_channel_errors(
+    anomalous: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor, eps: float = 1e-4
+) -> torch.Tensor:
     """(B, C, h, w) features with and without anomalies, (B, 1, H, W) mask -> (C,) mean squared error
     between each channel's min-max normalized squared difference and the mask (nearest-resized to h, w)."""
     diff = (anomalous - clean).square().transpose(0, 1).flatten(1)  # (C, B*h*w)
@@ -35,7 +37,9 @@ def select_channels(errors: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(errors, k, largest=False).indices).values
 
 
-def top_residual_channels(residual: torch.Tensor, ranking: torch.Tensor, modes: Sequence[str], numbers: Sequence[int]) -> torch.Tensor:
+def top_residual_channels(
+    residual: torch.Tensor, ranking: torch.Tensor, modes: Sequence[str], numbers: Sequence[int]
+) -> torch.Tensor:
     """(B, C, h, w) residual, (B, C, h, w) ranking statistic -> (B, sum(numbers), h, w): per mode
     ("max" or "mean" of the ranking over positions), the residual's `number` top-ranked channels,
     largest first."""

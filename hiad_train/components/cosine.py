@@ -39,7 +39,9 @@ def _flat_cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(a.flatten(1), b.flatten(1))).mean()
 
 
-def hard_mining_cosine_loss(encoder: Sequence[torch.Tensor], decoder: Sequence[torch.Tensor], percent: float, factor: float):
+def hard_mining_cosine_loss(
+    encoder: Sequence[torch.Tensor], decoder: Sequence[torch.Tensor], percent: float, factor: float
+):
     """Dinomaly's loose reconstruction: global cosine distance per scale, with the gradient of the
     `percent` best-reconstructed positions (smallest per-position distance) scaled by `factor`."""
     total = 0.0

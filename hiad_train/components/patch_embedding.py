@@ -40,7 +40,9 @@ def folded_projections(
 class PatchEmbedder(nn.Module):
     """RGB uint8 NHWC tiles -> (PatchCore embeddings (B, D, h, w),); normalization is inside the graph."""
 
-    def __init__(self, features: BackboneFeatures, merge_size: int, pretrain_embed_dimension: int, target_embed_dimension: int):
+    def __init__(
+        self, features: BackboneFeatures, merge_size: int, pretrain_embed_dimension: int, target_embed_dimension: int
+    ):
         super().__init__()
         self.features = features
         self.merge_size = merge_size

@@ -33,8 +33,12 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.body = nn.Sequential(
-            group_norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1),
-            group_norm(out_channels), nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            group_norm(in_channels),
+            nn.SiLU(),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            group_norm(out_channels),
+            nn.SiLU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.shortcut = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
@@ -76,7 +80,9 @@ class ReconstructionUNet(nn.Module):
     `num_res_blocks` blocks, with attention where its downsampling factor is in `attention_mult`.
     """
 
-    def __init__(self, channels: int, width: int, num_res_blocks: int, channel_mult: Sequence[int], attention_mult: Sequence[int]):
+    def __init__(
+        self, channels: int, width: int, num_res_blocks: int, channel_mult: Sequence[int], attention_mult: Sequence[int]
+    ):
         super().__init__()
         self.levels = len(channel_mult)
         widths = [width * m for m in channel_mult]

@@ -54,7 +54,9 @@ def vit_geometry(name: str) -> dict:
     except RuntimeError as e:
         raise ValueError(f"backbone_name: {name!r} is not a timm model ({e})") from None
     if not isinstance(model, ENCODERS):
-        raise ValueError(f"backbone_name: {name!r} is a {type(model).__name__}, not a timm VisionTransformer or Eva (DINOv3)")
+        raise ValueError(
+            f"backbone_name: {name!r} is a {type(model).__name__}, not a timm VisionTransformer or Eva (DINOv3)"
+        )
     return {
         "patch": model.patch_embed.patch_size[0],
         "width": model.embed_dim,
@@ -90,7 +92,11 @@ def dinov3_keys(source: dict[str, torch.Tensor], model: nn.Module) -> dict[str, 
     The filter also drops `qkv.bias` for a model built without q/v biases: refused here unless it is zero."""
     with contextlib.redirect_stdout(io.StringIO()):  # the filter prints each bias it drops; checked below instead
         out = eva.checkpoint_filter_fn(source, model)
-    dropped = [k for k, v in source.items() if k.endswith("qkv.bias") and k.replace("qkv.bias", "q_bias") not in out and v.any()]
+    dropped = [
+        k
+        for k, v in source.items()
+        if k.endswith("qkv.bias") and k.replace("qkv.bias", "q_bias") not in out and v.any()
+    ]
     if dropped:
         raise BackboneWeightsError(
             f"the DINOv3 file has non-zero attention biases ({', '.join(dropped[:3])}, ...) that "
@@ -107,20 +113,32 @@ def load_vit_weights(model: nn.Module, path: str | Path) -> None:
     try:
         raw = _state_dict_from_file(path)
     except Exception as e:  # not a checkpoint: a truncated download, an HTML page, ...
-        raise BackboneWeightsError(f"backbone_weights {path}: cannot read it as a state dict ({type(e).__name__}: {e})") from e
+        raise BackboneWeightsError(
+            f"backbone_weights {path}: cannot read it as a state dict ({type(e).__name__}: {e})"
+        ) from e
     try:
         state = timm_keys(raw, model)
     except BackboneWeightsError as e:
         raise BackboneWeightsError(f"backbone_weights {path.name}: {e}") from None
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    misshapen = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or misshapen:
-        parts = [f"{label} ({len(keys)}): {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshapen)) if keys]
+        parts = [
+            f"{label} ({len(keys)}): {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshapen))
+            if keys
+        ]
         raise BackboneWeightsError(
-            f"backbone_weights {path.name} does not fit {type(model).__name__} {getattr(model, 'default_cfg', {}).get('architecture', '')}: "
-            + "; ".join(parts) + ". Check backbone_name matches the file (e.g. dinov2_vitb14_reg4_pretrain.pth -> vit_base_patch14_reg4_dinov2, dinov3_vits16_pretrain_*.pth -> vit_small_patch16_dinov3)."
+            f"backbone_weights {path.name} does not fit {type(model).__name__} "
+            f"{getattr(model, 'default_cfg', {}).get('architecture', '')}: "
+            + "; ".join(parts)
+            + ". Check backbone_name matches the file (e.g. dinov2_vitb14_reg4_pretrain.pth -> "
+            "vit_base_patch14_reg4_dinov2, dinov3_vits16_pretrain_*.pth -> vit_small_patch16_dinov3)."
         )
     model.load_state_dict({k: state[k] for k in own})
 
@@ -179,5 +197,10 @@ class ViTFeatures(nn.Module):
         if height % self.patch or width % self.patch:
             raise ValueError(f"tile {width}x{height} is not a multiple of the ViT patch size {self.patch}")
         self._regrid((height // self.patch, width // self.patch))
-        maps = dict(zip(self.blocks, self.vit.forward_intermediates(self.normalize(image), indices=self.blocks, intermediates_only=True)))
+        maps = dict(
+            zip(
+                self.blocks,
+                self.vit.forward_intermediates(self.normalize(image), indices=self.blocks, intermediates_only=True),
+            )
+        )
         return tuple(sum(maps[b] for b in g) / len(g) if len(g) > 1 else maps[g[0]] for g in self.groups)

@@ -98,14 +98,20 @@ def build_elpv_demo(
 
     for i in tqdm(range(n_train), desc="demo train modules", leave=False):
         name = f"train/good/module_{i:03d}.png"
-        cv2.imwrite(str(root / name), compose_module(train_pool[i * per_module : (i + 1) * per_module], rows, cols, cell_size))
-        meta["train"].append({"filename": f"{CLASS_NAME}/{name}", "clsname": CLASS_NAME, "label": 0, "label_name": "good"})
+        cv2.imwrite(
+            str(root / name), compose_module(train_pool[i * per_module : (i + 1) * per_module], rows, cols, cell_size)
+        )
+        meta["train"].append(
+            {"filename": f"{CLASS_NAME}/{name}", "clsname": CLASS_NAME, "label": 0, "label_name": "good"}
+        )
     for i in tqdm(range(n_test), desc="demo test modules", leave=False):
         chosen = take(test_pool, per_module)
         if i < n_test_good:
             name = f"test/good/module_{i:03d}.png"
             cv2.imwrite(str(root / name), compose_module(chosen, rows, cols, cell_size))
-            meta["test"].append({"filename": f"{CLASS_NAME}/{name}", "clsname": CLASS_NAME, "label": 0, "label_name": "good"})
+            meta["test"].append(
+                {"filename": f"{CLASS_NAME}/{name}", "clsname": CLASS_NAME, "label": 0, "label_name": "good"}
+            )
             continue
         slots = rng.choice(per_module, size=int(rng.integers(1, 4)), replace=False)
         mask = np.zeros((rows * cell_size, cols * cell_size), np.uint8)
@@ -118,7 +124,13 @@ def build_elpv_demo(
         cv2.imwrite(str(root / name), compose_module(chosen, rows, cols, cell_size))
         cv2.imwrite(str(root / mask_name), mask)
         meta["test"].append(
-            {"filename": f"{CLASS_NAME}/{name}", "mask": f"{CLASS_NAME}/{mask_name}", "clsname": CLASS_NAME, "label": 1, "label_name": "defect"}
+            {
+                "filename": f"{CLASS_NAME}/{name}",
+                "mask": f"{CLASS_NAME}/{mask_name}",
+                "clsname": CLASS_NAME,
+                "label": 1,
+                "label_name": "defect",
+            }
         )
     for split, records in meta.items():
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -20,7 +20,13 @@ def read_jsonl(meta_file: str | Path, data_root: str | Path) -> list[HRSample]:
             label = int(rec.get("label", 0))
             mask = data_root / rec["mask"] if rec.get("mask") else None
             samples.append(
-                HRSample(data_root / rec["filename"], label, mask, rec.get("clsname", ""), rec.get("label_name", "good" if label == 0 else "anomaly"))
+                HRSample(
+                    data_root / rec["filename"],
+                    label,
+                    mask,
+                    rec.get("clsname", ""),
+                    rec.get("label_name", "good" if label == 0 else "anomaly"),
+                )
             )
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{meta_file}:{n}: bad record ({e})") from e

@@ -128,11 +128,20 @@ def build_texture_set(
 
 
 def build_synthetic(
-    out: str | Path, size: tuple[int, int] = (512, 512), n_train: int = 6, n_test: int = 6, texture_name: str = "brick",
+    out: str | Path,
+    size: tuple[int, int] = (512, 512),
+    n_train: int = 6,
+    n_test: int = 6,
+    texture_name: str = "brick",
     seed: int = 0,
 ) -> Path:
     """`out/synthetic_<texture>`: painted defects on jittered RGB crops; half the test set defective."""
     source = texture(texture_name)
-    return write_set(Path(out) / f"synthetic_{texture_name}", n_train, n_test, seed,
-                     lambda rng: jittered_crop(source, size, rng),
-                     lambda image, rng: painted_defect(image, rng, max_size=max(8, min(size) // 12)))
+    return write_set(
+        Path(out) / f"synthetic_{texture_name}",
+        n_train,
+        n_test,
+        seed,
+        lambda rng: jittered_crop(source, size, rng),
+        lambda image, rng: painted_defect(image, rng, max_size=max(8, min(size) // 12)),
+    )

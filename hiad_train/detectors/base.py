@@ -59,7 +59,9 @@ class TaskData:
     tiles: np.ndarray | None  # (N, H, W, 3) uint8 training tiles, when the detector sets needs_tiles
     embedder: nn.Module  # the frozen embedder (to embed tiles with synthetic anomalies)
     synthesizer: Synthesizer  # tile, rng -> (tile with an anomaly, its bool mask); always applies
-    validate: Callable[["Detector"], dict] | None  # metrics of the current state on held-out tiles; None without val_config
+    validate: (
+        Callable[["Detector"], dict] | None
+    )  # metrics of the current state on held-out tiles; None without val_config
     seed: int = 0
 
 

@@ -73,7 +73,9 @@ def cosine_products(teacher: Sequence[torch.Tensor], student: Sequence[torch.Ten
     grid = teacher[0].shape[-2:]
     return torch.cat(
         [
-            F.interpolate(-F.normalize(t, dim=1) * F.normalize(s, dim=1), size=grid, mode="bilinear", align_corners=False)
+            F.interpolate(
+                -F.normalize(t, dim=1) * F.normalize(s, dim=1), size=grid, mode="bilinear", align_corners=False
+            )
             for t, s in zip(teacher, student)
         ],
         dim=1,
@@ -171,9 +173,11 @@ class DeSTSeg(NetworkDetector):
             progress,
         )
         stage2 = train_epochs(
-            self, cfg.model_copy(update={"total_epochs": cfg.total_epochs - cfg.de_st_epochs}), data, segmentation_epoch, progress
+            self,
+            cfg.model_copy(update={"total_epochs": cfg.total_epochs - cfg.de_st_epochs}),
+            data,
+            segmentation_epoch,
+            progress,
         )
         self.net.eval()
         return {**stage2, "student_epochs": stage1["epochs_run"], "student_final_loss": stage1["final_loss"]}
-
-

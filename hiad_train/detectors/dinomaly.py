@@ -43,7 +43,9 @@ class DinomalyModel(nn.Module):
         self.groups = config.fuse_layer_decoder
         self.percent, self.factor = config.hard_mining_percent, config.hard_mining_factor
         self.bottleneck = Mlp(width, 4 * width, config.bottleneck_dropout)
-        self.blocks = nn.ModuleList(Block(width, LinearAttention(width, heads), eps=1e-8) for _ in range(config.decoder_depth))
+        self.blocks = nn.ModuleList(
+            Block(width, LinearAttention(width, heads), eps=1e-8) for _ in range(config.decoder_depth)
+        )
 
     def reconstruct(self, features) -> list[torch.Tensor]:
         size = tuple(features[0].shape[-2:])

@@ -48,7 +48,9 @@ class INPFormerModel(nn.Module):
         self.context_norm = nn.LayerNorm(width, eps=1e-8)
         self.extractor = Block(width, SoftmaxAttention(width, heads), eps=1e-8)
         self.bottleneck = Mlp(width, 4 * width, config.bottleneck_dropout)
-        self.blocks = nn.ModuleList(Block(width, SoftmaxAttention(width, heads), eps=1e-8) for _ in range(config.decoder_depth))
+        self.blocks = nn.ModuleList(
+            Block(width, SoftmaxAttention(width, heads), eps=1e-8) for _ in range(config.decoder_depth)
+        )
 
     def reconstruct(self, features) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """-> fused tokens (B, N, C), the image's prototypes (B, M, C), rebuilt group maps."""

@@ -56,12 +56,16 @@ class PatchCore(Detector):
     @classmethod
     def build_embedder(cls, config: PatchCoreConfig, pretrained: bool = True) -> nn.Module:
         features = BackboneFeatures.create(config, pretrained)
-        return PatchEmbedder(features, config.merge_size, config.pretrain_embed_dimension, config.target_embed_dimension).eval()
+        return PatchEmbedder(
+            features, config.merge_size, config.pretrain_embed_dimension, config.target_embed_dimension
+        ).eval()
 
     def fit(self, data: TaskData, progress: bool = False) -> dict:
         (embeddings,) = data.features
         features = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
-        picked = greedy_coreset(features, self.config.percentage, self.config.coreset_projection_dim, seed=self.seed, progress=progress)
+        picked = greedy_coreset(
+            features, self.config.percentage, self.config.coreset_projection_dim, seed=self.seed, progress=progress
+        )
         self.memory_bank = features[picked].contiguous()
         return {"bank_size": int(self.memory_bank.shape[0]), "training_patches": int(features.shape[0])}
 
@@ -76,7 +80,14 @@ class PatchCore(Detector):
 
     def head_params(self) -> dict[str, Any]:
         n, d = self.memory_bank.shape
-        return {"k": self.k, "metric": "l2", "reduce": "mean of the k exact L2 distances", "bank_size": int(n), "dim": int(d), "bytes": int(n * d * 4)}
+        return {
+            "k": self.k,
+            "metric": "l2",
+            "reduce": "mean of the k exact L2 distances",
+            "bank_size": int(n),
+            "dim": int(d),
+            "bytes": int(n * d * 4),
+        }
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"memory_bank": self.memory_bank}

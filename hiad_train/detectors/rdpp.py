@@ -112,9 +112,7 @@ class RDPPHead(nn.Module):
 
 def distillation_loss(encoder: Sequence[torch.Tensor], decoder: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sum over stages of the batch mean of 1 - cosine between whole flattened feature maps (RD's loss)."""
-    return sum(
-        (1 - F.cosine_similarity(e.flatten(1), d.flatten(1))).mean() for e, d in zip(encoder, decoder)
-    )
+    return sum((1 - F.cosine_similarity(e.flatten(1), d.flatten(1))).mean() for e, d in zip(encoder, decoder))
 
 
 @torch.no_grad()
@@ -223,5 +221,3 @@ class RDPP(NetworkDetector):
             return optimize(model, batches, loss, [opt_proj, opt_distill])
 
         return train_epochs(self, cfg, data, step, progress)
-
-

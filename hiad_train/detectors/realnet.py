@@ -57,7 +57,9 @@ class RealNetConfig(EpochConfig):
     @model_validator(mode="after")
     def _lists(self) -> "RealNetConfig":
         if self.planes is not None and len(self.planes) != len(self.layers_to_extract_from):
-            raise ValueError(f"planes has {len(self.planes)} entries for {len(self.layers_to_extract_from)} layers_to_extract_from")
+            raise ValueError(
+                f"planes has {len(self.planes)} entries for {len(self.layers_to_extract_from)} layers_to_extract_from"
+            )
         if self.mode_numbers is not None and len(self.mode_numbers) != len(self.modes):
             raise ValueError(f"mode_numbers has {len(self.mode_numbers)} entries for {len(self.modes)} modes")
         return self
@@ -88,8 +90,10 @@ class ResidualStack(nn.Module):
         super().__init__()
         self.units = nn.ModuleList(
             nn.Sequential(
-                nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                nn.ReLU(), nn.Conv2d(channels, channels, 1, bias=False),
+                nn.ReLU(),
+                nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                nn.ReLU(),
+                nn.Conv2d(channels, channels, 1, bias=False),
             )
             for _ in range(layers)
         )
@@ -107,9 +111,13 @@ class Segmenter(nn.Module):
         super().__init__()
         self.body = nn.Sequential(
             ResidualStack(channels, residual_layers),
-            nn.Conv2d(channels, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
-            nn.Conv2d(128, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 8, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(channels, 128, 3, padding=1),
+            nn.BatchNorm2d(128),
+            nn.ReLU(),
+            nn.Conv2d(128, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 8, 3, padding=1),
+            nn.ReLU(),
         )
         self.tail = nn.Sequential(nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
 
@@ -128,7 +136,11 @@ class RealNetHead(nn.Module):
             self.register_buffer(f"afs_{s}", torch.arange(p))
         self.unets = nn.ModuleList(
             ReconstructionUNet(
-                p, max(1, round(config.hide_channels_ratio * p)), config.num_res_blocks, config.channel_mult, config.attention_mult
+                p,
+                max(1, round(config.hide_channels_ratio * p)),
+                config.num_res_blocks,
+                config.channel_mult,
+                config.attention_mult,
             )
             for p in planes
         )
@@ -185,7 +197,9 @@ class RealNet(NetworkDetector):
     def build_embedder(cls, config: RealNetConfig, pretrained: bool = True) -> nn.Module:
         return BackboneFeatures.create(config, pretrained=pretrained)
 
-    def _batches(self, data: TaskData, rng: np.random.Generator, p: float) -> Iterator[tuple[np.ndarray, list, list, torch.Tensor]]:
+    def _batches(
+        self, data: TaskData, rng: np.random.Generator, p: float
+    ) -> Iterator[tuple[np.ndarray, list, list, torch.Tensor]]:
         """Shuffled batches (batch_size to 2 * batch_size - 1 tiles, so BatchNorm never sees a lone tile):
         (tile indices, features with anomalies in a share `p` of the tiles, clean features, masks (B, 1, H, W)).
 

@@ -89,19 +89,26 @@ class FusedLayersConfig(ViTConfig):
     all of them averaged is the decoder's input), decoder blocks averaged in the same way, a noisy bottleneck."""
 
     fuse_layer_encoder: list[list[int]] = [[0, 1, 2, 3], [4, 5, 6, 7]]  # indices into layers_to_extract_from
-    fuse_layer_decoder: list[list[int]] = [[0, 1, 2, 3], [4, 5, 6, 7]]  # indices into the decoder's blocks, last block first
+    fuse_layer_decoder: list[list[int]] = [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+    ]  # indices into the decoder's blocks, last block first
     decoder_depth: int = Field(8, ge=1)
     bottleneck_dropout: float = Field(0.2, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _groups(self) -> "FusedLayersConfig":
-        for key, groups, count in (("fuse_layer_encoder", self.fuse_layer_encoder, len(self.layers_to_extract_from)),
-                                   ("fuse_layer_decoder", self.fuse_layer_decoder, self.decoder_depth)):
+        for key, groups, count in (
+            ("fuse_layer_encoder", self.fuse_layer_encoder, len(self.layers_to_extract_from)),
+            ("fuse_layer_decoder", self.fuse_layer_decoder, self.decoder_depth),
+        ):
             if not groups or any(not g or not all(0 <= i < count for i in g) for g in groups):
                 raise ValueError(f"{key}: {groups} needs non-empty groups of indices in 0..{count - 1}")
         if len(self.fuse_layer_encoder) != len(self.fuse_layer_decoder):
-            raise ValueError(f"fuse_layer_encoder and fuse_layer_decoder need as many groups "
-                             f"({len(self.fuse_layer_encoder)} vs {len(self.fuse_layer_decoder)})")
+            raise ValueError(
+                f"fuse_layer_encoder and fuse_layer_decoder need as many groups "
+                f"({len(self.fuse_layer_encoder)} vs {len(self.fuse_layer_decoder)})"
+            )
         return self
 
     def encoder_block_groups(self) -> list[list[int]]:

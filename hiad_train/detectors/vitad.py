@@ -87,5 +87,10 @@ class ViTAD(ViTReconstruction):
 
     @classmethod
     def build_model(cls, config: ViTADConfig, geometry: dict) -> nn.Module:
-        return ViTADModel(geometry["width"], geometry["heads"], config.layers_to_extract_from,
-                          max(config.neck_layers), len(config.neck_layers))
+        return ViTADModel(
+            geometry["width"],
+            geometry["heads"],
+            config.layers_to_extract_from,
+            max(config.neck_layers),
+            len(config.neck_layers),
+        )
