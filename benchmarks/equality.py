@@ -118,6 +118,19 @@ def _training(data: Path, work: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def array_differences(before: dict[str, np.ndarray], now: dict[str, np.ndarray]) -> list[str]:
+    """Every array missing, new, or not bit-identical (np.array_equal), with its largest difference."""
+    differ = [f"{k}: missing now" for k in before if k not in now]
+    differ += [f"{k}: new" for k in now if k not in before]
+    for k in (k for k in now if k in before):
+        if now[k].shape != before[k].shape:
+            differ.append(f"{k}: shape {before[k].shape} -> {now[k].shape}")
+        elif not np.array_equal(now[k], before[k]):
+            diff = np.abs(now[k].astype(np.float64) - before[k].astype(np.float64)).max()
+            differ.append(f"{k}: max |diff| {diff:.3g}")
+    return differ
+
+
 def run(args) -> tuple[dict, dict[str, np.ndarray], dict]:
     images = find_inputs([args.images])[: args.count]
     manifests, arrays, bench = {}, {}, {}
@@ -159,13 +172,7 @@ def main() -> None:
         if json.dumps(manifests[k], sort_keys=True) != json.dumps(before_manifests.get(k), sort_keys=True)
     ]
     differ = [f"manifest of checkpoint {k}" for k in differ]
-    differ += [f"{k}: missing now" for k in before if k not in arrays]
-    differ += [f"{k}: new" for k in arrays if k not in before]
-    differ += [
-        f"{k}: max |diff| {np.abs(arrays[k].astype(np.float64) - before[k].astype(np.float64)).max():.3g}"
-        for k in arrays
-        if k in before and (arrays[k].shape != before[k].shape or not np.array_equal(arrays[k], before[k]))
-    ]
+    differ += array_differences(before, arrays)
     bench_before = json.loads((args.ref / "bench.json").read_text())
     for k, per_backend in bench.items():
         for backend, ms in per_backend.items():

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from equality import array_differences
 
 TINY_VIT = {"backbone_name": "vit_tiny_patch16_224", "allow_random_backbone": True}
 PATCH = {  # detector -> its tiny `patch:` section (as tests/test_contract.py)
@@ -129,13 +130,7 @@ def main() -> None:
         print(f"recorded {len(arrays)} arrays of {len(names)} detectors into {args.ref}")
         return
     before = {k: v for name in names for k, v in np.load(args.ref / f"{name}.npz").items()}
-    differ = [f"{k}: missing now" for k in before if k not in arrays]
-    differ += [f"{k}: new" for k in arrays if k not in before]
-    differ += [
-        f"{k}: differs"
-        for k in arrays
-        if k in before and (arrays[k].shape != before[k].shape or not np.array_equal(arrays[k], before[k]))
-    ]
+    differ = array_differences(before, arrays)
     print(
         f"{len(arrays)} arrays of {len(names)} detectors compared: "
         + ("all identical" if not differ else f"{len(differ)} differ")
