@@ -66,6 +66,9 @@ CONFIGS = {
     "+fusion": ("demo.yaml", {"val_config": VAL, "ds_factors": [0, 1], "fusion_weights": [0.5, 0.5]}),
     "+thumbnail": ("demo.yaml", {"val_config": VAL, "thumbnail": {"backbone_name": "tf_efficientnet_lite0", "layers_to_extract_from": [2, 3],
                                                                   "percentage": 0.1, "target_embed_dimension": 128, "thumbnail_size": 512}}),
+    # the other detectors' CPU settings (one task per tile position for FastFlow, one task for RealNet)
+    "fastflow": ("fastflow_cpu.yaml", {"val_config": VAL}),
+    "realnet": ("realnet_cpu.yaml", {"val_config": VAL}),
 }
 # image-score rules compared on the same maps (no retraining): the image AUROC each would give
 SCORE_RULES = {
