@@ -5,7 +5,8 @@ for comparison), k-NN bank size, training time and latency. Figures go to docs/q
 Sets are built here, with fixed seeds, from what the package registries ship: real ELPV
 electroluminescence cells (mono and poly, 2x2 and 4x4 cells per module, whole-cell defect masks)
 and scikit-image textures with faint synthetic defects (exact masks); `demo` is `make demo`'s set
-(2048 px, slow). Each set: 12 training images (3 held out for validation), 24 test (half defective).
+(2048 px, slow), `gravel-2048` gravel at 2048 px in 16 tiles of 512 (slow). Each set: 12 training images
+(3 held out for validation), 24 test (half defective).
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quality.py [--sets a,b] [--configs a,b] [--out data/quality]
 Each finished row is appended to OUT/results.jsonl at once, so an interrupted run keeps its rows.
@@ -47,6 +48,7 @@ SETS = {
     "brick": (lambda out: build_texture_set(out, "brick", 512, N_TRAIN, N_TEST, 6), 512, 128),
     "grass": (lambda out: build_texture_set(out, "grass", 512, N_TRAIN, N_TEST, 7), 512, 128),
     "demo": (lambda out: build_elpv_demo(out), 2048, 512),
+    "gravel-2048": (lambda out: build_texture_set(out, "gravel", 2048, N_TRAIN, N_TEST, 5), 2048, 512),
     "elpv-poly-2048": (_elpv(4, 512, "poly", 8), 2048, 512),
 }
 VAL = {
@@ -87,6 +89,11 @@ CONFIGS = {
             },
         },
     ),
+    # the other detectors' CPU settings (FastFlow: one flow for all tiles, all-to-one; RealNet: one task)
+    "fastflow": ("fastflow_cpu.yaml", {"val_config": VAL}),
+    # FastFlow's CPU setting before issue #20: one task (one flow) per tile position
+    "fastflow-o2o": ("fastflow_cpu.yaml", {"val_config": VAL, "tasks": {"generator": "o2o"}}),
+    "realnet": ("realnet_cpu.yaml", {"val_config": VAL}),
 }
 # image-score rules compared on the same maps (no retraining): the image AUROC each would give
 SCORE_RULES = {
@@ -180,7 +187,8 @@ def row(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", default=",".join(s for s in SETS if s not in ("demo", "elpv-poly-2048")))
+    slow = ("demo", "elpv-poly-2048", "gravel-2048")
+    parser.add_argument("--sets", default=",".join(s for s in SETS if s not in slow))
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--out", type=Path, default=ROOT / "data" / "quality")
     args = parser.parse_args()

@@ -10,8 +10,11 @@ from conftest import tiny_config
 from torch.autograd.functional import jacobian
 
 from hiad_train.components.flow import AffineCoupling, Flow2d
-from hiad_train.config import ConfigError
+from hiad_train.config import ConfigError, load_config
+from hiad_train.data import read_mvtec
+from hiad_train.data.textures import build_texture_set
 from hiad_train.detectors.fastflow import FastFlow, FastFlowConfig, FastFlowModel
+from hiad_train.trainer import HRTrainer
 
 
 def _randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -109,3 +112,18 @@ def test_config_reads_hiads_keys():
     assert config.total_epochs == 7 and config.flow_step == 4 and config.conv3x3_only
     with pytest.raises(ConfigError, match="patch.flow_steps: unknown key \\(did you mean 'flow_step'\\?\\)"):
         tiny_config(detector="fastflow", patch={"flow_steps": 4})
+
+
+def test_cpu_setting_does_not_score_tile_borders_above_the_interior(tmp_path):
+    """Issue #20: with one flow per tile position, the CPU setting's few steps per flow leave each flow near
+    its identity start; its score is then the layer-normalized feature energy, highest on every tile's
+    border cells, and the image score (a maximum over the map) reads tile borders instead of defects.
+    The setting trains one flow on all tiles (same work, 16x the steps per flow), which learns them."""
+    data = build_texture_set(tmp_path, "gravel", 256, n_train=8, n_test=4, seed=1)  # 4 tiles of 128 px per image
+    config = load_config("configs/fastflow_cpu.yaml", {"image_size": 256, "patch_size": 128, "val_config": None})
+    model = HRTrainer(config, progress=False).fit(read_mvtec(data, "train"))
+    normal = [s.image((256, 256)) for s in read_mvtec(data, "test") if s.label == 0]
+    grids = np.stack([grid for image in normal for _, _, grid in model.raw_tile_scores(image)])
+    border = np.zeros(grids.shape[1:], bool)
+    border[[0, -1]] = border[:, [0, -1]] = True
+    assert grids[:, border].mean() <= grids[:, ~border].mean(), (grids[:, border].mean(), grids[:, ~border].mean())
