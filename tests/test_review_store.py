@@ -147,3 +147,13 @@ def test_kill_9_while_writing_leaves_a_store_that_opens(tmp_path):
         after = _add(store, np.random.default_rng(attempt))
         store.label(after.id, "defect", "test")
         assert ReviewStore(tmp_path).labels()[after.id].label == "defect"
+
+
+def test_ids_sort_by_arrival_even_at_the_same_clock_reading(tmp_path):
+    import datetime as dt
+
+    store = ReviewStore.open(tmp_path)
+    rng = np.random.default_rng(5)
+    now = dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=dt.timezone.utc)  # a clock that does not move
+    made = [_add(store, rng, now=now) for _ in range(20)]
+    assert [r.id for r in store.items()] == [r.id for r in reversed(made)]

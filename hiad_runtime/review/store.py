@@ -5,6 +5,7 @@ Layout (a contract: `hiad-train update` and `calibrate --review` read it through
     DIR/items/<id>/        one inspection; <id> = YYYYMMDDTHHMMSSffffffZ-<6 hex>, so names sort by time
         image<ext>         the bytes as received (ext from the detected format)
         map.png            the anomaly map, 8-bit, scaled to record.map_range, at most 1024 px on its long side
+        thumb.jpg          the image at most 256 px on its long side, for lists (optional: record.thumb)
         record.json        written last (tmp file, fsync, rename): a folder without it is incomplete
     DIR/labels.jsonl       one label per line, appended (O_APPEND, fsync per line); an id's last label wins
 
@@ -33,10 +34,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-ITEMS, LABELS, RECORD, MAP = "items", "labels.jsonl", "record.json", "map.png"
+ITEMS, LABELS, RECORD, MAP, THUMB = "items", "labels.jsonl", "record.json", "map.png", "thumb.jpg"
 ID_PATTERN = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{6}")
 LABEL_VALUES = ("good", "defect")
 MAP_MAX_SIDE = 1024  # the stored map's long side: enough for an overlay, ~100 kB instead of a full-size map
+THUMB_MAX_SIDE = 256  # a list shows many: a few kB each instead of decoding the full images
 IMAGE_FORMATS = (  # leading bytes -> extension; anything else OpenCV decodes is kept as .bin
     (b"\x89PNG\r\n\x1a\n", ".png"),
     (b"\xff\xd8\xff", ".jpg"),
@@ -69,12 +71,18 @@ class Record:
     image: str  # file name inside the folder: image.png, image.jpg, ...
     map_range: tuple[float, float] | None = None  # map.png: score = low + pixel / 255 * (high - low)
     pixel_threshold: float | None = None  # the mask is map >= pixel_threshold
+    thumb: str | None = None  # the thumbnail's file name, when there is one
     folder: Path | None = field(default=None, compare=False)
 
     @property
     def image_path(self) -> Path:
         """The image file, as received."""
         return self._in_folder(self.image)
+
+    @property
+    def thumb_path(self) -> Path | None:
+        """The thumbnail JPEG, or None."""
+        return self._in_folder(self.thumb) if self.thumb is not None else None
 
     @property
     def map_path(self) -> Path | None:
@@ -119,9 +127,18 @@ class Label:
             raise ReviewStoreError(f"label for {self.id!r}: not an inspection id")
 
 
+_last_time = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+_id_lock = threading.Lock()
+
+
 def new_id(now: dt.datetime) -> str:
-    """A time-sortable inspection id: the UTC time to the microsecond and 6 random hex digits."""
-    return f"{now.astimezone(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}-{secrets.token_hex(3)}"
+    """A time-sortable inspection id: the UTC time to the microsecond and 6 random hex digits. Times are made
+    strictly increasing within the process (a coarse clock gives two requests the same microsecond)."""
+    global _last_time
+    with _id_lock:
+        now = max(now.astimezone(dt.timezone.utc), _last_time + dt.timedelta(microseconds=1))
+        _last_time = now
+    return f"{now:%Y%m%dT%H%M%S%fZ}-{secrets.token_hex(3)}"
 
 
 def image_extension(data: bytes) -> str:
@@ -248,11 +265,16 @@ class ReviewStore:
         height: int,
         file: str | None = None,
         pixel_threshold: float | None = None,
+        pixels: np.ndarray | None = None,
         now: dt.datetime | None = None,
+        item_id: str | None = None,
     ) -> Record:
-        """Keep one inspection: the image as received, its map (8-bit PNG), then its record; evict if over."""
+        """Keep one inspection: the image as received, its map (8-bit PNG), a thumbnail of `pixels` (the decoded
+        image, RGB), then its record; evict if over. `item_id` (from `new_id`) names it before it is written."""
         now = now or dt.datetime.now(dt.timezone.utc)
-        item_id = new_id(now)
+        item_id = item_id or new_id(now)
+        if not ID_PATTERN.fullmatch(item_id):
+            raise ReviewStoreError(f"{item_id!r}: not an inspection id")
         folder = self.path / ITEMS / item_id
         name = "image" + image_extension(image)
         map_range = None
@@ -262,6 +284,8 @@ class ReviewStore:
             if anomaly_map is not None:
                 encoded, map_range = map_png8(anomaly_map)
                 _write_synced(folder / MAP, encoded)
+            if pixels is not None:
+                _write_synced(folder / THUMB, thumbnail_jpeg(pixels))
             record = Record(
                 id=item_id,
                 time=now.astimezone(dt.timezone.utc).isoformat(timespec="microseconds"),
@@ -276,6 +300,7 @@ class ReviewStore:
                 image=name,
                 map_range=map_range,
                 pixel_threshold=pixel_threshold,
+                thumb=THUMB if pixels is not None else None,
                 folder=folder,
             )
             _write_synced(folder / (RECORD + ".tmp"), json.dumps(record.to_json()).encode())
@@ -362,6 +387,19 @@ def map_png8(anomaly_map: np.ndarray) -> tuple[bytes, tuple[float, float]]:
     if not ok:
         raise ReviewStoreError(f"cannot encode a {small.shape} map as PNG")
     return encoded.tobytes(), (low, high)
+
+
+def thumbnail_jpeg(pixels: np.ndarray) -> bytes:
+    """The RGB image shrunk to at most THUMB_MAX_SIDE on its long side, as JPEG."""
+    import cv2
+
+    h, w = pixels.shape[:2]
+    scale = min(1.0, THUMB_MAX_SIDE / max(h, w))
+    small = cv2.resize(pixels, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:
+        raise ReviewStoreError(f"cannot encode a {small.shape} thumbnail as JPEG")
+    return encoded.tobytes()
 
 
 def _write_synced(path: Path, data: bytes) -> None:
