@@ -233,3 +233,65 @@ def test_review_options_are_checked(bundle_dir, tmp_path):
     blocker.write_text("x")
     out = serve("--review-dir", str(blocker / "review"))
     assert out.returncode == 2 and "cannot create a review store" in out.stdout + out.stderr
+
+
+def test_review_page_in_a_real_browser(review_bundle, test_samples, tmp_path):
+    """POST an image, see it on the page, open the viewer (image, heat map, contour), mark it good with the
+    keyboard, find the label on disk; the score panel counts it as a false alarm at the threshold and not at
+    the operator's dragged one."""
+    import review_browser
+
+    if reason := review_browser.missing():
+        pytest.skip(reason)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    bundle, thresholds = review_bundle
+    store_dir = tmp_path / "review"
+    flagged = max(test_samples, key=lambda s: s.label)  # a defective module
+    with _serve(bundle, tmp_path, "--review-dir", str(store_dir)) as (url, _), review_browser.chromium() as driver:
+        answer = httpx.post(
+            f"{url}/v1/inspect", files={"image": ("cell.png", flagged.image_path.read_bytes())}, headers=AUTH
+        ).json()
+        item_id = answer["review_id"]
+        review_browser.log_in(driver, url, TOKEN)
+        row = review_browser.row(driver, item_id)
+        assert f"{answer['score']:.4f}" in row.text and "cell.png" in row.text
+        assert ("flag" if answer["decision"] else "pass") in row.text
+        driver.find_element(By.ID, "who").send_keys("selenium")
+        driver.find_element(By.ID, "who").send_keys(Keys.TAB)  # fires change: the operator's name is kept
+
+        review_browser.open_viewer(driver, item_id)
+        image_size = driver.execute_script(
+            "const i = document.getElementById('image'); return [i.naturalWidth, i.naturalHeight]"
+        )
+        assert image_size == answer["input_size"]  # the full-resolution image, not a thumbnail
+        heat_alpha = driver.execute_script(
+            "const c = document.getElementById('heat');"
+            "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+            "let s = 0; for (let i = 3; i < d.length; i += 4) s += d[i] > 0; return [c.width, c.height, s]"
+        )
+        assert heat_alpha[:2] == [256, 256] and heat_alpha[2] > 0  # the stored map, drawn as heat
+        driver.find_element(By.TAG_NAME, "body").send_keys("1")  # 100 %: one image pixel per screen pixel
+        assert "scale(1)" in driver.find_element(By.ID, "world").get_attribute("style")
+
+        driver.find_element(By.TAG_NAME, "body").send_keys("g")
+        labels = store_dir / LABELS
+        line = _wait_for(lambda: labels.exists() and labels.read_text().strip())
+        assert json.loads(line) | {"when": None} == {
+            "id": item_id,
+            "label": "good",
+            "who": "selenium",
+            "when": None,
+            "note": "",
+        }
+        review_browser.wait(driver, lambda d: "labeled good by selenium" in d.find_element(By.ID, "current-label").text)
+
+        driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+        review_browser.wait(
+            driver, lambda d: d.find_element(By.ID, "fa-cur").text == ("1 / 1" if answer["decision"] else "0 / 1")
+        )
+        slider = driver.find_element(By.ID, "drag")
+        slider.send_keys(Keys.END)  # the operator drags the threshold above every score
+        assert driver.find_element(By.ID, "fa-drag").text == "0 / 1"
+        assert "drift:" in driver.find_element(By.ID, "drift").text

@@ -160,6 +160,7 @@ async function refresh() {
 async function openViewer(id) {
   const record = await (await api(`/v1/review/items/${id}`)).json();
   state.current = record;
+  $("viewer").dataset.ready = "0";
   $("viewer").hidden = false;
   $("viewer").dataset.id = id;
   $("current-label").textContent = record.label ? `labeled ${record.label.label} by ${record.label.who}` : "unlabeled";
