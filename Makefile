@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := models/demo
 
-.PHONY: demo test lint bench clean c
+.PHONY: demo demo-review browser test lint bench clean c
 
 $(BIN)/hiad-train: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,19 @@ demo: $(BIN)/hiad-train
 	$(BIN)/hiad-export $(DEMO)/checkpoint --out $(DEMO)/bundle --index IVF64,Flat --search nprobe=4 --pipeline
 	$(BIN)/hiad-runtime predict $(DEMO)/bundle data/elpv/test --out $(DEMO)/runtime --overlays --overwrite
 	$(BIN)/hiad-train eval-runtime $(DEMO)/runtime --data data/elpv
+
+# The review page on the demo model: a copy of the demo bundle calibrated on the training modules (its
+# thresholds, and the normal-score law drift is measured against), served with --review-dir, fed the test
+# modules; a headless chromium labels them with the keyboard and writes screenshots of the list and the viewer
+# (models/demo/review_list.png, review_viewer.png). Needs `make demo` first.
+demo-review: $(BIN)/hiad-train browser
+	test -e $(DEMO)/review/bundle || $(BIN)/hiad-train calibrate $(DEMO)/bundle --normal data/elpv/train/good \
+		--out $(DEMO)/review/bundle
+	$(BIN)/python tests/review_browser.py $(DEMO)/review/bundle data/elpv/test --out $(DEMO)
+
+# Debian's chromium and chromedriver (apt-get, as root, when missing): the review page's browser test uses them.
+browser:
+	tests/install_browser.sh
 
 test: $(BIN)/hiad-train
 	$(BIN)/python -m pytest

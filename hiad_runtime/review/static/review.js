@@ -197,13 +197,14 @@ async function drawMap(record) {
   const pixels = sg.getImageData(0, 0, w, h).data;
   const [lo, hi] = record.map_range, pt = record.pixel_threshold;
   const score = (i) => lo + (pixels[4 * i] / 255) * (hi - lo);
-  // heat: the map's own range without a pixel threshold; with one, 0 .. twice the threshold (hot at the mask)
-  const [a, b] = pt !== null && pt > 0 ? [0, 2 * pt] : [lo, hi];
+  // heat: clear below half the pixel threshold, red from 1.5 times it (the mask's edge is half-way); without a
+  // pixel threshold, the map's own range
+  const [a, b] = pt !== null && pt > 0 ? [0.5 * pt, 1.5 * pt] : [lo, hi];
   const heatData = heat.getContext("2d").createImageData(w, h), contourData = contour.getContext("2d").createImageData(w, h);
   const inMask = new Uint8Array(w * h);
   for (let i = 0; i < w * h; i++) {
     const t = Math.min(1, Math.max(0, (score(i) - a) / Math.max(b - a, 1e-12)));
-    heatData.data.set([255 * Math.min(1, 2 * t), 255 * (1 - Math.abs(2 * t - 1)), 255 * Math.max(0, 1 - 2 * t), 255 * t], 4 * i);
+    heatData.data.set([255 * Math.min(1, 2 * t), 255 * (1 - Math.abs(2 * t - 1)), 255 * Math.max(0, 1 - 2 * t), t > 0 ? 90 + 165 * t : 0], 4 * i);
     if (pt !== null) inMask[i] = score(i) >= pt ? 1 : 0;
   }
   if (pt !== null) {
