@@ -75,9 +75,8 @@ def row(driver, item_id: str, seconds: float = 60):
 
 def open_viewer(driver, item_id: str) -> None:
     """Click the inspection's row and wait until its image and map are drawn."""
-    from selenium.webdriver.common.by import By
-
     from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
 
     def click(d) -> bool:
         try:
