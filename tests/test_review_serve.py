@@ -296,3 +296,26 @@ def test_review_page_in_a_real_browser(review_bundle, test_samples, tmp_path):
         slider.send_keys(Keys.END)  # the operator drags the threshold above every score
         assert driver.find_element(By.ID, "fa-drag").text == "0 / 1"
         assert "drift:" in driver.find_element(By.ID, "drift").text
+
+
+def test_review_imports_nothing_of_training_and_readers_need_no_opencv():
+    """The page's routes are torch-free like the service; a reader of the store (e.g. on a training machine's
+    import path) needs neither OpenCV nor the serve extra."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "class Block:\n"
+        "    def __init__(self, names): self.names = names\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in self.names:\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "block = Block({'torch', 'timm', 'torchvision', 'hiad_train', 'hiad_export', 'sklearn', 'cv2', 'starlette'})\n"
+        "sys.meta_path.insert(0, block)\n"
+        "import hiad_runtime.review.store, hiad_runtime.review.drift\n"
+        "block.names -= {'cv2', 'starlette'}\n"
+        "import hiad_runtime.review.routes, hiad_runtime.review.keeper\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=_env())
+    assert out.returncode == 0, out.stderr
