@@ -27,6 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from hiad_runtime.image import ImageError, load_image
 from hiad_runtime.review.store import LABEL_VALUES, Record, ReviewStore, ReviewStoreError
+from hiad_runtime.serve.payload import read_body
 
 if TYPE_CHECKING:
     from hiad_runtime.serve.app import Service
@@ -75,9 +76,15 @@ class ReviewApi:
             raise HTTPException(400, f"filter={which!r}: expected one of {', '.join(FILTERS)}")
         limit = _int_param(request, "limit", 100)
         before = request.query_params.get("before")
+        items, total = await asyncio.to_thread(self.listing, which, limit, before)  # may read many records
+        return JSONResponse({"items": items, "total": total})
+
+    def listing(self, which: str, limit: int, before: str | None) -> tuple[list[dict], int]:
+        """The newest `limit` records passing the filter (older than `before`), with labels; and how many are kept."""
         labels = self.store.labels()
+        ids = self.store.ids()
         out = []
-        for item_id in await asyncio.to_thread(self.store.ids):
+        for item_id in ids:
             if len(out) >= limit:
                 break
             if before is not None and item_id >= before:
@@ -88,7 +95,7 @@ class ReviewApi:
             if which == "unlabeled" and item_id in labels:
                 continue
             out.append(_as_json(record, labels))
-        return JSONResponse({"items": out, "total": len(self.store.ids())})
+        return out, len(ids)
 
     async def item(self, request: Request) -> JSONResponse:
         """GET /v1/review/items/ID: one record and its latest label."""
@@ -128,7 +135,7 @@ class ReviewApi:
         self.service.authorize(request)
         record = self.record(request)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await read_body(request, 64 << 10, timeout_s=self.service.settings.body_timeout_s))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise HTTPException(400, f"label body: not JSON ({e})") from None
         if not isinstance(body, dict) or body.get("label") not in LABEL_VALUES:

@@ -141,7 +141,7 @@ class Service:
             raise
         self.metrics.reloads.labels("done").inc()
         self.metrics.set_model(model.bundle_id, str(model.source))
-        kept = self.keeper.store.items(limit=self.drift.window) if self.keeper is not None else []
+        kept = await asyncio.to_thread(self.keeper.store.items, self.drift.window) if self.keeper is not None else []
         recent = [r.score for r in reversed(kept) if r.bundle == model.bundle_id]  # the window survives a restart
         self.drift.use_bundle(model.bundle_id, model.inspector.manifest.thresholds, recent)
         log.info("serving bundle %s from %s (%s)", model.bundle_id, model.source, model.path)
