@@ -22,14 +22,15 @@ demo: $(BIN)/hiad-train
 	$(BIN)/hiad-runtime predict $(DEMO)/bundle data/elpv/test --out $(DEMO)/runtime --overlays --overwrite
 	$(BIN)/hiad-train eval-runtime $(DEMO)/runtime --data data/elpv
 
-# The review page on the demo model: a copy of the demo bundle calibrated on the training modules (its
-# thresholds, and the normal-score law drift is measured against), served with --review-dir, fed the test
-# modules; a headless chromium labels them with the keyboard and writes screenshots of the list and the viewer
-# (models/demo/review_list.png, review_viewer.png). Needs `make demo` first.
-demo-review: $(BIN)/hiad-train browser
-	test -e $(DEMO)/review/bundle || $(BIN)/hiad-train calibrate $(DEMO)/bundle --normal data/elpv/train/good \
-		--out $(DEMO)/review/bundle
+# The review page on the demo model: a copy of the demo bundle calibrated on the good test modules (the
+# training modules are in its memory bank: calibrated on them, every test module is flagged), served with
+# --review-dir and fed the test modules; a headless chromium labels each with the keyboard and writes
+# screenshots of the list and the viewer (models/demo/review_list.png, review_viewer.png). Needs `make demo`.
+demo-review: $(BIN)/hiad-train browser $(DEMO)/review/bundle/manifest.json
 	$(BIN)/python tests/review_browser.py $(DEMO)/review/bundle data/elpv/test --out $(DEMO)
+
+$(DEMO)/review/bundle/manifest.json: $(DEMO)/bundle/manifest.json
+	$(BIN)/hiad-train calibrate $(DEMO)/bundle --normal data/elpv/test/good --out $(DEMO)/review/bundle
 
 # Debian's chromium and chromedriver (apt-get, as root, when missing): the review page's browser test uses them.
 browser:
