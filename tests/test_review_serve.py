@@ -197,7 +197,7 @@ def test_full_queue_is_counted_not_silent(tmp_path):
 
     def inspection(decision):
         fields = dict(score=1.0, decision=decision, threshold=0.5, bundle="b", latency_ms=1, width=8, height=8)
-        return Inspection(png, np.zeros((8, 8), np.float32), fields)
+        return Inspection(png, np.zeros((8, 8), np.float32), None, fields)
 
     assert keeper.submit(inspection(True))
     assert entered.wait(30)
@@ -213,7 +213,7 @@ def test_passes_are_sampled_flags_always_kept(tmp_path):
     png = cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes()
     for decision in (False, True, False, None):
         fields = dict(score=1.0, decision=decision, threshold=0.5, bundle="b", latency_ms=1, width=8, height=8)
-        keeper.submit(Inspection(png, np.zeros((8, 8), np.float32), fields))
+        keeper.submit(Inspection(png, np.zeros((8, 8), np.float32), None, fields))
     keeper.close()
     assert keeper.skipped == 2 and [r.decision for r in keeper.store.items()] == [None, "flag"]
 

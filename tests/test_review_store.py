@@ -35,7 +35,8 @@ def test_records_round_trip_with_image_and_map(tmp_path):
     data = _png(rng)
     anomaly_map = np.linspace(-1, 3, 2048 * 1536, dtype=np.float32).reshape(1536, 2048)
     fields = dict(score=0.9, decision=True, threshold=0.5, bundle="b.v2", latency_ms=40.0, width=2048, height=1536)
-    record = store.add(data, anomaly_map, file="m.png", pixel_threshold=1.5, **fields)
+    pixels = np.dstack([np.tile(np.arange(2048, dtype=np.uint16) % 256, (1536, 1)).astype(np.uint8)] * 3)
+    record = store.add(data, anomaly_map, file="m.png", pixel_threshold=1.5, pixels=pixels, **fields)
 
     again = ReviewStore(tmp_path / "review").item(record.id)  # a fresh reader sees what the writer wrote
     assert again == record and again.decision == "flag" and again.file == "m.png"
@@ -49,6 +50,10 @@ def test_records_round_trip_with_image_and_map(tmp_path):
     expected = cv2.resize(anomaly_map, (1024, 768), interpolation=cv2.INTER_AREA)
     assert np.abs(back - expected).max() <= (high - low) / 255
     assert json.loads((again.folder / RECORD).read_text())["time"].endswith("+00:00")
+    thumb = cv2.imread(str(again.thumb_path))
+    assert thumb.shape == (192, 256, 3)  # long side 256, aspect kept
+    expected_thumb = cv2.resize(pixels, (256, 192), interpolation=cv2.INTER_AREA)
+    assert np.abs(thumb.astype(int) - expected_thumb).mean() < 8  # the image, shrunk (JPEG, strided first)
 
 
 def test_items_newest_first_and_formats_by_content(tmp_path):

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hiad_runtime.image import ImageError, decode
 from hiad_runtime.review.store import ReviewStore, ReviewStoreError
 
 log = logging.getLogger("uvicorn.error")
@@ -50,6 +49,7 @@ class Inspection:
 
     image: bytes
     anomaly_map: np.ndarray
+    thumb: np.ndarray | None  # RGB, small (`thumbnail_pixels`)
     fields: dict = field(default_factory=dict)  # ReviewStore.add's keyword arguments
 
 
@@ -93,9 +93,8 @@ class ReviewKeeper:
     def _write_all(self) -> None:
         while (inspection := self._queue.get()) is not None:
             try:
-                pixels = decode(inspection.image, "review image")  # decoded here, off the request's path
-                self.store.add(inspection.image, inspection.anomaly_map, pixels=pixels, **inspection.fields)
+                self.store.add(inspection.image, inspection.anomaly_map, pixels=inspection.thumb, **inspection.fields)
                 self.kept += 1
-            except (ReviewStoreError, ImageError, OSError) as e:
+            except (ReviewStoreError, OSError) as e:
                 self.dropped["write_error"] += 1
                 log.error("review store: inspection not kept: %s", e)

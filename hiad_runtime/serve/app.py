@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -37,7 +38,7 @@ from hiad_runtime.inspector import Result
 from hiad_runtime.options import RuntimeOptions
 from hiad_runtime.review.drift import DriftMonitor
 from hiad_runtime.review.keeper import Inspection, ReviewKeeper, ReviewSettings
-from hiad_runtime.review.store import new_id
+from hiad_runtime.review.store import new_id, thumbnail_pixels
 from hiad_runtime.serve.budget import BodyBudget, Claim
 from hiad_runtime.serve.metrics import ServiceMetrics
 from hiad_runtime.serve.model_slot import LoadedModel, ModelSlot
@@ -183,28 +184,30 @@ class Service:
         except Overloaded as e:
             raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after_s), **CLOSE}) from None
         try:
-            job = partial(infer, model, data, want_map, want_mask)
-            (answer, images, result), queued_s = await self.pool.run(job, settings.timeout_s)
+            job = partial(infer, model, data, want_map, want_mask, self.keeper is not None)
+            done, queued_s = await self.pool.run(job, settings.timeout_s)
         except Overloaded as e:
             raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
         except asyncio.TimeoutError:
             raise HTTPException(504, f"no answer within the {settings.timeout_s:g} s request timeout") from None
         except ImageError as e:
             raise HTTPException(400, str(e)) from None
+        answer, images = done.answer, done.images
         total = time.perf_counter() - started
         answer["latency_ms"].update(queue=round(queued_s * 1000, 3), total=round(total * 1000, 3))
         self.metrics.latency.observe(total)
         self.metrics.image_done()
         self.drift.observe(model.bundle_id, answer["score"])
         if self.keeper is not None:
-            answer["review_id"] = self.keep(data, file, answer, result, model)
+            answer["review_id"] = self.keep(data, file, done, model)
         if as_png:
             return png_answer(answer, images.get("map") or images["mask"])
         answer |= {name: image.as_json() for name, image in images.items()}
         return JSONResponse(answer, headers={"Vary": "Accept"})
 
-    def keep(self, data: bytes, file: str | None, answer: dict, result: Result, model: LoadedModel) -> str | None:
+    def keep(self, data: bytes, file: str | None, done: "Inferred", model: LoadedModel) -> str | None:
         """Hand the inspection to the review store's writer; its id, or None when it is not kept (counted)."""
+        answer, result = done.answer, done.result
         now = dt.datetime.now(dt.timezone.utc)
         item_id = new_id(now)
         fields = dict(
@@ -220,7 +223,7 @@ class Service:
             now=now,
             item_id=item_id,
         )
-        return item_id if self.keeper.submit(Inspection(data, result.anomaly_map, fields)) else None
+        return item_id if self.keeper.submit(Inspection(data, result.anomaly_map, done.thumb, fields)) else None
 
     async def model_summary(self, request: Request) -> JSONResponse:
         """GET /v1/model: the model in service, summarized."""
@@ -297,8 +300,19 @@ class Service:
         remove_extractions()  # uvicorn ends a SIGTERM/SIGINT stop by re-raising the signal: no atexit
 
 
-def infer(model: LoadedModel, data: bytes, want_map: bool, want_mask: bool) -> tuple[dict, dict[str, Png], Result]:
-    """One request's inference, on a pool worker: decode the body, predict; the answer, its PNGs and the result."""
+class Inferred(NamedTuple):
+    """What a request's inference hands back to the event loop."""
+
+    answer: dict
+    images: dict[str, Png]  # the PNGs asked for
+    result: Result
+    thumb: np.ndarray | None  # a small copy of the image, for the review store's list
+
+
+def infer(model: LoadedModel, data: bytes, want_map: bool, want_mask: bool, keep: bool = False) -> Inferred:
+    """One request's inference, on a pool worker: decode the body, predict; the answer, its PNGs, the result
+    and, to `keep` it for review, a thumbnail (made here from the decoded pixels: decoding again costs seconds
+    at 8K)."""
     if not model.acquire():  # only after this request was answered 504 and the model replaced
         raise RuntimeError("the model was replaced meanwhile")
     try:
@@ -320,7 +334,7 @@ def infer(model: LoadedModel, data: bytes, want_map: bool, want_mask: bool) -> t
             images["map"] = map_png(result.anomaly_map)
         if want_mask:
             images["mask"] = mask_png(result.mask)
-        return answer, images, result
+        return Inferred(answer, images, result, thumbnail_pixels(image) if keep else None)
     finally:
         model.release()
 
