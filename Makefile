@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := models/demo
 
-.PHONY: demo test lint bench clean c
+.PHONY: demo demo-review browser test lint bench clean c
 
 $(BIN)/hiad-train: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,20 @@ demo: $(BIN)/hiad-train
 	$(BIN)/hiad-export $(DEMO)/checkpoint --out $(DEMO)/bundle --index IVF64,Flat --search nprobe=4 --pipeline
 	$(BIN)/hiad-runtime predict $(DEMO)/bundle data/elpv/test --out $(DEMO)/runtime --overlays --overwrite
 	$(BIN)/hiad-train eval-runtime $(DEMO)/runtime --data data/elpv
+
+# The review page on the demo model: a copy of the demo bundle calibrated on the good test modules (the
+# training modules are in its memory bank: calibrated on them, every test module is flagged), served with
+# --review-dir and fed the test modules; a headless chromium labels each with the keyboard and writes
+# screenshots of the list and the viewer (models/demo/review_list.png, review_viewer.png). Needs `make demo`.
+demo-review: $(BIN)/hiad-train browser $(DEMO)/review/bundle/manifest.json
+	$(BIN)/python tests/review_browser.py $(DEMO)/review/bundle data/elpv/test --out $(DEMO)
+
+$(DEMO)/review/bundle/manifest.json: $(DEMO)/bundle/manifest.json
+	$(BIN)/hiad-train calibrate $(DEMO)/bundle --normal data/elpv/test/good --out $(DEMO)/review/bundle
+
+# Debian's chromium and chromedriver (apt-get, as root, when missing): the review page's browser test uses them.
+browser:
+	tests/install_browser.sh
 
 test: $(BIN)/hiad-train
 	$(BIN)/python -m pytest

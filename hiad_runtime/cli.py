@@ -476,11 +476,34 @@ def serve(
     backend: BackendOption = Backend.auto,
     stream_tiles: StreamTilesOption = 16,
     head_memory: HeadMemoryOption = None,
+    review_dir: Optional[Path] = typer.Option(
+        None,
+        "--review-dir",
+        help="keep every inspection (image, result, map) and its labels here, and serve the review page at /",
+    ),
+    keep: Optional[int] = typer.Option(
+        None, "--keep", min=1, help="with --review-dir: inspections kept at most (oldest removed first)"
+    ),
+    keep_gb: Optional[float] = typer.Option(
+        None, "--keep-gb", min=0.001, help="with --review-dir: GB of inspections kept at most (oldest removed first)"
+    ),
+    review_pass_sample: float = typer.Option(
+        1.0, "--review-pass-sample", min=0.0, max=1.0, help="with --review-dir: share of passes kept (flags: all)"
+    ),
+    review_queue: int = typer.Option(
+        16, "--review-queue", min=1, help="inspections waiting to be written; more are not kept (counted in /metrics)"
+    ),
+    drift_window: int = typer.Option(
+        500, "--drift-window", min=30, help="recent scores compared with the bundle's normal-score law (drift)"
+    ),
 ) -> None:
     """Serve the bundle over HTTP (POST /v1/inspect); needs the `serve` extra."""
     import os
 
+    if (keep is not None or keep_gb is not None) and review_dir is None:
+        _fail("--keep and --keep-gb bound the review store: give --review-dir too")
     try:
+        from hiad_runtime.review.keeper import ReviewSettings
         from hiad_runtime.serve.app import ServeSettings
         from hiad_runtime.serve.server import run
     except ImportError as e:
@@ -519,6 +542,16 @@ def serve(
             body_timeout_s=body_timeout,
             max_connections=max_connections,
             token=token,
+            review=None
+            if review_dir is None
+            else ReviewSettings(
+                str(review_dir),
+                keep=keep,
+                keep_bytes=None if keep_gb is None else int(keep_gb * 1e9),
+                pass_sample=review_pass_sample,
+                queue=review_queue,
+            ),
+            drift_window=drift_window,
         )
     except ValueError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)

@@ -5,12 +5,15 @@ POST /v1/inspect, GET /v1/model, POST /v1/reload (bearer token when configured);
 /readyz, /metrics (open, for probes and scrapers). The bundle loads in the background at start-up:
 /healthz answers at once, /readyz once the bundle is verified and warmed up. The bundle's extracted
 files (a .tar bundle) are removed when the server stops, and those of dead servers when one starts.
+With `review`, every inspection is kept in a review store and the review page is served at /
+(hiad_runtime.review.routes); the scores' drift is watched always (in /v1/model and /metrics).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hmac
 import json
 import logging
@@ -19,8 +22,9 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -30,7 +34,11 @@ from starlette.routing import Route
 from hiad_runtime.bundle import EXTRACT_PREFIX, BundleError, remove_extractions
 from hiad_runtime.files import remove_stale
 from hiad_runtime.image import ImageError, decode
+from hiad_runtime.inspector import Result
 from hiad_runtime.options import RuntimeOptions
+from hiad_runtime.review.drift import DriftMonitor
+from hiad_runtime.review.keeper import Inspection, ReviewKeeper, ReviewSettings
+from hiad_runtime.review.store import new_id, thumbnail_pixels
 from hiad_runtime.serve.budget import BodyBudget, Claim
 from hiad_runtime.serve.metrics import ServiceMetrics
 from hiad_runtime.serve.model_slot import LoadedModel, ModelSlot
@@ -39,7 +47,8 @@ from hiad_runtime.serve.pool import InferencePool, Overloaded
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures it: our lines land with its own
 
-PATHS = ("/v1/inspect", "/v1/model", "/v1/reload", "/healthz", "/readyz", "/metrics")
+PATHS = ("/v1/inspect", "/v1/model", "/v1/reload", "/healthz", "/readyz", "/metrics", "/", "/v1/review/items")
+PATHS += ("/v1/review/summary",)
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ class ServeSettings:
     body_timeout_s: float = 30.0  # for a request's body to arrive
     max_connections: int | None = None  # open at once (None: from the open-file limit)
     token: str | None = None  # bearer token for /v1/*
+    review: ReviewSettings | None = None  # keep inspections for review (--review-dir) and serve the page
+    drift_window: int = 500  # recent scores compared with the bundle's normal-score law
 
     def __post_init__(self):
         limits = {
@@ -87,10 +98,17 @@ class Service:
         self.budget = BodyBudget(settings.max_inflight_bytes, self.pool.retry_after_s)
         self.metrics = ServiceMetrics(self.pool, self.budget)
         self.load_error: str | None = None
+        self.drift = DriftMonitor(settings.drift_window)
+        self.keeper = ReviewKeeper(settings.review) if settings.review is not None else None
+        self.metrics.watch_drift(self.drift)
+        if self.keeper is not None:
+            self.metrics.watch_review(self.keeper)
 
     def routes(self) -> list[Route]:
-        """The service's routes, one handler each (see the module docstring)."""
-        return [
+        """The service's routes, one handler each (see the module docstring); the review page's with `review`."""
+        from hiad_runtime.review.routes import review_routes
+
+        return review_routes(self) + [
             Route("/v1/inspect", self.inspect, methods=["POST"]),
             Route("/v1/model", self.model_summary, methods=["GET"]),
             Route("/v1/reload", self.reload_route, methods=["POST"]),
@@ -124,6 +142,9 @@ class Service:
             raise
         self.metrics.reloads.labels("done").inc()
         self.metrics.set_model(model.bundle_id, str(model.source))
+        kept = await asyncio.to_thread(self.keeper.store.items, self.drift.window) if self.keeper is not None else []
+        recent = [r.score for r in reversed(kept) if r.bundle == model.bundle_id]  # the window survives a restart
+        self.drift.use_bundle(model.bundle_id, model.inspector.manifest.thresholds, recent)
         log.info("serving bundle %s from %s (%s)", model.bundle_id, model.source, model.path)
         return model
 
@@ -159,33 +180,57 @@ class Service:
         if want_mask and model.inspector.pixel_threshold is None:
             raise HTTPException(400, "mask=png: this bundle has no pixel threshold")
         try:
-            data = await image_bytes(request, settings.max_body_bytes, claim, settings.body_timeout_s)
+            data, file = await image_bytes(request, settings.max_body_bytes, claim, settings.body_timeout_s)
         except Overloaded as e:
             raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after_s), **CLOSE}) from None
         try:
-            job = partial(infer, model, data, want_map, want_mask)
-            (answer, images), queued_s = await self.pool.run(job, settings.timeout_s)
+            job = partial(infer, model, data, want_map, want_mask, self.keeper is not None)
+            done, queued_s = await self.pool.run(job, settings.timeout_s)
         except Overloaded as e:
             raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after_s)}) from None
         except asyncio.TimeoutError:
             raise HTTPException(504, f"no answer within the {settings.timeout_s:g} s request timeout") from None
         except ImageError as e:
             raise HTTPException(400, str(e)) from None
+        answer, images = done.answer, done.images
         total = time.perf_counter() - started
         answer["latency_ms"].update(queue=round(queued_s * 1000, 3), total=round(total * 1000, 3))
         self.metrics.latency.observe(total)
         self.metrics.image_done()
+        self.drift.observe(model.bundle_id, answer["score"])
+        if self.keeper is not None:
+            answer["review_id"] = self.keep(data, file, done, model)
         if as_png:
             return png_answer(answer, images.get("map") or images["mask"])
         answer |= {name: image.as_json() for name, image in images.items()}
         return JSONResponse(answer, headers={"Vary": "Accept"})
+
+    def keep(self, data: bytes, file: str | None, done: "Inferred", model: LoadedModel) -> str | None:
+        """Hand the inspection to the review store's writer; its id, or None when it is not kept (counted)."""
+        answer, result = done.answer, done.result
+        now = dt.datetime.now(dt.timezone.utc)
+        item_id = new_id(now)
+        fields = dict(
+            score=answer["score"],
+            decision=answer["decision"],
+            threshold=model.inspector.image_threshold,
+            bundle=model.bundle_id,
+            latency_ms=answer["latency_ms"]["total"],
+            width=result.input_size[0],
+            height=result.input_size[1],
+            file=file,
+            pixel_threshold=model.inspector.pixel_threshold,
+            now=now,
+            item_id=item_id,
+        )
+        return item_id if self.keeper.submit(Inspection(data, result.anomaly_map, done.thumb, fields)) else None
 
     async def model_summary(self, request: Request) -> JSONResponse:
         """GET /v1/model: the model in service, summarized."""
         self.authorize(request)
         model = self.serving()
         try:
-            return JSONResponse(summary(model))
+            return JSONResponse(summary(model) | {"drift": self.drift.report().as_json()})
         finally:
             model.release()
 
@@ -249,12 +294,25 @@ class Service:
         yield
         loading.cancel()
         self.pool.shutdown()  # waits for the inferences running
+        if self.keeper is not None:
+            self.keeper.close()  # writes what is queued
         self.slot.close()
         remove_extractions()  # uvicorn ends a SIGTERM/SIGINT stop by re-raising the signal: no atexit
 
 
-def infer(model: LoadedModel, data: bytes, want_map: bool, want_mask: bool) -> tuple[dict, dict[str, Png]]:
-    """One request's inference, on a pool worker: decode the body, predict, the answer and its PNGs."""
+class Inferred(NamedTuple):
+    """What a request's inference hands back to the event loop."""
+
+    answer: dict
+    images: dict[str, Png]  # the PNGs asked for
+    result: Result
+    thumb: np.ndarray | None  # a small copy of the image, for the review store's list
+
+
+def infer(model: LoadedModel, data: bytes, want_map: bool, want_mask: bool, keep: bool = False) -> Inferred:
+    """One request's inference, on a pool worker: decode the body, predict; the answer, its PNGs, the result
+    and, to `keep` it for review, a thumbnail (made here from the decoded pixels: decoding again costs seconds
+    at 8K)."""
     if not model.acquire():  # only after this request was answered 504 and the model replaced
         raise RuntimeError("the model was replaced meanwhile")
     try:
@@ -276,7 +334,7 @@ def infer(model: LoadedModel, data: bytes, want_map: bool, want_mask: bool) -> t
             images["map"] = map_png(result.anomaly_map)
         if want_mask:
             images["mask"] = mask_png(result.mask)
-        return answer, images
+        return Inferred(answer, images, result, thumbnail_pixels(image) if keep else None)
     finally:
         model.release()
 
@@ -369,6 +427,18 @@ def _json_object(body: bytes) -> dict:
     return value
 
 
+def _path_label(path: str) -> str:
+    """The metrics label of a path: itself for the known ones, one label per review route with an id in it."""
+    if path in PATHS:
+        return path
+    if path.startswith("/static/"):
+        return "/static/*"
+    head, _, rest = path.removeprefix("/v1/review/items/").partition("/")
+    if path.startswith("/v1/review/items/") and head and rest in ("", "image", "map", "thumb", "label"):
+        return "/v1/review/items/{id}" + (f"/{rest}" if rest else "")
+    return "other"
+
+
 async def _json_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
 
@@ -390,7 +460,7 @@ class CountedApp:
         """ASGI: pass everything to the app, counting each HTTP response by path and status."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"] if scope["path"] in PATHS else "other"
+        path = _path_label(scope["path"])
 
         async def counted(message):
             if message["type"] == "http.response.start":

@@ -75,6 +75,45 @@ class ServiceMetrics:
         while self._done and self._done[0] < now - self.rate_window_s:
             self._done.popleft()
 
+    def watch_drift(self, drift) -> None:
+        """Expose the drift monitor's statistic and level (hiad_runtime.review.drift), read at each scrape."""
+        from hiad_runtime.review.drift import LEVELS
+
+        Gauge(
+            "hiad_drift_ks_distance",
+            "KS distance between recent scores and the bundle's normal-score law (NaN: no reference or no scores)",
+            registry=self.registry,
+        ).set_function(lambda: _or_nan(drift.report().distance))
+        Gauge(
+            "hiad_drift_level", "drift warning level: -1 unknown, 0 ok, 1 warn, 2 alarm", registry=self.registry
+        ).set_function(lambda: LEVELS[drift.report().level])
+        Gauge("hiad_drift_window_scores", "scores in the drift window", registry=self.registry).set_function(
+            lambda: len(drift.scores)
+        )
+
+    def watch_review(self, keeper) -> None:
+        """Expose the review store's writer (hiad_runtime.review.keeper): kept, sampled out, dropped, queued."""
+        Gauge("hiad_review_kept", "inspections written to the review store", registry=self.registry).set_function(
+            lambda: keeper.kept
+        )
+        Gauge(
+            "hiad_review_skipped", "passing inspections left out by --review-pass-sample", registry=self.registry
+        ).set_function(lambda: keeper.skipped)
+        dropped = Gauge(
+            "hiad_review_dropped",
+            "inspections NOT kept, by reason (queue_full, write_error)",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in keeper.dropped:
+            dropped.labels(reason).set_function(lambda reason=reason: keeper.dropped[reason])
+        Gauge("hiad_review_queue", "inspections waiting to be written", registry=self.registry).set_function(
+            lambda: keeper.waiting
+        )
+        Gauge("hiad_review_bytes", "bytes of the review store's items", registry=self.registry).set_function(
+            keeper.store.bytes_used
+        )
+
     def set_model(self, bundle_id: str, path: str) -> None:
         """Record the bundle in service (id and path) as the `hiad_model` info metric."""
         self.model.info({"bundle_id": bundle_id, "path": path})
@@ -82,3 +121,7 @@ class ServiceMetrics:
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format, for GET /metrics."""
         return generate_latest(self.registry)
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value

@@ -48,11 +48,12 @@ async def read_body(
     return b"".join(chunks)
 
 
-async def image_bytes(request: Request, limit_bytes: int, claim: Claim, timeout_s: float) -> bytes:
-    """The encoded image: the raw body, or the one file part of a multipart/form-data body."""
+async def image_bytes(request: Request, limit_bytes: int, claim: Claim, timeout_s: float) -> tuple[bytes, str | None]:
+    """The encoded image and its file name: the raw body (name from the `file` query parameter), or the one
+    file part of a multipart/form-data body (its filename)."""
     body = await read_body(request, limit_bytes, claim, timeout_s)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        return body
+        return body, request.query_params.get("file")
 
     async def stored() -> AsyncGenerator[bytes, None]:
         yield body
@@ -65,7 +66,7 @@ async def image_bytes(request: Request, limit_bytes: int, claim: Claim, timeout_
         files = [v for v in form.values() if isinstance(v, UploadFile)]
         if not files:
             raise HTTPException(400, "multipart body has no file part (send the image as a file field)")
-        return await files[0].read()
+        return await files[0].read(), files[0].filename
     finally:
         await form.close()
 

@@ -8,6 +8,7 @@ import signal
 import uvicorn
 
 from hiad_runtime.bundle import BundleError
+from hiad_runtime.review.store import ReviewStoreError
 from hiad_runtime.serve.app import ServeSettings, create_app, log
 from hiad_runtime.serve.connections import accept_backlog, connection_cap, guarded_protocol, open_file_limit
 from hiad_runtime.serve.logs import rate_limit
@@ -28,7 +29,11 @@ def run(settings: ServeSettings, host: str, port: int) -> int:
         failures.append(message)
         server.should_exit = True
 
-    app = create_app(settings, on_load_failure=stop)
+    try:
+        app = create_app(settings, on_load_failure=stop)
+    except ReviewStoreError as e:
+        log.error("%s", e)
+        return 2
     refused = lambda reason: app.metrics.connections_refused.labels(reason).inc()  # noqa: E731
     config = uvicorn.Config(
         app,
