@@ -302,13 +302,15 @@ class HRTrainer:
         return Thumbnail(size, embedder, det.to(CPU), training=record)
 
     def predict(self, model: HRModel, samples: Sequence[HRSample]) -> Predictions:
+        """The model's maps and scores of `samples`, computed on this trainer's main device."""
         scores, labels, maps, masks = [], [], [], []
-        for sample in tqdm(samples, desc="inference", disable=not self.progress):
-            amap, score = model.predict(sample.image(model.tiling.image_size))
-            scores.append(score)
-            labels.append(sample.label)
-            maps.append(amap)
-            masks.append(sample.mask(model.tiling.image_size))
+        with model.placed(self.devices.main):
+            for sample in tqdm(samples, desc="inference", disable=not self.progress):
+                amap, score = model.predict(sample.image(model.tiling.image_size))
+                scores.append(score)
+                labels.append(sample.label)
+                maps.append(amap)
+                masks.append(sample.mask(model.tiling.image_size))
         return Predictions(np.asarray(scores), np.asarray(labels), maps, masks)
 
     def evaluate(self, model: HRModel, samples: Sequence[HRSample], evaluators: Sequence[Evaluator] | None = None):
