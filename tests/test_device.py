@@ -22,12 +22,13 @@ from typer.testing import CliRunner
 from hiad_train import cli
 from hiad_train.checkpoint import load_checkpoint, save_checkpoint
 from hiad_train.components.epochs import optimize
-from hiad_train.config import ConfigError
+from hiad_train.config import ConfigError, load_config
 from hiad_train.device import CPU, DeviceError, Devices, resolve_devices
 from hiad_train.evaluation import image_auroc
 from hiad_train.executors import DeviceExecutor, LocalExecutor, Stage, local_executor
 from hiad_train.trainer import HRTrainer
 
+ROOT = Path(__file__).resolve().parent.parent
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 no_gpu = pytest.mark.skipif(GPUS > 0, reason="PyTorch sees a GPU here: `auto` takes it and `cuda` is valid")
 needs_cuda = pytest.mark.skipif(
@@ -117,6 +118,20 @@ def test_cli_refuses_cuda_without_a_gpu_before_reading_any_image(where, tmp_path
     assert result.exit_code == 2, result.output
     assert f"error: {where}: 'cuda' asks for a CUDA GPU but PyTorch sees none" in result.output
     assert not out.exists()  # nothing written
+
+
+@no_gpu
+def test_cli_reads_a_list_of_gpu_ids(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    args = ["train", str(config), "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "0, 1"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 2 and "error: --device: [0, 1] asks for a CUDA GPU" in result.output
+
+
+def test_vitads_gpu_setting_takes_cuda_and_bf16():
+    config = load_config(ROOT / "configs" / "vitad.yaml", {"device": "cuda", "patch": {"precision": "bf16"}})
+    assert (config.device, config.patch.precision, config.detector) == ("cuda", "bf16", "vitad")
 
 
 def test_cli_precision_is_refused_for_a_detector_without_epochs(tmp_path):
