@@ -6,6 +6,7 @@ What only a GPU can show (CUDA training against the CPU, bf16 there, two GPUs) s
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +239,13 @@ def test_one_worker_per_device_shares_the_items_out(tmp_path):
     pids = {r[1] for r in results}
     assert len(pids) == 2 and os.getpid() not in pids and {r[2] for r in results} == {"cpu"}
     assert set(executor.seconds["meet"]) == set(stage.labels)
+
+
+@pytest.mark.parametrize("setup", [{"device": "cpu"}, FASTFLOW], ids=["patchcore", "fastflow+thumbnail"])
+def test_a_config_travels_to_a_worker_process_as_its_data(setup):
+    config = tiny_config(**setup)  # its class is made per detector: pickle cannot find it by name
+    again = pickle.loads(pickle.dumps(config))
+    assert again == config and type(again).__name__ == type(config).__name__ and again.device == config.device
 
 
 def test_two_cpu_workers_train_bit_for_bit_what_one_process_trains(trained, train_samples, tmp_path, caplog):
