@@ -1,12 +1,15 @@
 """The runtime on ONNX Runtime's CUDA provider: train the demo, export it, measure, print one table.
 
-Run by `benchmarks/gpu_check.sh check` on a GPU machine once what it lacks is installed: training and export
-run with the machine's CPU onnxruntime (`--site` on the path), the runtime in a fresh, torch-free process with
-onnxruntime-gpu first (`--ort`). Figures, from decoded 2048^2 arrays (no decoding timed): latency at one tile
-per embedder call, images/s with a chunk of 16 tiles per call, with 4 concurrent streams on one Inspector and
-with the whole-image graph (one session call per image, counted); parity CUDA vs CPU (the same graphs, the
-heads' graphs on both) as the largest map difference over the CPU map's range; GPU memory used (nvidia-smi,
-peak while a setting runs, over what was used before). The JSON goes to $OUT/gpu_check.json where OUT is set.
+Run by `benchmarks/gpu_check.sh check` on a GPU machine once what it lacks is installed. The demo is trained
+twice, `hiad-train --device cuda --eval` then `--device cpu --eval` (seconds of each command, the test split's
+AUROC of each, and the share of the CPU memory banks' rows the CUDA banks hold); the CUDA run is exported.
+Training and export run with the machine's CPU onnxruntime (`--site` on the path), the runtime in a fresh,
+torch-free process with onnxruntime-gpu first (`--ort`). Figures, from decoded 2048^2 arrays (no decoding
+timed): latency at one tile per embedder call, images/s with a chunk of 16 tiles per call, with 4 concurrent
+streams on one Inspector and with the whole-image graph (one session call per image, counted); parity CUDA vs
+CPU (the same graphs, the heads' graphs on both) as the largest map difference over the CPU map's range; GPU
+memory used (nvidia-smi, peak while a setting runs, over what was used before). The JSON goes to
+$OUT/gpu_check.json where OUT is set.
 A benchmark, not a test: it prints figures and asserts nothing but the parity contract (1e-4).
 """
 
@@ -169,10 +172,32 @@ def table(figures: dict) -> str:
     for engine, p in figures["parity"].items():
         ok = "ok" if max(p.values()) <= TOLERANCE else f"ABOVE {TOLERANCE}"
         lines.append(f"parity CUDA vs CPU, {engine}: map {p['map']:.2e}, score {p['score']:.2e} of the range ({ok})")
-    for what in ("train", "export"):
-        if what in figures:
-            lines.append(f"{what}: {figures[what]['seconds']:.0f} s {figures[what]['how']}")
+    for where in ("cuda", "cpu"):
+        t = figures["train"][where]
+        lines.append(
+            f"train on {where}: {t['train_seconds']:.1f} s training ({t['seconds']:.0f} s the command, with --eval), "
+            f"image AUROC {t['image_auroc']:.4f}, "
+            f"pixel AUROC {t.get('pixel_auroc', float('nan')):.4f}"
+        )
+    lines.append(f"memory banks, CUDA vs CPU: {figures['train']['bank_overlap']:.3f} of the CPU rows found on CUDA")
+    lines.append(f"export: {figures['export']['seconds']:.0f} s {figures['export']['how']}")
     return "\n".join(lines)
+
+
+def bank_overlap(gpu: Path, cpu: Path) -> float:
+    """Share of the CPU-trained memory banks' rows that the CUDA-trained banks hold too (nearest row within
+    1e-4 of the bank's mean row norm): the coreset picks, as far as float rounding lets them agree."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    found = total = 0
+    for path in sorted((cpu / "tasks").glob("*.safetensors")):
+        a, b = (load_file(p)["memory_bank"].astype(np.float64) for p in (path, gpu / "tasks" / path.name))
+        d2 = (a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]
+        nearest = np.sqrt(np.clip(d2.min(1), 0, None))
+        found += int((nearest <= 1e-4 * np.linalg.norm(a, axis=1).mean()).sum())
+        total += len(a)
+    return found / total
 
 
 def main() -> None:
@@ -191,28 +216,20 @@ def main() -> None:
     python, path = sys.executable, os.environ.get("PYTHONPATH", "")
     cpu_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(args.site), str(ROOT), path]))}
     gpu_env = {**cpu_env, "PYTHONPATH": os.pathsep.join([str(args.ort), cpu_env["PYTHONPATH"]])}
-    run = args.work / "demo"
-    help_text = subprocess.run(
-        [python, "-m", "hiad_train.cli", "train", "--help"], env=cpu_env, cwd=ROOT, capture_output=True, text=True
-    ).stdout
-    device = ["--device", "cuda"] if "--device" in help_text else []
-    figures = {"train": {"how": "on the GPU (--device cuda)" if device else "on the CPU: hiad-train has no --device"}}
-    figures["train"]["seconds"] = step(
-        "train",
-        [
-            python,
-            "-m",
-            "hiad_train.cli",
-            "train",
-            "configs/demo.yaml",
-            "--data",
-            str(args.data),
-            "--out",
-            str(run),
-            *device,
-        ],
-        cpu_env,
-    )
+    figures = {"train": {}}
+    for where in ("cuda", "cpu"):  # the demo trained on the GPU, then on this machine's CPUs, both evaluated
+        figures["train"][where] = {
+            "seconds": step(
+                f"train on {where}",
+                [python, "-m", "hiad_train.cli", "train", "configs/demo.yaml", "--data", str(args.data)]
+                + ["--out", str(args.work / where), "--device", where, "--eval"],
+                cpu_env,
+            ),
+            "train_seconds": json.loads((args.work / where / "train.json").read_text())["train_seconds"],
+            **json.loads((args.work / where / "eval_torch" / "metrics.json").read_text()),
+        }
+    figures["train"]["bank_overlap"] = bank_overlap(args.work / "cuda" / "checkpoint", args.work / "cpu" / "checkpoint")
+    run = args.work / "cuda"
     figures["export"] = {"how": "fp32, exact Flat k-NN, --pipeline; parity vs PyTorch on the CPU onnxruntime"}
     figures["export"]["seconds"] = step(
         "export",

@@ -89,25 +89,42 @@ def train(
             "nodes); by default workers read the images from their paths"
         ),
     ),
+    device: Optional[str] = typer.Option(
+        None,
+        "--device",
+        help=(
+            "where training runs (overrides the config's `device:`): auto (default: CUDA when PyTorch sees a GPU), "
+            "cpu, cuda, cuda:N, or GPU ids '0,1' (one worker process per GPU)"
+        ),
+    ),
+    precision: Optional[str] = typer.Option(
+        None,
+        "--precision",
+        help="fp32 or bf16 (autocast): the forward passes of epoch-trained detectors (overrides `patch.precision`)",
+    ),
 ) -> None:
     """Train one detector per task and write the checkpoint (atomically)."""
     from hiad_runtime.cli import describe_threshold
     from hiad_runtime.image import ImageError
     from hiad_runtime.overlay import save_rgb
     from hiad_train.checkpoint import save_checkpoint
-    from hiad_train.executors import LocalExecutor, StageFailed
+    from hiad_train.device import DeviceError, resolve_devices
+    from hiad_train.executors import StageFailed, local_executor
     from hiad_train.tasks import print_tasks
     from hiad_train.trainer import HRTrainer
     from hiad_train.visualize import task_map
 
     try:
-        cfg = load_config(config)
-    except ConfigError as e:
+        cfg = load_config(config, _device_overrides(config, device, precision))
+        devices = resolve_devices(cfg.device, "--device" if device is not None else "device")
+    except (ConfigError, DeviceError) as e:  # before any image is read
         _fail(str(e))
     if ship_features and ray_address is None:
         _fail("--ray-ship-features needs --ray")
     samples = _samples(data, "train")
-    executor, owns_ray = (LocalExecutor(), False) if ray_address is None else _ray_executor(ray_address, ship_features)
+    executor, owns_ray = (
+        (local_executor(devices), False) if ray_address is None else _ray_executor(ray_address, ship_features)
+    )
     out.mkdir(parents=True, exist_ok=True)
     log = logging.FileHandler(out / "train.log", mode="w")
     log.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -150,6 +167,7 @@ def train(
                 "train_seconds": seconds,
                 "train_images": len(samples),
                 "ray": ray_address,
+                "device": str(devices),
                 "peak_rss_mb": round(peak_mb),
                 "seconds": executor.seconds,
             },
@@ -159,6 +177,22 @@ def train(
     typer.echo(f"checkpoint: {out / 'checkpoint'}")
     if eval_:
         _evaluate(model, data, out / "eval_torch")
+
+
+def _device_overrides(config: Path, device: str | None, precision: str | None) -> dict:
+    """`--device` and `--precision` as config overrides (`device`; `precision` in `patch` and `thumbnail`)."""
+    overrides: dict = {}
+    if device is not None:
+        ids = [part.strip() for part in device.split(",")]
+        overrides["device"] = [int(i) if i.isdigit() else i for i in ids] if len(ids) > 1 else device
+    if precision is not None:
+        cfg = load_config(config)
+        if "precision" not in type(cfg.patch).model_fields:
+            _fail(f"--precision: detector {cfg.detector!r} is not trained over epochs; precision has nothing to set")
+        overrides["patch"] = {"precision": precision}
+        if cfg.thumbnail is not None:
+            overrides["thumbnail"] = {"precision": precision}
+    return overrides
 
 
 def _ray_executor(address: str, ship_features: bool):

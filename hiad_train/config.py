@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, create_model, model_validator
 
 from hiad_runtime.geometry import Tiling, as_size, tiles_along
 from hiad_train.detectors import DETECTORS, get_detector
+from hiad_train.device import check_device_spec
 from hiad_train.schema import SizeSpec, Strict
 from hiad_train.synthesis import SynthesizerConfig
 from hiad_train.tasks import A2O, GENERATORS
@@ -94,6 +95,9 @@ class TrainConfig(Strict):
     types them from the detector registry, so each detector's keys are validated by name."""
 
     seed: int = Field(0, ge=0)
+    # where training runs (hiad_train/device.py): auto, cpu, cuda, cuda:N or a list of GPU ids; not saved in
+    # checkpoints (where a model was trained is no part of it: a GPU-trained checkpoint loads anywhere)
+    device: Annotated[Union[str, list[int]], BeforeValidator(check_device_spec)] = Field("auto", exclude=True)
     image_size: SizeSpec
     patch_size: SizeSpec
     stride: SizeSpec | None = None
@@ -154,6 +158,11 @@ class TrainConfig(Strict):
                     f"thumbnail.thumbnail_size: {tw}x{th} needs {tw * th * PIPELINE_BYTES_PER_PIXEL:,} bytes, more "
                     f"than the limit of {MAX_IMAGE_BYTES:,}"
                 )
+
+    def __reduce__(self):
+        """Pickled as its data (a worker process of hiad_train/executors.py's DeviceExecutor): the class is made
+        per detector by `config_model`, so pickle cannot find it by name."""
+        return _rebuilt_config, (self.model_dump(mode="json"), self.device)
 
     @property
     def normalized_fusion_weights(self) -> list[float]:
@@ -281,6 +290,10 @@ def parse_config(data: dict, source: str = "config") -> TrainConfig:
     except ValidationError as e:
         lines = [_describe(model, err) for err in e.errors()]
         raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(lines)) from None
+
+
+def _rebuilt_config(data: dict, device) -> TrainConfig:
+    return parse_config({**data, "device": device}, "pickled config")
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:

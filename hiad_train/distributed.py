@@ -4,8 +4,10 @@
 worker reads its images from their paths, which every node must see) and one detector fit per task.
 Each task reserves the resources of its config section `distributed`, is retried when its worker
 dies or it raises (at most `max_retries` times), and returns plain data: features as numpy arrays,
-a detector's state as safetensors bytes. With `ship_features`, the driver runs the feature pass
-itself and the fits receive the features through Ray's object store (no shared storage needed).
+a detector's state as safetensors bytes. A task runs on the GPU Ray gives it (its section's
+`num_gpus` > 0: Ray sets CUDA_VISIBLE_DEVICES, so it is `cuda:0` there), else on its worker's CPU.
+With `ship_features`, the driver runs the feature pass itself (on its `device:`) and the fits receive
+the features through Ray's object store (no shared storage needed).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import time
 import ray
 import torch
 
-from hiad_train.executors import LocalExecutor, Stage, StageFailed
+from hiad_train.device import CPU
+from hiad_train.executors import LocalExecutor, Stage, StageFailed, on_device
 
 FAULT_ENV = "HIAD_FAULT"  # test-only fault injection: "<item label>:kill-once" or "<item label>:raise"
 
@@ -76,12 +79,19 @@ class RayExecutor(LocalExecutor):
 
 
 def _attempt(work, shared, item, label: str, threads: int, fault):
-    """One attempt of one item on a worker: (result, seconds, host)."""
+    """One attempt of one item on a worker, on the task's device: (result, seconds, host and device)."""
     torch.set_num_threads(threads)  # as the local executor: the same sums, whatever the worker process had
     _inject(fault, label)
+    device = task_device()
     start = time.perf_counter()
-    result = work(shared, item)
-    return result, time.perf_counter() - start, socket.gethostname()
+    result = work(on_device(shared, device), item)
+    return result, time.perf_counter() - start, f"{socket.gethostname()} ({device})"
+
+
+def task_device() -> torch.device:
+    """The device of the Ray task running here: the first GPU Ray assigned it (CUDA_VISIBLE_DEVICES lists
+    only those, so it is cuda:0 in this process), else the CPU."""
+    return torch.device("cuda", 0) if ray.get_gpu_ids() else CPU
 
 
 def _worker_error(error: ray.exceptions.RayError) -> str:

@@ -10,6 +10,7 @@ tiles, 537 MB of features at once before).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -26,6 +27,7 @@ from hiad_runtime.streaming import chunks
 from hiad_runtime.tasks import Task
 from hiad_train.config import TrainConfig
 from hiad_train.detectors import Detector
+from hiad_train.device import CPU, module_device
 
 STREAM_TILES = 16  # tiles embedded and scored at a time by `predict` (the runtime's default `--stream-tiles`)
 
@@ -37,9 +39,11 @@ def batches(items: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 @torch.no_grad()
 def embed(embedder: nn.Module, tiles: np.ndarray, batch_size: int) -> list[torch.Tensor]:
-    """Per embedder output, the features (N, C, h, w) of uint8 tiles (N, H, W, 3), in batches."""
-    runs = [embedder(torch.from_numpy(np.ascontiguousarray(b))) for b in batches(tiles, batch_size)]
-    return [torch.cat(outs) for outs in zip(*runs)]
+    """Per embedder output, the features (N, C, h, w) of uint8 tiles (N, H, W, 3), in batches, computed where
+    the embedder is and returned on the CPU."""
+    device = module_device(embedder)
+    runs = [embedder(torch.from_numpy(np.ascontiguousarray(b)).to(device)) for b in batches(tiles, batch_size)]
+    return [torch.cat(outs).cpu() for outs in zip(*runs)]
 
 
 def upsample(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -100,6 +104,21 @@ class HRModel:
             image_threshold=thresholds.get("image"),
             pixel_threshold=thresholds.get("pixel"),
         )
+
+    @contextlib.contextmanager
+    def placed(self, device: torch.device) -> Iterator["HRModel"]:
+        """Embedders and detectors on `device` inside the block (the trainer's validation runs there), back on
+        the CPU, where a model lives (checkpoints, export), on exit."""
+        parts = [self.embedder, *self.detectors.values()]
+        if self.thumbnail is not None:
+            parts += [self.thumbnail.embedder, self.thumbnail.detector]
+        for part in parts:
+            part.to(device)
+        try:
+            yield self
+        finally:
+            for part in parts:
+                part.to(CPU)
 
     @torch.no_grad()
     def tile_embeddings(self, image: np.ndarray, tile_ids: Sequence[int] | None = None) -> list[torch.Tensor]:

@@ -33,8 +33,9 @@ from hiad_train.config import TrainConfig
 from hiad_train.data.samples import HRSample
 from hiad_train.detectors import DetectorConfig, TaskData, get_detector
 from hiad_train.detectors.base import Synthesizer
+from hiad_train.device import CPU, placed, resolve_devices
 from hiad_train.evaluation import Evaluator, default_evaluators, evaluate
-from hiad_train.executors import LocalExecutor, Stage
+from hiad_train.executors import LocalExecutor, Stage, local_executor
 from hiad_train.model import STREAM_TILES, HRModel, Thumbnail, embed
 from hiad_train.synthesis import SynthesizerConfig
 from hiad_train.validation import TaskValidation, TaskValidator, split_validation, validate
@@ -62,6 +63,7 @@ class FeaturePass:
     model: HRModel
     keep_tiles: bool  # the detector trains on the tiles themselves
     thumbnail_size: tuple[int, int] | None  # the image at this size, for the thumbnail detector
+    device: torch.device = CPU  # where the embedder runs (the executor sets its worker's)
 
 
 @dataclass
@@ -84,17 +86,18 @@ def image_features(model: HRModel, image: np.ndarray) -> list[np.ndarray]:
 
 
 def extract_features(shared: FeaturePass, samples: list[HRSample]) -> list[ImageFeatures]:
-    """Decode each image once (from its path) and embed all its tiles."""
+    """Decode each image once (from its path) and embed all its tiles on the pass's device (features on the CPU)."""
     out = []
-    for sample in samples:
-        image = sample.image(shared.model.tiling.image_size)
-        out.append(
-            ImageFeatures(
-                image_features(shared.model, image),
-                split(image, shared.model.tiling.tiles) if shared.keep_tiles else None,
-                resize_image(image, shared.thumbnail_size) if shared.thumbnail_size is not None else None,
+    with placed(shared.model.embedder, shared.device):
+        for sample in samples:
+            image = sample.image(shared.model.tiling.image_size)
+            out.append(
+                ImageFeatures(
+                    image_features(shared.model, image),
+                    split(image, shared.model.tiling.tiles) if shared.keep_tiles else None,
+                    resize_image(image, shared.thumbnail_size) if shared.thumbnail_size is not None else None,
+                )
             )
-        )
     return out
 
 
@@ -108,6 +111,7 @@ class FitShared:
     synthesizer: Synthesizer
     seed: int
     progress: bool  # the detector's own (epoch) progress bars
+    device: torch.device = CPU  # where the fit runs (the executor sets its worker's)
 
 
 @dataclass
@@ -149,12 +153,15 @@ class FittedTask:
 
 
 def fit_task(shared: FitShared, task: TaskInputs) -> FittedTask:
-    """Fit one task's detector from the config seed alone, whatever ran before in this process."""
+    """Fit one task's detector from the config seed alone, whatever ran before in this process, on the
+    fit's device; its state comes back to the CPU (the checkpoint's format whatever the device)."""
     seed_everything(shared.seed)
     detector = get_detector(shared.detector)(shared.config, seed=shared.seed)
-    data = TaskData(task.features, task.tiles, shared.embedder, shared.synthesizer, task.validate, shared.seed)
-    record = detector.fit(data, progress=shared.progress)
-    return FittedTask(save_tensors({k: v.detach().contiguous() for k, v in detector.state().items()}), record)
+    with placed(shared.embedder, shared.device) as embedder:
+        features = [f.to(shared.device) for f in task.features]
+        data = TaskData(features, task.tiles, embedder, shared.synthesizer, task.validate, shared.seed, shared.device)
+        record = detector.fit(data, progress=shared.progress)
+    return FittedTask(save_tensors({k: v.detach().cpu().contiguous() for k, v in detector.state().items()}), record)
 
 
 def stack_features(images: list[ImageFeatures]) -> list[torch.Tensor]:
@@ -174,10 +181,13 @@ class HRTrainer:
     """Trains an HRModel from a TrainConfig (https://github.com/cnulab/HiAD's training stage)."""
 
     def __init__(self, config: TrainConfig, progress: bool = True, executor: LocalExecutor | None = None):
+        """Resolves `config.device` first: a GPU this machine lacks is refused (DeviceError) before any work.
+        Without an `executor`, one process on one device, or one worker process per device."""
         self.config = config
         self.progress = progress
+        self.devices = resolve_devices(config.device)
         self.detector_cls = get_detector(config.detector)
-        self.executor = executor or LocalExecutor()
+        self.executor = executor or local_executor(self.devices)
 
     def _training_synthesizer(self):
         """Anomalies for detectors trained on tiles: the validation synthesizer's kind, always applied."""
@@ -209,17 +219,27 @@ class HRTrainer:
             {},
             PostprocessSpec(**self.detector_cls.postprocess),
         )
+        device = self.devices.main  # this process's own work: validation features, the thumbnail, validation
         features, tiles, thumbnails = self._feature_pass(model, samples)
         assignment = cfg.tasks.generate(tiling, features[0].numpy(), cfg.seed)
         model.tasks, model.routing, pairs = assignment.tasks, assignment.routing, assignment.pairs
         synthesizer = self._training_synthesizer()
-        validation = TaskValidation.build(model, val_samples, cfg.val_config, cfg.seed) if val_samples else None
+        validation = None
+        if val_samples:
+            with placed(model.embedder, device):
+                validation = TaskValidation.build(model, val_samples, cfg.val_config, cfg.seed)
         for task in model.tasks:
             if not pairs[task.name]:
                 raise ValueError(f"{task.name} has no training tiles")
         inputs = TaskInputsList(model.tasks, pairs, features, tiles, validation, model.postprocess)
         shared = FitShared(
-            cfg.detector, cfg.patch, model.embedder, synthesizer, cfg.seed, self.progress and self.executor.in_process
+            cfg.detector,
+            cfg.patch,
+            model.embedder,
+            synthesizer,
+            cfg.seed,
+            self.progress and self.executor.in_process,
+            device,
         )
         stage = Stage(
             "tasks",
@@ -234,9 +254,10 @@ class HRTrainer:
             model.detectors[task.name] = self.detector_cls.from_state(cfg.patch, load_tensors(fitted.state))
             model.training[task.name] = fitted.record
         if cfg.thumbnail is not None:
-            model.thumbnail = self._fit_thumbnail(np.stack(thumbnails), synthesizer)
+            model.thumbnail = self._fit_thumbnail(np.stack(thumbnails), synthesizer, device)
         if val_samples:
-            validate(model, val_samples, cfg.val_config, cfg.seed)
+            with model.placed(device):
+                validate(model, val_samples, cfg.val_config, cfg.seed)
         return model
 
     def _feature_pass(self, model: HRModel, samples: Sequence[HRSample]):
@@ -250,7 +271,7 @@ class HRTrainer:
         stage = Stage(
             "features",
             extract_features,
-            FeaturePass(model, self.detector_cls.needs_tiles, size),
+            FeaturePass(model, self.detector_cls.needs_tiles, size, self.devices.main),
             batches,
             labels,
             cfg.distributed.features,
@@ -260,32 +281,36 @@ class HRTrainer:
         tiles = np.stack([im.tiles for im in images]) if images[0].tiles is not None else None
         return stack_features(images), tiles, [im.thumbnail for im in images]
 
-    def _fit_thumbnail(self, small: np.ndarray, synthesizer) -> Thumbnail:
-        """The thumbnail detector, fitted here (one detector: nothing to share out)."""
+    def _fit_thumbnail(self, small: np.ndarray, synthesizer, device: torch.device) -> Thumbnail:
+        """The thumbnail detector, fitted here on `device` (one detector: nothing to share out), kept on the CPU."""
         cfg = self.config.thumbnail
         size = as_size(cfg.thumbnail_size, "thumbnail_size")
         embedder = self.detector_cls.build_embedder(cfg)
         seed_everything(self.config.seed)  # as every task: independent of where the tasks ran
-        data = TaskData(
-            embed(embedder, small, self.config.batch_size),
-            small if self.detector_cls.needs_tiles else None,
-            embedder,
-            synthesizer,
-            None,
-            self.config.seed,
-        )
         det = self.detector_cls(cfg, seed=self.config.seed)
-        record = det.fit(data, progress=self.progress)
-        return Thumbnail(size, embedder, det, training=record)
+        with placed(embedder, device):
+            data = TaskData(
+                [f.to(device) for f in embed(embedder, small, self.config.batch_size)],
+                small if self.detector_cls.needs_tiles else None,
+                embedder,
+                synthesizer,
+                None,
+                self.config.seed,
+                device,
+            )
+            record = det.fit(data, progress=self.progress)
+        return Thumbnail(size, embedder, det.to(CPU), training=record)
 
     def predict(self, model: HRModel, samples: Sequence[HRSample]) -> Predictions:
+        """The model's maps and scores of `samples`, computed on this trainer's main device."""
         scores, labels, maps, masks = [], [], [], []
-        for sample in tqdm(samples, desc="inference", disable=not self.progress):
-            amap, score = model.predict(sample.image(model.tiling.image_size))
-            scores.append(score)
-            labels.append(sample.label)
-            maps.append(amap)
-            masks.append(sample.mask(model.tiling.image_size))
+        with model.placed(self.devices.main):
+            for sample in tqdm(samples, desc="inference", disable=not self.progress):
+                amap, score = model.predict(sample.image(model.tiling.image_size))
+                scores.append(score)
+                labels.append(sample.label)
+                maps.append(amap)
+                masks.append(sample.mask(model.tiling.image_size))
         return Predictions(np.asarray(scores), np.asarray(labels), maps, masks)
 
     def evaluate(self, model: HRModel, samples: Sequence[HRSample], evaluators: Sequence[Evaluator] | None = None):

@@ -29,7 +29,9 @@ def greedy_coreset(
     seed: int = 0,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Indices (sorted by pick order) of a `percentage` coreset of `features` (N, D)."""
+    """Indices (sorted by pick order, on the CPU) of a `percentage` coreset of `features` (N, D), computed
+    where `features` are (the random projection and anchors are drawn on the CPU: the picks do not depend
+    on the device but through float rounding)."""
     n = features.shape[0]
     if not 0 < percentage <= 1:
         raise ValueError(f"percentage must be in (0, 1], got {percentage}")
@@ -39,14 +41,14 @@ def greedy_coreset(
     x = features.float()
     if x.shape[1] > projection_dim:
         gen = torch.Generator().manual_seed(seed)
-        x = x @ (torch.randn(x.shape[1], projection_dim, generator=gen) / projection_dim**0.5)
+        x = x @ (torch.randn(x.shape[1], projection_dim, generator=gen) / projection_dim**0.5).to(x.device)
     x = x.contiguous()
     norms = (x * x).sum(1)
-    anchors = torch.from_numpy(np.random.RandomState(seed).choice(n, min(start_points, n), replace=False))
+    anchors = torch.from_numpy(np.random.RandomState(seed).choice(n, min(start_points, n), replace=False)).to(x.device)
     anchor_d2 = (norms[:, None] - 2 * x @ x[anchors].T + norms[anchors][None]).clamp_min_(0)
     min_d2 = anchor_d2.sqrt_().mean(1).square_()
     picked = torch.empty(count, dtype=torch.long)
-    d2 = torch.empty(n)
+    d2 = torch.empty(n, device=x.device)
     with torch_threads(1):
         for i in tqdm(range(count), desc="coreset", leave=False, disable=not progress):
             idx = int(torch.argmax(min_d2))

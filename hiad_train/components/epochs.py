@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from hiad_train.device import Precision, autocast, module_device
+
 Batch = TypeVar("Batch")
 
 
@@ -31,14 +33,18 @@ def optimize(
     loss: Callable[[Batch], torch.Tensor],
     optimizers: Sequence[torch.optim.Optimizer],
     weight: Callable[[Batch], int] | None = None,
+    precision: Precision = "fp32",
 ) -> float:
-    """One epoch of `module` in training mode: per batch, the loss, zero_grad, backward and a step of
-    every optimizer. Returns the mean batch loss, or the mean weighted by `weight(batch)` (e.g. its
-    sample count) when given. Leaves `module` in eval mode."""
+    """One epoch of `module` in training mode: per batch, the loss (its forward passes under bf16 autocast
+    on the module's device when `precision` is bf16), zero_grad, backward and a step of every optimizer.
+    Returns the mean batch loss, or the mean weighted by `weight(batch)` (e.g. its sample count) when
+    given. Leaves `module` in eval mode."""
     module.train()
+    device = module_device(module)
     losses, total, count = [], 0.0, 0
     for batch in batches:
-        value = loss(batch)
+        with autocast(device, precision):
+            value = loss(batch)
         for optimizer in optimizers:
             optimizer.zero_grad()
         value.backward()

@@ -34,7 +34,7 @@ def regularized_inverse(covariance: torch.Tensor, ridge: float = COVARIANCE_RIDG
 
     The regularized matrix is symmetric positive definite, so it is inverted through its Cholesky
     factor (stabler and faster than a general LU inverse)."""
-    eye = torch.eye(covariance.shape[-1], dtype=torch.float64)
+    eye = torch.eye(covariance.shape[-1], dtype=torch.float64, device=covariance.device)
     return torch.cholesky_inverse(torch.linalg.cholesky(covariance.double() + ridge * eye)).float()
 
 

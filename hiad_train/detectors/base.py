@@ -21,6 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from hiad_train.backbones import DEFAULT_BACKBONE
+from hiad_train.device import CPU, Precision, module_device
 from hiad_train.schema import SizeSpec, Strict
 
 
@@ -46,6 +47,7 @@ class EpochConfig(DetectorConfig):
     lr: float = Field(1e-3, gt=0)
     eval_interval: int = Field(1, ge=1)  # validate every N epochs (when val_config is set)
     patience: int = Field(5, ge=1)  # stop after N validations without improvement
+    precision: Precision = "fp32"  # bf16: forward passes under bf16 autocast (weights and checkpoint stay fp32)
 
 
 Synthesizer = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
@@ -63,6 +65,7 @@ class TaskData:
         Callable[["Detector"], dict] | None
     )  # metrics of the current state on held-out tiles; None without val_config
     seed: int = 0
+    device: torch.device = CPU  # where `features` are and the detector trains (its state comes back to the CPU)
 
 
 class Detector(ABC):
@@ -91,7 +94,15 @@ class Detector(ABC):
 
     @torch.no_grad()
     def score(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.head()(*features)
+        """The head's scores of `features` (wherever they are), computed where the head is, on the CPU."""
+        head = self.head()
+        device = module_device(head)
+        return head(*[f.to(device) for f in features]).cpu()
+
+    def to(self, device: torch.device) -> "Detector":
+        """This detector's learned state moved to `device` (`state()` hands it back as it is: callers move it)."""
+        self.load_state({k: v.to(device) for k, v in self.state().items()})
+        return self
 
     @abstractmethod
     def state(self) -> dict[str, torch.Tensor]:
@@ -126,6 +137,10 @@ class NetworkDetector(Detector):
 
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone().contiguous() for k, v in self.net.state_dict().items()}
+
+    def to(self, device: torch.device) -> "NetworkDetector":
+        self.net.to(device)
+        return self
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.net.load_state_dict(state)

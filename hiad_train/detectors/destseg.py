@@ -125,14 +125,15 @@ class DeSTSeg(NetworkDetector):
         for idx in np.array_split(order, max(1, len(order) // self.config.batch_size)):
             pairs = [data.synthesizer(data.tiles[i], rng) for i in idx]
             with torch.no_grad():
-                outputs = data.embedder(torch.from_numpy(np.stack([tile for tile, _ in pairs])))
-            masks = torch.from_numpy(np.stack([mask for _, mask in pairs])).float()[:, None]
+                outputs = data.embedder(torch.from_numpy(np.stack([tile for tile, _ in pairs])).to(data.device))
+            masks = torch.from_numpy(np.stack([mask for _, mask in pairs])).to(data.device).float()[:, None]
             yield idx, outputs, masks
 
     def fit(self, data: TaskData, progress: bool = False) -> dict:
         if data.tiles is None or len(data.tiles) < 2:
             raise ValueError("DeSTSeg trains on batches of at least 2 tiles (BatchNorm): this task has fewer")
         cfg = self.config
+        self.net.to(data.device)
         rng = np.random.default_rng(data.seed)
         clean_teacher = data.features[:-1]
         student_opt = torch.optim.SGD(self.net.student.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
@@ -159,11 +160,13 @@ class DeSTSeg(NetworkDetector):
             return segmentation_loss(probability, (target >= 0.5).float(), cfg.gamma)
 
         def student_epoch() -> float:
-            return optimize(self.net.student, self._batches(data, rng), student_loss_of, [student_opt])
+            batches = self._batches(data, rng)
+            return optimize(self.net.student, batches, student_loss_of, [student_opt], precision=cfg.precision)
 
         def segmentation_epoch() -> float:
             self.net.student.eval()
-            return optimize(self.net.segmentation, self._batches(data, rng), segmentation_loss_of, [seg_opt])
+            batches = self._batches(data, rng)
+            return optimize(self.net.segmentation, batches, segmentation_loss_of, [seg_opt], precision=cfg.precision)
 
         stage1 = train_epochs(
             self,

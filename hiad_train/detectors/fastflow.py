@@ -80,14 +80,15 @@ class FastFlow(NetworkDetector):
     def fit(self, data: TaskData, progress: bool = False) -> dict:
         shapes = [tuple(f.shape[1:]) for f in data.features]
         with seeded(data.seed):
-            self.net = FastFlowModel(shapes, self.config, seed=data.seed)
+            self.net = FastFlowModel(shapes, self.config, seed=data.seed).to(data.device)
         optimizer = torch.optim.Adam(self.net.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
         generator = torch.Generator().manual_seed(data.seed)
         n = data.features[0].shape[0]
 
         def step() -> float:
             batches = torch.randperm(n, generator=generator).split(self.config.batch_size)
-            return optimize(self.net, batches, lambda b: self.net.nll([f[b] for f in data.features]), [optimizer], len)
+            nll = lambda b: self.net.nll([f[b] for f in data.features])  # noqa: E731
+            return optimize(self.net, batches, nll, [optimizer], len, self.config.precision)
 
         return train_epochs(self, self.config, data, step, progress)
 

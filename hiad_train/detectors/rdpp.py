@@ -157,7 +157,7 @@ def projection_loss(
     ssot = compactness_loss(projected_normal, generator)
     reconstruction = sum(cosine_distance(a, b).mean() for a, b in zip(projected_noisy, projected_normal))
     contrast = sum(
-        F.cosine_embedding_loss(n.flatten(1), p.flatten(1), -torch.ones(n.shape[0]), margin=0.5)
+        F.cosine_embedding_loss(n.flatten(1), p.flatten(1), -torch.ones(n.shape[0], device=n.device), margin=0.5)
         for n, p in zip(noisy, projected_normal)
     )
     return (ssot + 0.01 * reconstruction + 0.1 * contrast) / 1.11
@@ -200,7 +200,7 @@ class RDPP(NetworkDetector):
         self._check(data.features)
         if data.tiles is None:
             raise ValueError("RD++ trains on tiles with synthetic anomalies: TaskData.tiles is missing")
-        model, n = self.net, data.features[0].shape[0]
+        model, n = self.net.to(data.device), data.features[0].shape[0]
         rng = np.random.default_rng(data.seed)
         generator = torch.Generator().manual_seed(data.seed)
         distill_params = list(model.bottleneck.parameters()) + list(model.decoder.parameters())
@@ -211,13 +211,13 @@ class RDPP(NetworkDetector):
             normal = [f[batch] for f in data.features]
             noisy_tiles = np.stack([data.synthesizer(data.tiles[i], rng)[0] for i in batch.tolist()])
             with torch.no_grad():
-                noisy = list(data.embedder(torch.from_numpy(noisy_tiles)))
+                noisy = list(data.embedder(torch.from_numpy(noisy_tiles).to(data.device)))
             projected_normal, projected_noisy = model.project(normal), model.project(noisy)
             distill = distillation_loss(normal, model.reconstruct(projected_normal))
             return distill + cfg.weight_proj * projection_loss(noisy, projected_noisy, projected_normal, generator)
 
         def step() -> float:
             batches = torch.randperm(n, generator=generator).split(cfg.batch_size)
-            return optimize(model, batches, loss, [opt_proj, opt_distill])
+            return optimize(model, batches, loss, [opt_proj, opt_distill], precision=cfg.precision)
 
         return train_epochs(self, cfg, data, step, progress)

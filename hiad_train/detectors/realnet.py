@@ -210,15 +210,15 @@ class RealNet(NetworkDetector):
         for idx in np.array_split(order, max(1, len(order) // self.config.batch_size)):
             clean = [f[idx] for f in data.features]
             inputs = [c.clone() for c in clean]
-            masks = torch.zeros(len(idx), 1, *data.tiles.shape[1:3])
+            masks = torch.zeros(len(idx), 1, *data.tiles.shape[1:3], device=data.device)
             hit = torch.from_numpy(np.flatnonzero(rng.random(len(idx)) < p))
             if len(hit):
                 pairs = [data.synthesizer(data.tiles[idx[i]], rng) for i in hit.tolist()]
                 with torch.no_grad():
-                    embedded = data.embedder(torch.from_numpy(np.stack([tile for tile, _ in pairs])))
+                    embedded = data.embedder(torch.from_numpy(np.stack([tile for tile, _ in pairs])).to(data.device))
                 for x, e in zip(inputs, embedded):
                     x[hit] = e
-                masks[hit] = torch.from_numpy(np.stack([mask for _, mask in pairs])).float()[:, None]
+                masks[hit] = torch.from_numpy(np.stack([mask for _, mask in pairs])).to(data.device).float()[:, None]
             yield idx, inputs, clean, masks
 
     @torch.no_grad()
@@ -227,7 +227,7 @@ class RealNet(NetworkDetector):
 
         The clean tiles are embedded again like the anomalous ones (without context fusion), so the
         difference is the anomaly's alone."""
-        errors = [torch.zeros(f.shape[1]) for f in data.features]
+        errors = [torch.zeros(f.shape[1], device=data.device) for f in data.features]
         batches = iter(())
         for _ in range(self.config.init_bsn):
             batch = next(batches, None)
@@ -235,7 +235,7 @@ class RealNet(NetworkDetector):
                 batches = self._batches(data, rng, p=1.0)
                 batch = next(batches)
             idx, anomalous, _, masks = batch
-            clean = data.embedder(torch.from_numpy(data.tiles[idx]))
+            clean = data.embedder(torch.from_numpy(data.tiles[idx]).to(data.device))
             for total, a, c in zip(errors, anomalous, clean):
                 total += afs_channel_errors(a, c, masks)
         for s, total in enumerate(errors):
@@ -254,6 +254,7 @@ class RealNet(NetworkDetector):
                     f"{tuple(f.shape[-2:])} must be divisible by {divisor} (choose another patch_size or channel_mult)"
                 )
         rng = np.random.default_rng(data.seed)
+        self.net.to(data.device)
         self._choose_channels(data, rng)
         optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=cfg.betas)  # U-Nets and segmenter
 
@@ -266,7 +267,7 @@ class RealNet(NetworkDetector):
             return F.cross_entropy(logits, masks[:, 0].long()) + sum(F.mse_loss(r, t) for r, t in zip(recon, target))
 
         def epoch() -> float:
-            return optimize(self.net, self._batches(data, rng, cfg.p), loss, [optimizer])
+            return optimize(self.net, self._batches(data, rng, cfg.p), loss, [optimizer], precision=cfg.precision)
 
         record = train_epochs(self, cfg, data, epoch, progress)
         self.net.eval()

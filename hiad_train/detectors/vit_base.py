@@ -72,14 +72,15 @@ class ViTReconstruction(NetworkDetector):
         return ViTFeatures.create(config, cls.block_groups(config), pretrained)
 
     def fit(self, data: TaskData, progress: bool = False) -> dict:
-        cfg, model = self.config, self.net
+        cfg, model = self.config, self.net.to(data.device)
         n = data.features[0].shape[0]
         generator = torch.Generator().manual_seed(data.seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
         def step() -> float:
             batches = torch.randperm(n, generator=generator).split(cfg.batch_size)
-            return optimize(model, batches, lambda b: model.loss([f[b] for f in data.features]), [optimizer])
+            loss = lambda b: model.loss([f[b] for f in data.features])  # noqa: E731
+            return optimize(model, batches, loss, [optimizer], precision=cfg.precision)
 
         return train_epochs(self, cfg, data, step, progress)
 
