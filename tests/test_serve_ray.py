@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -56,27 +57,25 @@ def served(bundle_dir, tmp_path_factory):
         yield url, proc, folder
 
 
-def _replica_processes(pid: int) -> list[int]:
-    """The Serve replica processes under `pid` (Ray names them `ray::ServeReplica:APP:DEPLOYMENT`)."""
-    parents = {}
+def _replica_processes(root: int) -> list[int]:
+    """The Serve replica processes under `root` (Ray names them `ray::ServeReplica:APP:DEPLOYMENT`)."""
+    parent, title = {}, {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                title = (entry / "cmdline").read_bytes().split(b"\0")[0]
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                title[int(entry.name)] = (entry / "cmdline").read_bytes().split(b"\0")[0]
             except (OSError, IndexError, ValueError):
                 continue
-            if title.startswith(b"ray::ServeReplica:hiad:inspect"):
-                parents[int(entry.name)] = (parents[int(entry.name)], True)
 
-    def under(p):
-        while p in parents:
-            p = parents[p][0] if isinstance(parents[p], tuple) else parents[p]
-            if p == pid:
+    def under(pid: int) -> bool:
+        while pid in parent:
+            pid = parent[pid]
+            if pid == root:
                 return True
         return False
 
-    return [p for p, v in parents.items() if isinstance(v, tuple) and under(p)]
+    return [p for p, t in title.items() if t.startswith(b"ray::ServeReplica:hiad:inspect") and under(p)]
 
 
 def _post_until_answered(client, body: bytes, refusals: list) -> httpx.Response:
@@ -119,6 +118,8 @@ def test_replicas_answer_the_cli_scores_under_the_same_limits(served, images, cl
     assert refusals, f"{CLIENTS} clients against 2 replicas x (1 worker + 1 queue place) must meet backpressure"
     for r in refusals:  # from a replica's pool ("queue full"), or from Ray's proxy once every replica is full
         assert int(r.headers["Retry-After"]) >= 1, r.headers
+    pool = sum("queue full" in r.text for r in refusals)
+    print(f"{len(answers)} answers, {len(refusals)} 503 + Retry-After ({pool} from a replica's pool)")
 
     good = bodies[names[0]]
     with httpx.Client(base_url=url, timeout=120) as c:
@@ -134,7 +135,7 @@ def test_replicas_answer_the_cli_scores_under_the_same_limits(served, images, cl
 
 
 def test_reload_under_load_rolls_over_every_replica_and_loses_nothing(served, images, tmp_path):
-    url, _, folder = served
+    url, proc, folder = served
     good = images[0].read_bytes()
     first = httpx.get(f"{url}/readyz").json()["bundle_id"]
     following = shutil.copytree(folder / "bundle", tmp_path / "next")
@@ -174,6 +175,7 @@ def test_reload_under_load_rolls_over_every_replica_and_loses_nothing(served, im
         for t in threads:
             t.join()
 
+    print(f"reload under load: {len(seen)} answers, {len(refusals)} 503 retried, {len(failures)} failed")
     assert not failures, failures[:3]
     assert refused.status_code == 422 and "embedder_patch.onnx" in refused.json()["error"], refused.text
     assert swapped.status_code == 200 and swapped.json()["previous"] == first, swapped.text
@@ -182,3 +184,13 @@ def test_reload_under_load_rolls_over_every_replica_and_loses_nothing(served, im
     with httpx.Client(base_url=url, headers=AUTH, timeout=120) as c:
         ids = {c.get("/v1/model").json()["bundle_id"] for _ in range(16)}  # asked of both replicas
         assert ids == {second} and c.get("/v1/model").json()["thresholds"] == {"image": 5.0, "pixel": 8.0}
+
+        # SIGHUP to the command re-reads the served path on every replica
+        manifest["thresholds"] = {"image": 1.0, "pixel": 2.0}
+        (following / "manifest.json").write_text(json.dumps(manifest))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 600
+        while {c.get("/v1/model").json()["bundle_id"] for _ in range(16)} & {second}:
+            assert time.monotonic() < deadline, "SIGHUP: a replica still serves the previous bundle"
+            time.sleep(1)
+        assert c.get("/v1/model").json()["thresholds"] == {"image": 1.0, "pixel": 2.0}

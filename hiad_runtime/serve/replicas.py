@@ -61,23 +61,28 @@ class Replica:
 
     def __init__(self, settings: ServeSettings):
         self.service = Service(settings, on_load_failure=log.error, after_reload=self.roll_out)
-        self.generation: int | None = None  # the rollout this replica has applied
+        self.configured = False  # the first reconfigure (before any request) is done
 
     def __serve_build_asgi_app__(self):
         return self.service.asgi_app()
 
     async def reconfigure(self, config: dict) -> None:
         """Ray calls it before the replica takes a request, then once per rollout (one replica at a time):
-        serve `config['bundle']` unless this replica serves `config['bundle_id']` already. A start-up bundle
-        that cannot be served fails the replica's start; a refused rollout keeps the current model."""
+        serve `config['bundle']` unless this replica serves `config['bundle_id']` already (no id: unless it just
+        started from that path). A start-up bundle that cannot be served fails the replica's start; a refused
+        rollout keeps the current model. `config['generation']` only makes every rollout a new config."""
         service = self.service
         await asyncio.shield(service.loading)  # the start-up load (lifespan), from the path given at start
         current = service.slot.current
         if current is None:
             raise RuntimeError(service.load_error or "the bundle could not be loaded")
-        starting, self.generation = self.generation is None, config["generation"]
-        if config["bundle_id"] == current.bundle_id or (starting and config["bundle_id"] is None):
-            return  # the request's replica (loaded it first), or a start that just read the path anew
+        starting, self.configured = not self.configured, True
+        if config["bundle_id"] is not None:
+            serving = config["bundle_id"] == current.bundle_id  # e.g. the replica that got the reload request
+        else:
+            serving = starting and config["bundle"] == str(current.source)  # just read from that path
+        if serving:
+            return
         try:
             await service.reload(config["bundle"])
         except BundleError as e:
