@@ -518,6 +518,8 @@ def serve(
 
     if (keep is not None or keep_gb is not None) and review_dir is None:
         _fail("--keep and --keep-gb bound the review store: give --review-dir too")
+    if review_dir is not None and ray_replicas is not None:
+        _fail("--review-dir keeps one process's inspections: not with --ray-replicas (one store per replica)")
     try:
         from hiad_runtime.review.keeper import ReviewSettings
         from hiad_runtime.serve.app import ServeSettings
