@@ -468,7 +468,23 @@ def serve(
         None, "--token-file", help="file holding the bearer token /v1/* requires"
     ),
     threads: int = typer.Option(
-        0, "--threads", min=0, help="ONNX Runtime intra-op threads per inference (0 = cores / workers)"
+        0,
+        "--threads",
+        min=0,
+        help="ONNX Runtime intra-op threads per inference (0 = cores / workers; 1 with --ray-replicas)",
+    ),
+    ray_replicas: Optional[int] = typer.Option(
+        None,
+        "--ray-replicas",
+        min=1,
+        help="serve as N Ray Serve replicas behind Ray's HTTP proxy, each with these limits and reserving "
+        "workers x threads CPUs (needs the `ray` extra; docs/distributed.md)",
+    ),
+    max_replicas: Optional[int] = typer.Option(
+        None, "--max-replicas", min=1, help="with --ray-replicas: autoscale between N and this many replicas"
+    ),
+    ray_address: str = typer.Option(
+        "local", "--ray", help="with --ray-replicas: 'local' (a Ray instance here), 'auto' or a cluster address"
     ),
     head_path: HeadPathOption = HeadPath.auto,
     engine: EngineOption = EngineKind.tiles,
@@ -497,11 +513,13 @@ def serve(
         500, "--drift-window", min=30, help="recent scores compared with the bundle's normal-score law (drift)"
     ),
 ) -> None:
-    """Serve the bundle over HTTP (POST /v1/inspect); needs the `serve` extra."""
+    """Serve the bundle over HTTP (POST /v1/inspect); needs the `serve` extra (and `ray` for --ray-replicas)."""
     import os
 
     if (keep is not None or keep_gb is not None) and review_dir is None:
         _fail("--keep and --keep-gb bound the review store: give --review-dir too")
+    if review_dir is not None and ray_replicas is not None:
+        _fail("--review-dir keeps one process's inspections: not with --ray-replicas (one store per replica)")
     try:
         from hiad_runtime.review.keeper import ReviewSettings
         from hiad_runtime.serve.app import ServeSettings
@@ -526,12 +544,12 @@ def serve(
         batch_size=batch,
         stream_tiles=stream_tiles,
         head_memory=head_memory,
-        threads=threads or max(1, (os.cpu_count() or 1) // max(workers, 1)),
+        threads=threads or (1 if ray_replicas else max(1, (os.cpu_count() or 1) // max(workers, 1))),
         max_pixels=None if max_megapixels is None else int(max_megapixels * 1e6),
     )
     try:
         settings = ServeSettings(
-            bundle=bundle,
+            bundle=bundle.expanduser().absolute() if ray_replicas else bundle,  # replicas start elsewhere
             runtime=runtime,
             workers=workers,
             max_queue=max_queue,
@@ -556,7 +574,30 @@ def serve(
     except ValueError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    raise typer.Exit(run(settings, host, port))
+    if ray_replicas is None:
+        raise typer.Exit(run(settings, host, port))
+    raise typer.Exit(_serve_on_ray(settings, ray_replicas, max_replicas, ray_address, host, port))
+
+
+def _serve_on_ray(settings, replicas: int, max_replicas: int | None, address: str, host: str, port: int) -> int:
+    """`serve --ray-replicas`: the same service as a Ray Serve deployment (hiad_runtime/serve/replicas.py)."""
+    try:
+        import ray.serve  # noqa: F401  (Ray Serve's own dependencies come with the extra)
+
+        from hiad_runtime.serve import replicas as on_ray
+
+        scale = on_ray.ReplicaScale(
+            replicas, max_replicas or replicas, settings.workers * settings.runtime.threads, address
+        )
+    except ImportError as e:
+        typer.secho(
+            f"error: {e.name} is missing; install the ray extra: pip install 'hiad-deploy[ray]'", fg="red", err=True
+        )
+        return 2
+    except ValueError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        return 2
+    return on_ray.run(settings, scale, host, port)
 
 
 def main() -> None:

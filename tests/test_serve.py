@@ -369,7 +369,7 @@ def test_service_imports_nothing_of_training():
         "        if name.split('.')[0] in ('torch', 'timm', 'torchvision', 'hiad_train', 'hiad_export', 'sklearn'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import hiad_runtime.serve.server, hiad_runtime.cli\n"
+        "import hiad_runtime.serve.server, hiad_runtime.serve.replicas, hiad_runtime.cli\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Awaitable, Callable, NamedTuple
 
 import numpy as np
 from starlette.applications import Starlette
@@ -90,9 +90,16 @@ class Service:
     """The service's state (the model slot, the inference pool, the body budget, the metrics) and one
     handler per route."""
 
-    def __init__(self, settings: ServeSettings, on_load_failure: Callable[[str], None]):
+    def __init__(
+        self,
+        settings: ServeSettings,
+        on_load_failure: Callable[[str], None],
+        after_reload: Callable[[LoadedModel], Awaitable[None]] | None = None,
+    ):
         self.settings = settings
         self.on_load_failure = on_load_failure  # hears when the bundle given at start-up cannot be served
+        self.after_reload = after_reload  # after a reload over HTTP: the replicated service rolls it out to all
+        self.loading: asyncio.Task | None = None  # the start-up load, once the app has started
         self.slot = ModelSlot(settings.runtime)
         self.pool = InferencePool(settings.workers, settings.max_queue)
         self.budget = BodyBudget(settings.max_inflight_bytes, self.pool.retry_after_s)
@@ -254,6 +261,8 @@ class Service:
             model = await self.reload(path)
         except BundleError as e:
             return JSONResponse({"error": f"bundle refused, still serving {previous}: {e}", "bundle_id": previous}, 422)
+        if self.after_reload is not None:
+            await self.after_reload(model)
         answer = {
             "bundle_id": model.bundle_id,
             "path": str(model.source),
@@ -277,6 +286,16 @@ class Service:
         """GET /metrics: the Prometheus text exposition."""
         return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def asgi_app(self) -> "CountedApp":
+        """The service's routes as one ASGI application, every answer counted in the metrics."""
+        app = Starlette(
+            routes=self.routes(),
+            exception_handlers={HTTPException: _json_error, Exception: _internal_error},
+            lifespan=self.lifespan,
+        )
+        app.state.reload = self.reload
+        return CountedApp(app, self.metrics)
+
     async def first_load(self) -> None:
         """Load the start-up bundle; a refused one is kept as /readyz's error and reported to `on_load_failure`."""
         try:
@@ -290,9 +309,9 @@ class Service:
         """Starlette lifespan: clear dead servers' extractions, load the bundle in the background; at stop,
         finish the running inferences, release the model and remove this server's extractions."""
         remove_stale(Path(tempfile.gettempdir()), EXTRACT_PREFIX)  # bundles extracted by servers that were killed
-        loading = asyncio.create_task(self.first_load())
+        self.loading = asyncio.create_task(self.first_load())
         yield
-        loading.cancel()
+        self.loading.cancel()
         self.pool.shutdown()  # waits for the inferences running
         if self.keeper is not None:
             self.keeper.close()  # writes what is queued
@@ -342,14 +361,7 @@ def infer(model: LoadedModel, data: bytes, want_map: bool, want_mask: bool, keep
 def create_app(settings: ServeSettings, on_load_failure: Callable[[str], None] = log.error) -> "CountedApp":
     """The service as an ASGI application; `on_load_failure` hears when the bundle given at start-up cannot be
     served."""
-    service = Service(settings, on_load_failure)
-    app = Starlette(
-        routes=service.routes(),
-        exception_handlers={HTTPException: _json_error, Exception: _internal_error},
-        lifespan=service.lifespan,
-    )
-    app.state.reload = service.reload
-    return CountedApp(app, service.metrics)
+    return Service(settings, on_load_failure).asgi_app()
 
 
 def png_answer(answer: dict, image: Png) -> Response:
