@@ -323,6 +323,30 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _floor_ms(floors: list) -> dict | None:
+    """Medians (ms) of the floor runs: backbone alone, and with the exact search (None without banks)."""
+    if not floors:
+        return None
+    searched = None if floors[0].exact_search is None else [f.backbone + f.exact_search for f in floors]
+    return {
+        "backbone": float(np.median([f.backbone for f in floors]) * 1000),
+        "backbone_exact_search": None if searched is None else float(np.median(searched) * 1000),
+    }
+
+
+def _floor_line(figures: dict) -> str:
+    """The floor and each figure's ratio to it."""
+    floor, total = figures["floor_ms"], figures["stages_ms"]["total"]["median"]
+    line = (
+        f"floor: backbone alone {floor['backbone']:.1f} ms (total {total / floor['backbone']:.2f}x; "
+        f"images/s x backbone {figures['images_per_s'] * floor['backbone'] / 1000:.2f})"
+    )
+    if floor["backbone_exact_search"] is not None:
+        exact = floor["backbone_exact_search"]
+        line += f"; backbone + exact k-NN search {exact:.1f} ms (total {total / exact:.2f}x)"
+    return line
+
+
 @app.command()
 def bench(
     bundle: Path = typer.Argument(..., exists=True, help="bundle folder or .tar"),
@@ -347,7 +371,12 @@ def bench(
         "inline (0) or N images ahead on a worker thread (throughput mode)",
     ),
 ) -> None:
-    """Per-stage latency (median, p95), images/s and peak RSS. A benchmark that prints figures."""
+    """Per-stage latency (median, p95), images/s and peak RSS, and the floor they are measured against
+    (the embedder alone on the same tiles, plus an exact k-NN search of the same banks), measured after
+    the timed runs in the same process. A benchmark that prints figures."""
+    from hiad_runtime.engines.tiles import TileEngine
+    from hiad_runtime.floor import measure_floor
+    from hiad_runtime.image import resize_image
     from hiad_runtime.prefetch import prefetched
 
     inspector = _load(
@@ -392,6 +421,11 @@ def bench(
                 per_stage[s].append(r.timings.get(s, 0.0) + (waited if s == "decode" else 0.0))
         del image, r  # large images: the next run must not meet this one's image and map still alive
     wall = time.perf_counter() - t_start
+    floors = []
+    if isinstance(inspector.engine, TileEngine):  # the whole-image graph has no stages to measure apart
+        image = resize_image(load(0), size)
+        floors = [measure_floor(inspector.engine, image) for _ in range(repeat)]
+        del image
     figures = {
         "bundle": str(bundle),
         "image_size": list(size),
@@ -415,6 +449,7 @@ def bench(
         },
         "images_per_s": repeat / wall,
         "peak_rss_mb": _peak_rss_mb(),
+        "floor_ms": _floor_ms(floors),
     }
     typer.echo(
         f"{figures['tiles']} tiles, {figures['tasks']} tasks, engine {engine.value}, head path {figures['head_path']}, "
@@ -432,6 +467,8 @@ def bench(
             f"head memory {inspector.engine.head_memory:.0f} MB)"
         )
     typer.echo(f"images/s {figures['images_per_s']:.2f}; peak RSS {figures['peak_rss_mb']:.0f} MB")
+    if floors:
+        typer.echo(_floor_line(figures))
     if json_out:
         json_out.write_text(json.dumps(figures, indent=1))
 
