@@ -16,8 +16,11 @@ goes to its own rows, so the answer does not depend on the number of workers.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import cache
+from typing import Iterator
 
 import faiss
 import numpy as np
@@ -63,7 +66,7 @@ class IvfLists:
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> np.ndarray:
         """The bank ids (M, k) of each query's k nearest vectors in its `nprobe` nearest lists (default:
         the index's nprobe), nearest first; -1 where those lists hold fewer than k vectors."""
-        with _blas().limit(limits=1, user_api="blas"):
+        with one_blas_thread():
             return self._search(queries, k, min(nprobe or self.nprobe, self.nlist))
 
     def _search(self, queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
@@ -104,9 +107,32 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(WORKERS, thread_name_prefix="hiad-ivf")
 
 
+_searching = 0  # searches running now, in any thread
+_searching_lock = threading.Lock()
+_original_limits: list = []  # the BLAS thread limits from before the first of them
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """The loaded BLAS libraries (numpy's, faiss's) on one thread while any search runs; the first search
+    to start sets it and the last to end restores it (searches overlap on a service's workers)."""
+    global _searching
+    with _searching_lock:
+        if _searching == 0:
+            _original_limits[:] = [_blas().limit(limits=1, user_api="blas")]
+        _searching += 1
+    try:
+        yield
+    finally:
+        with _searching_lock:
+            _searching -= 1
+            if _searching == 0:
+                _original_limits.pop().restore_original_limits()
+
+
 @cache
 def _blas() -> ThreadpoolController:
-    """The BLAS libraries loaded (numpy's, faiss's), to run them on one thread during a search."""
+    """The BLAS libraries loaded in this process."""
     return ThreadpoolController()
 
 

@@ -87,3 +87,22 @@ def test_head_scores_equal_faiss_ivf_scores(inspector, ivf_bundle, queries):
         q = np.ascontiguousarray(grid.transpose(0, 2, 3, 1).reshape(-1, grid.shape[1]))
         expected = exact_knn_distance(q, head.bank, index.search(q, head.k)[1]).reshape(4, side, side)
         np.testing.assert_allclose(head([grid]), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_overlapping_searches_restore_the_blas_threads(inspector, queries):
+    """Searches on several threads (a service's workers): BLAS runs on one thread while any runs, and
+    gets its own thread count back when the last one ends, whatever order they end in."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return sorted(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+    before = blas_threads()
+    head = inspector.engine.heads[inspector.manifest.tasks[0].name]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda n: head.lists.search(queries, 1, n % NLIST + 1), range(32)))
+    assert blas_threads() == before
+    for n, found in enumerate(results):
+        np.testing.assert_array_equal(found, head.lists.search(queries, 1, n % NLIST + 1))
