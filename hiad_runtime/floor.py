@@ -2,7 +2,7 @@
 
 Its embedders alone on the same tiles, with the same sessions (backend, precision, batch size), and,
 for k-NN heads, an exact search of the same banks for the same features (faiss's brute-force k-NN,
-matrix products). `hiad-runtime bench` prints both next to its figures, measured in the same process,
+matrix products). `hiad-runtime bench` prints both next to its figures, measured after each timed run,
 so a latency comes with its ratio to the floor at whatever load the machine has.
 """
 
