@@ -124,7 +124,7 @@ def is_ivf_flat(index: "faiss.Index") -> bool:
 class FaissKnnHead:
     """k-NN via a faiss index, distances recomputed exactly for the neighbours it returns. An IVF-Flat
     index is read out of faiss at load and searched list by list as matrix products (`IvfLists`: the
-    same neighbours, several times faster on a CPU than faiss's per-query scan)."""
+    same neighbours as faiss's per-query scan, for 1.5-2.6x less CPU time; docs/benchmarks.md, #22)."""
 
     @staticmethod
     def files(spec: HeadSpec) -> list[str]:
