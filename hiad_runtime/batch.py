@@ -75,7 +75,7 @@ def score_input(inspector: Inspector, item: Input, image: Callable[[], np.ndarra
         decoded = image()
         r = inspector.predict(decoded)
         latency = (time.perf_counter() - t0) * 1000
-        anomaly_map = (r.map_at_input_size() if settings.input_size else r.anomaly_map).astype(np.float32)
+        anomaly_map = r.map_at_input_size() if settings.input_size else r.anomaly_map  # float32: no copy
         shown = None
         if settings.overlays:
             unit = inspector.manifest.normalized  # normalized maps share one colour scale; above 1 saturates

@@ -323,6 +323,30 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _floor_ms(floors: list) -> dict | None:
+    """Medians (ms) of the floor runs: backbone alone, and with the exact search (None without banks)."""
+    if not floors:
+        return None
+    searched = None if floors[0].exact_search is None else [f.backbone + f.exact_search for f in floors]
+    return {
+        "backbone": float(np.median([f.backbone for f in floors]) * 1000),
+        "backbone_exact_search": None if searched is None else float(np.median(searched) * 1000),
+    }
+
+
+def _floor_line(figures: dict) -> str:
+    """The floor and each figure's ratio to it."""
+    floor, total = figures["floor_ms"], figures["stages_ms"]["total"]["median"]
+    line = (
+        f"floor: backbone alone {floor['backbone']:.1f} ms (total {total / floor['backbone']:.2f}x; "
+        f"images/s x backbone {figures['images_per_s'] * floor['backbone'] / 1000:.2f})"
+    )
+    if floor["backbone_exact_search"] is not None:
+        exact = floor["backbone_exact_search"]
+        line += f"; backbone + exact k-NN search {exact:.1f} ms (total {total / exact:.2f}x)"
+    return line
+
+
 @app.command()
 def bench(
     bundle: Path = typer.Argument(..., exists=True, help="bundle folder or .tar"),
@@ -347,7 +371,12 @@ def bench(
         "inline (0) or N images ahead on a worker thread (throughput mode)",
     ),
 ) -> None:
-    """Per-stage latency (median, p95), images/s and peak RSS. A benchmark that prints figures."""
+    """Per-stage latency (median, p95), images/s and peak RSS, and the floor they are measured against
+    (the embedder alone on the same tiles, plus an exact k-NN search of the same banks), measured right
+    after each timed run on its image, so a drifting load moves both alike. A benchmark that prints figures."""
+    from hiad_runtime.engines.tiles import TileEngine
+    from hiad_runtime.floor import measure_floor
+    from hiad_runtime.image import resize_image
     from hiad_runtime.prefetch import prefetched
 
     inspector = _load(
@@ -373,6 +402,7 @@ def bench(
         frame = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
         load = lambda i: frame  # noqa: E731
     per_stage = {s: [] for s in (*stages, "total")}
+    floors, floor_wall = [], 0.0  # the floor, measured after each timed run on its image (not in images/s)
     source = prefetched(range(warmup + repeat), load, prefetch)
     heads = inspector.engine.heads  # None where the engine loads no heads one by one (the whole-image graph)
     for i in range(warmup + repeat):
@@ -390,8 +420,12 @@ def bench(
             per_stage["total"].append(time.perf_counter() - t0)
             for s in stages:
                 per_stage[s].append(r.timings.get(s, 0.0) + (waited if s == "decode" else 0.0))
+        if i >= warmup and isinstance(inspector.engine, TileEngine):  # the whole-image graph has no stages apart
+            t0 = time.perf_counter()
+            floors.append(measure_floor(inspector.engine, resize_image(image, size)))
+            floor_wall += time.perf_counter() - t0
         del image, r  # large images: the next run must not meet this one's image and map still alive
-    wall = time.perf_counter() - t_start
+    wall = time.perf_counter() - t_start - floor_wall
     figures = {
         "bundle": str(bundle),
         "image_size": list(size),
@@ -415,6 +449,7 @@ def bench(
         },
         "images_per_s": repeat / wall,
         "peak_rss_mb": _peak_rss_mb(),
+        "floor_ms": _floor_ms(floors),
     }
     typer.echo(
         f"{figures['tiles']} tiles, {figures['tasks']} tasks, engine {engine.value}, head path {figures['head_path']}, "
@@ -432,6 +467,8 @@ def bench(
             f"head memory {inspector.engine.head_memory:.0f} MB)"
         )
     typer.echo(f"images/s {figures['images_per_s']:.2f}; peak RSS {figures['peak_rss_mb']:.0f} MB")
+    if floors:
+        typer.echo(_floor_line(figures))
     if json_out:
         json_out.write_text(json.dumps(figures, indent=1))
 

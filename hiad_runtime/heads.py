@@ -1,8 +1,9 @@
 """Scoring heads by kind: the embedder's outputs (each (B, C, h, w)) -> anomaly scores (B, h, w).
 
 Every head has a portable path, its ONNX graph (what a C program runs). A kind may add a native fast
-path: 'knn' searches a faiss index (any index_factory type) and re-ranks the neighbours it returns with
-exact L2 distances against the bank, so it agrees with the graph to float rounding. This table knows
+path: 'knn' searches a faiss index (any index_factory type; an IVF-Flat index's lists are searched as
+matrix products, hiad_runtime/ivf.py) and re-ranks the neighbours it returns with exact L2 distances
+against the bank, so it agrees with the graph to float rounding. This table knows
 head kinds, never detectors. `HeadCache` bounds the memory the heads of a many-task bundle hold.
 """
 
@@ -25,6 +26,7 @@ except ImportError as e:  # the base package pulls neither build on purpose
 from hiad_runtime.backends import SessionFactory
 from hiad_runtime.bundle import BundleError, HeadSpec
 from hiad_runtime.features import Features
+from hiad_runtime.ivf import IvfLists
 
 log = logging.getLogger("hiad_runtime")
 
@@ -114,8 +116,15 @@ def flat_vectors(index: "faiss.IndexFlat") -> np.ndarray:
     return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
 
 
+def is_ivf_flat(index: "faiss.Index") -> bool:
+    """Whether `index` is an L2 IVF-Flat index (what `IvfLists` searches)."""
+    return isinstance(index, faiss.IndexIVFFlat) and index.metric_type == faiss.METRIC_L2
+
+
 class FaissKnnHead:
-    """k-NN via a faiss index, distances recomputed exactly for the neighbours it returns."""
+    """k-NN via a faiss index, distances recomputed exactly for the neighbours it returns. An IVF-Flat
+    index is read out of faiss at load and searched list by list as matrix products (`IvfLists`: the
+    same neighbours as faiss's per-query scan, for 1.5-2.6x less CPU time; docs/benchmarks.md, #22)."""
 
     @staticmethod
     def files(spec: HeadSpec) -> list[str]:
@@ -141,13 +150,22 @@ class FaissKnnHead:
         if spec.params.get("search_params"):
             faiss.ParameterSpace().set_index_parameters(self.index, spec.params["search_params"])
         self.k = int(spec.params["k"])
+        self.lists = IvfLists(self.index) if is_ivf_flat(self.index) else None
+        if self.lists is not None:
+            del self.index  # its lists live on in `lists`
+
+    def neighbours(self, queries: np.ndarray) -> np.ndarray:
+        """The bank rows (M, k) the index finds for each query (-1 where it finds fewer than k)."""
+        if self.lists is not None:
+            return self.lists.search(queries, self.k)
+        return self.index.search(queries, self.k)[1]
 
     def __call__(self, features: Sequence[np.ndarray]) -> np.ndarray:
         """Per position, the mean exact L2 distance to its k nearest bank vectors: (B, D, h, w) -> (B, h, w)."""
         (embedding,) = features
         b, d, h, w = embedding.shape
         queries = np.ascontiguousarray(embedding.transpose(0, 2, 3, 1).reshape(-1, d), dtype=np.float32)
-        _, idx = self.index.search(queries, self.k)
+        idx = self.neighbours(queries)
         idx = np.where(idx < 0, 0, idx)  # approximate indexes may return fewer than k
         return exact_knn_distance(queries, self.bank, idx).reshape(b, h, w).astype(np.float32)
 

@@ -97,8 +97,10 @@ def map_png(anomaly_map: np.ndarray) -> Png:
     """The anomaly map as a 16-bit gray PNG with the range that maps 0..65535 back to scores
     (the map's own range: normalized scores are not bounded, so no fixed range is lossless)."""
     low, high = float(anomaly_map.min()), float(anomaly_map.max())
-    scaled = (anomaly_map - low) / max(high - low, 1e-12)
-    return Png(png(np.round(scaled * 65535).astype(np.uint16)), anomaly_map.shape[::-1], (low, high))
+    scaled = anomaly_map - low  # one map-sized buffer, the steps in place (float32, as the map)
+    scaled /= max(high - low, 1e-12)
+    scaled *= 65535
+    return Png(png(np.round(scaled, out=scaled).astype(np.uint16)), anomaly_map.shape[::-1], (low, high))
 
 
 def mask_png(mask: np.ndarray) -> Png:
