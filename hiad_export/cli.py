@@ -35,7 +35,7 @@ def _parity_images(paths: list[Path], data: str | None, size) -> list:
     return [resize_image(load_image(f), size) for f in files[:4]]
 
 
-def _calibration_images(data: str | None, size, count: int) -> list:
+def training_images(data: str | None, size, count: int) -> list:
     """The first `count` training images the checkpoint records (int8 calibration needs no other data)."""
     from hiad_train.data import read_mvtec
 
@@ -96,14 +96,14 @@ def export(
     from hiad_export.parity import ParityError
     from hiad_export.pipeline_memory import PIPELINE_MEMORY_MB
     from hiad_export.writer import ExportOptions, write_bundle
-    from hiad_train.checkpoint import CheckpointError, load_checkpoint
+    from hiad_train.checkpoint import CheckpointError, checkpoint_ref, load_checkpoint
 
     try:
         model = load_checkpoint(checkpoint)
         meta = json.loads((checkpoint / "checkpoint.json").read_text())
         parity_images = _parity_images(list(images or []), meta.get("data"), model.tiling.image_size)
         calibration = (
-            _calibration_images(meta.get("data"), model.tiling.image_size, calibration_images)
+            training_images(meta.get("data"), model.tiling.image_size, calibration_images)
             if precision is Precision.int8
             else []
         )
@@ -115,6 +115,7 @@ def export(
             calibration=calibration,
             pipeline=pipeline,
             pipeline_memory_mb=pipeline_memory or PIPELINE_MEMORY_MB,
+            checkpoint=checkpoint_ref(checkpoint),
         )
         manifest = write_bundle(model, out, parity_images, opts)
     except (CheckpointError, ParityError, ValueError) as e:
