@@ -356,7 +356,8 @@ def _normal_files(path: Path) -> tuple[list[Path], str]:
 
 
 def _update_targets(source: Path, out: Path | None, checkpoint: Path | None):
-    """`update`'s parent bundle (None when none is published at OUT yet) and its id, the checkpoint, and OUT."""
+    """`update`'s parent bundle (a bundle SOURCE, else the one published at OUT, else None) and its id, the
+    checkpoint, and OUT."""
     from hiad_runtime.bundle import MANIFEST, Bundle, bundle_id
     from hiad_train.checkpoint import checkpoint_ref
 
@@ -365,21 +366,20 @@ def _update_targets(source: Path, out: Path | None, checkpoint: Path | None):
             _fail("--checkpoint goes with a bundle SOURCE; SOURCE is a checkpoint already")
         if out is None:
             _fail("--out BUNDLE is needed with a checkpoint SOURCE: the bundle to publish the update as")
+        parent = Bundle.load(out) if (out / MANIFEST).exists() else None
         ckpt = source
     elif (source / MANIFEST).is_file():
-        out = out or source
-        ckpt = checkpoint
+        parent, out, ckpt = Bundle.load(source), out or source, checkpoint
     else:
         _fail(f"{source}: neither a checkpoint (checkpoint.json) nor a bundle ({MANIFEST})")
-    parent = Bundle.load(out) if (out / MANIFEST).exists() else None
-    if parent is not None and ckpt is None:
+    if ckpt is None:
         recorded = parent.manifest.checkpoint
         if recorded is None:
-            _fail(f"{out}: the bundle records no checkpoint (exported before #23): give --checkpoint DIR")
+            _fail(f"{source}: the bundle records no checkpoint (exported before #23): give --checkpoint DIR")
         ckpt = Path(recorded.path)
         if not (ckpt / "checkpoint.json").is_file() or checkpoint_ref(ckpt).sha256 != recorded.sha256:
             _fail(
-                f"{out}: the checkpoint it was exported from, {ckpt}, is missing or has changed since "
+                f"{source}: the checkpoint it was exported from, {ckpt}, is missing or has changed since "
                 "(checkpoint.json sha256 differs): give --checkpoint DIR to name the one to update"
             )
     parent_id = None if parent is None else bundle_id((parent.root / MANIFEST).read_bytes())

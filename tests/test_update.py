@@ -162,6 +162,18 @@ def test_a_bundle_without_a_checkpoint_asks_for_one(default_bundle, elpv_root, t
     assert code != 0 and "records no checkpoint" in output and "--checkpoint" in output
 
 
+def test_a_bundle_whose_checkpoint_changed_since_is_refused(published, elpv_root, tmp_path):
+    _, bundle = published
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle.resolve(), copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["checkpoint"]["sha256"] = "0" * 64  # as if the checkpoint were re-published after this export
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    code, output = _invoke(train_app, ["update", copy, "--normal", elpv_root / "test" / "good"])
+    assert code != 0 and "has changed since" in output and "--checkpoint" in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
 def _padim_features(samples):
     """Real PaDiM features (N, C, h, w) of every 128-px tile of `samples` (8 channels: a well-posed Gaussian)."""
     config = PaDiMConfig(embed_dimension=8)
