@@ -409,7 +409,10 @@ def update_cmd(
         help="with a bundle SOURCE: its checkpoint (default: the one its manifest records)",
     ),
     images: Optional[List[Path]] = typer.Option(
-        None, "--images", help="images for the parity check (default: the new normal images)"
+        None,
+        "--images",
+        help="images for the parity check (default: as hiad-export, per class a test image of the training data, "
+        "but none of the new ones; else the new normal images)",
     ),
 ) -> None:
     """Add normal images to a memory-based model (PatchCore's bank, PaDiM's Gaussians) without retraining.
@@ -418,11 +421,11 @@ def update_cmd(
     bundle (parity checked, published atomically; `POST /v1/reload` serves it), its manifest's `lineage`
     saying from which bundle, how many images and when. Normalization and thresholds stay the parent
     bundle's: `hiad-train calibrate` recomputes them. Detectors that learn by training are refused."""
+    from hiad_export.cli import held_back_images
     from hiad_export.parity import ParityError  # the command publishes a bundle: export's, composed here
     from hiad_export.update import publish_update
     from hiad_runtime.bundle import BundleError, LineageStep
     from hiad_runtime.image import ImageError, default_max_pixels, load_image, resize_image
-    from hiad_runtime.results import find_inputs
     from hiad_train.checkpoint import CheckpointError, checkpoint_ref, load_checkpoint, save_checkpoint
     from hiad_train.update import NeedsRetraining, adopt_decision_rule, check_updatable, update_model
 
@@ -437,7 +440,8 @@ def update_cmd(
         size = model.tiling.image_size
         budget = default_max_pixels(size)
         added = [resize_image(load_image(f, budget), size) for f in files]
-        parity = [resize_image(load_image(f, budget), size) for f in find_inputs(list(images or []))[:4]] or added[:4]
+        held_back = held_back_images(list(images or []), meta.get("data"), files)
+        parity = [resize_image(load_image(f, budget), size) for f in held_back] or added[:4]
         update_model(model, added)
         if parent is not None:
             adopt_decision_rule(model, parent)
