@@ -453,9 +453,12 @@ def update_cmd(
             images=origin,
             date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )
-        manifest, opts = publish_update(model, out, parity, checkpoint_ref(ckpt), step, parent, meta.get("data"))
-    except (NeedsRetraining, CheckpointError, BundleError, ImageError, ParityError, OSError, ValueError) as e:
+    except (NeedsRetraining, CheckpointError, BundleError, ImageError, OSError, ValueError) as e:
         _fail(str(e))
+    try:
+        manifest, opts = publish_update(model, out, parity, checkpoint_ref(ckpt), step, parent, meta.get("data"))
+    except (BundleError, ParityError, OSError, ValueError) as e:
+        _fail(f"{e}; {out} is left as it was, {ckpt} holds the update: hiad-export it (--images HELD_BACK)")
     for note in opts.notes:
         typer.echo(note)
     for path, r in manifest.parity.items():
@@ -464,14 +467,14 @@ def update_cmd(
                 f"parity [{path}] on {r['images']} image(s): {r['max_rel_map_diff']:.2e} of the map's range: "
                 f"{'ok' if r['passed'] else 'not enforced' if not r['enforced'] else 'FAILED'}"
             )
-    for task in manifest.tasks[:1]:
-        typer.echo(f"{task.name}: {task.training}")
+    typer.echo(f"{len(manifest.tasks)} task(s) updated, e.g. {manifest.tasks[0].name}: {manifest.tasks[0].training}")
     typer.echo(
         f"bundle: {out} (+{step.images_added} normal image(s), parent {step.parent}); "
         "normalization and thresholds are the parent's (hiad-train calibrate recomputes them)"
     )
 
 
+@app.command("demo-data")
 def demo_data(
     out: Path = typer.Argument(Path("data"), help="parent folder; the dataset goes to OUT/elpv"),
     rows: int = typer.Option(4, min=1),
