@@ -318,3 +318,10 @@ def test_the_service_swaps_an_update_in_on_reload(published, elpv_root, tmp_path
         )
         lineage = httpx.get(f"{url}/v1/model").json()["lineage"]
         assert lineage[-1]["parent"] == served and lineage[-1]["images_added"] == 1
+
+
+def test_every_command_main_knows_is_registered():
+    """`hiad-train update` sits among the commands; none of them lost its registration."""
+    assert [c.name for c in train_app.registered_commands] == [
+        "train", "eval", "eval-runtime", "calibrate", "update", "demo-data",
+    ]  # fmt: skip
