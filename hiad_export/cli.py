@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import resource
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import typer
 
@@ -17,25 +17,38 @@ app = typer.Typer(
 )
 
 
-def _parity_images(paths: list[Path], data: str | None, size) -> list:
-    """Images given on the command line, else one good and one anomalous test image of the training data."""
-    from hiad_runtime.image import load_image, resize_image
+def held_back_images(paths: list[Path], data: str | None, trained: Sequence[Path] = ()) -> list[Path]:
+    """Parity images: those given on the command line, else per class one test image of the training data
+    that the model was not `trained` on (none when it has no test split).
+
+    Why not trained-on images: on a tile it was fitted to, PaDiM's Mahalanobis distance with few tiles per
+    task (a rank-deficient covariance) cancels to a small difference of large float32 terms, and PyTorch
+    and ONNX Runtime then differ by up to 1e-2 of the map's range, an artefact of the image chosen."""
     from hiad_runtime.results import find_inputs
 
     files = find_inputs(paths)
     if not files and data:
+        seen = {Path(f).resolve() for f in trained}
         test = Path(data) / "test"
         if test.is_dir():
             for kind in sorted(d for d in test.iterdir() if d.is_dir()):
-                files += find_inputs([kind])[:1]
+                files += [f for f in find_inputs([kind]) if f.resolve() not in seen][:1]
+    return files[:4]
+
+
+def _parity_images(paths: list[Path], data: str | None, size) -> list:
+    """`held_back_images`, decoded at the model's size; refused when there are none."""
+    from hiad_runtime.image import load_image, resize_image
+
+    files = held_back_images(paths, data)
     if not files:
         raise typer.BadParameter(
             "no held-back images for the parity check: pass --images DIR_OR_FILES", param_hint="--images"
         )
-    return [resize_image(load_image(f), size) for f in files[:4]]
+    return [resize_image(load_image(f), size) for f in files]
 
 
-def _calibration_images(data: str | None, size, count: int) -> list:
+def training_images(data: str | None, size, count: int) -> list:
     """The first `count` training images the checkpoint records (int8 calibration needs no other data)."""
     from hiad_train.data import read_mvtec
 
@@ -96,14 +109,14 @@ def export(
     from hiad_export.parity import ParityError
     from hiad_export.pipeline_memory import PIPELINE_MEMORY_MB
     from hiad_export.writer import ExportOptions, write_bundle
-    from hiad_train.checkpoint import CheckpointError, load_checkpoint
+    from hiad_train.checkpoint import CheckpointError, checkpoint_ref, load_checkpoint
 
     try:
         model = load_checkpoint(checkpoint)
         meta = json.loads((checkpoint / "checkpoint.json").read_text())
         parity_images = _parity_images(list(images or []), meta.get("data"), model.tiling.image_size)
         calibration = (
-            _calibration_images(meta.get("data"), model.tiling.image_size, calibration_images)
+            training_images(meta.get("data"), model.tiling.image_size, calibration_images)
             if precision is Precision.int8
             else []
         )
@@ -115,6 +128,7 @@ def export(
             calibration=calibration,
             pipeline=pipeline,
             pipeline_memory_mb=pipeline_memory or PIPELINE_MEMORY_MB,
+            checkpoint=checkpoint_ref(checkpoint),
         )
         manifest = write_bundle(model, out, parity_images, opts)
     except (CheckpointError, ParityError, ValueError) as e:

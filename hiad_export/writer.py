@@ -33,10 +33,12 @@ from hiad_runtime.bundle import (
     SCHEMA,
     SCHEMA_VERSION,
     Bundle,
+    CheckpointRef,
     EmbedderSpec,
     FileInfo,
     GraphSpec,
     HeadSpec,
+    LineageStep,
     Manifest,
     Precision,
     RoutingSpec,
@@ -67,6 +69,8 @@ class ExportOptions:
     pipeline: bool = False  # also build the whole-image graph (pipeline.onnx: what the C library runs)
     pipeline_memory_mb: float = PIPELINE_MEMORY_MB  # ... when it can be built and checked within this much memory
     notes: list[str] = field(default_factory=list)  # what was skipped and why
+    checkpoint: CheckpointRef | None = None  # what the model was loaded from (the manifest records it)
+    lineage: Sequence[LineageStep] = ()  # `hiad-train update`s since the export (the manifest records them)
 
 
 def _preprocessing() -> dict:
@@ -261,6 +265,7 @@ def write_bundle(
     out = Path(out)
     with atomic_directory(out) as tmp:
         fields = _add_pipeline(model, tmp, _write_graphs(model, tmp, opts), opts)
+        fields = {**fields, "checkpoint": opts.checkpoint, "lineage": list(opts.lineage)}
         _write_manifest(tmp / MANIFEST, _manifest(model, tmp, fields, None))
         reference = [model.predict(im) for im in tqdm(parity_images, desc="parity: pytorch", leave=False)]
         parity = check_parity(model, tmp, parity_images, opts, reference)  # fp32: enforced

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import bz2
 import gzip
+import hashlib
 import json
 import lzma
 import shutil
@@ -153,6 +154,26 @@ class FileInfo:
 
 
 @dataclass(frozen=True, config=STRICT)
+class CheckpointRef:
+    """The training checkpoint a bundle was exported from: its folder and checkpoint.json's sha256 then
+    (`hiad-train update` on the bundle finds it here, and refuses it if it changed since)."""
+
+    path: str
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+@dataclass(frozen=True, config=STRICT)
+class LineageStep:
+    """One `hiad-train update`: the bundle it updated (`parent`, its id as the service names it; None when
+    there was none yet), how many normal images joined the model, where they came from, and when."""
+
+    parent: str | None
+    images_added: Annotated[int, Field(ge=0)]
+    images: str
+    date: str
+
+
+@dataclass(frozen=True, config=STRICT)
 class Manifest:
     """The whole `manifest.json`, validated field by field on load (see the module docstring)."""
 
@@ -176,6 +197,8 @@ class Manifest:
     parity: dict | None = None
     pipeline: PipelineSpec | None = None  # the whole-image graph, or why there is none
     files: dict[str, FileInfo] = field(default_factory=dict)  # relative path -> sha256 and size
+    checkpoint: CheckpointRef | None = None  # what it was exported from (absent before #23)
+    lineage: list[LineageStep] = field(default_factory=list)  # `hiad-train update`s since the export, oldest first
 
     def to_dict(self) -> dict:
         """The manifest as plain JSON-ready data, what the writer dumps."""
@@ -210,6 +233,12 @@ class Manifest:
 
 
 _MANIFEST = TypeAdapter(Manifest)
+
+
+def bundle_id(manifest: bytes) -> str:
+    """What the service and a lineage call a bundle: the first 12 hex digits of its manifest.json's sha256
+    (the bytes given) @ its `created`."""
+    return f"{hashlib.sha256(manifest).hexdigest()[:12]}@{json.loads(manifest).get('created')}"
 
 
 def _field_errors(error: ValidationError) -> str:

@@ -314,6 +314,10 @@ def verify(bundle: Path = typer.Argument(..., exists=True, help="bundle folder o
                 f"  parity [{path}]: "
                 f"{'passed' if r['passed'] else 'FAILED'}{'' if r['enforced'] else ' (not enforced)'}"
             )
+    for step in m.lineage:
+        typer.echo(
+            f"  updated {step.date}: +{step.images_added} normal image(s) from {step.images} (parent {step.parent})"
+        )
     typer.echo(f"  manifest sha256 {sha256_file(b.root / MANIFEST)} (sign manifest.json to sign the bundle)")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from hiad_runtime.bundle import CheckpointRef
 from hiad_runtime.files import atomic_directory, sha256_file
 from hiad_runtime.geometry import Tiling
 from hiad_runtime.postprocess import Normalization, PostprocessSpec
@@ -75,6 +76,13 @@ def save_checkpoint(model: HRModel, out: str | Path, data: str | Path | None = N
         }
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=1))
     return out
+
+
+def checkpoint_ref(path: str | Path) -> CheckpointRef:
+    """How a bundle names the checkpoint at `path`: the folder as given (a published name stays itself) and
+    checkpoint.json's sha256, which pins the version."""
+    path = Path(path)
+    return CheckpointRef(str(path.absolute()), sha256_file(path / "checkpoint.json"))
 
 
 def load_checkpoint(path: str | Path) -> HRModel:

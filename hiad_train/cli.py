@@ -1,15 +1,16 @@
 """`hiad-train CONFIG.yaml --data DIR --out DIR [--eval] [--ray ADDRESS]`, plus `hiad-train eval`, `eval-runtime`,
-`calibrate` and `demo-data`."""
+`calibrate`, `update` and `demo-data`."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -258,7 +259,7 @@ def eval_runtime(
 def calibrate_cmd(
     source: Path = typer.Argument(..., exists=True, file_okay=False, help="checkpoint folder or bundle folder"),
     normal: Path = typer.Option(
-        ..., "--normal", exists=True, file_okay=False, help="normal (good) images from the line, searched recursively"
+        None, "--normal", exists=True, file_okay=False, help="normal (good) images from the line, searched recursively"
     ),
     defective: Path = typer.Option(
         None,
@@ -266,6 +267,14 @@ def calibrate_cmd(
         exists=True,
         file_okay=False,
         help="defective images: widen the normalization, misses reported",
+    ),
+    review: Path = typer.Option(
+        None,
+        "--review",
+        exists=True,
+        file_okay=False,
+        help="a review store (hiad-runtime serve --review-dir): its images labeled good join --normal, defect "
+        "--defective",
     ),
     out: Path = typer.Option(
         None, "--out", help="where the calibrated copy is published (default: SOURCE, as its new version)"
@@ -300,7 +309,6 @@ def calibrate_cmd(
         load_image,
         resize_image,
     )
-    from hiad_runtime.results import find_inputs
     from hiad_train import calibration
     from hiad_train.operating_curve import describe_curve
     from hiad_train.synthesis import SynthesizerConfig
@@ -324,12 +332,16 @@ def calibrate_cmd(
             _fail(f"{source}: neither a checkpoint (checkpoint.json) nor a bundle ({MANIFEST})")
         size = scorer.tiling.image_size
         budget = default_max_pixels(size)
-        images = {
-            name: [resize_image(load_image(f, budget), size) for f in find_inputs([d])] if d else []
-            for name, d in (("normal", normal), ("defective", defective))
+        files = {
+            "normal": _files(normal) + _labeled(review, "good"),
+            "defective": _files(defective) + _labeled(review, "defect"),
         }
+        images = {name: [resize_image(load_image(f, budget), size) for f in found] for name, found in files.items()}
         if not images["normal"]:
-            _fail(f"{normal}: no images found")
+            _fail(
+                f"{' and '.join(str(d) for d in (normal, review) if d) or 'calibrate'}: no normal images found "
+                "(give --normal DIR or --review STORE with images labeled good)"
+            )
         synthesizer = (val.anomaly_syn_fn if val is not None else SynthesizerConfig()).build()
         mode = normalization or (val.normalization if val is not None else NormalizationMode.GLOBAL)
         cal = calibration.calibrate(
@@ -350,6 +362,150 @@ def calibrate_cmd(
             describe_threshold(kind, cal.thresholds[kind], rule, False) + f"; flags {rule['flagged']} of them{missed}"
         )
     typer.echo(f"calibrated: {target}")
+
+
+def _files(folder: Path | None) -> list[Path]:
+    """The image files under `folder`, searched recursively (none without a folder)."""
+    from hiad_runtime.results import find_inputs
+
+    return find_inputs([folder]) if folder else []
+
+
+def _labeled(store: Path | None, label: str) -> list[Path]:
+    """The images of the review store at `store` whose latest label is `label` (none without a store)."""
+    from hiad_runtime.review.store import ReviewStore
+
+    return ReviewStore(store).labeled(label) if store else []
+
+
+def _normal_files(path: Path) -> tuple[list[Path], str]:
+    """`update --normal`: a review store's images labeled good, else the image files under the folder; and
+    what the lineage says they were."""
+    from hiad_runtime.review.store import ReviewStore, ReviewStoreError
+
+    try:
+        return ReviewStore(path).labeled("good"), f"{path.absolute()} (review store: labeled good)"
+    except ReviewStoreError:
+        return _files(path), str(path.absolute())
+
+
+def _update_targets(source: Path, out: Path | None, checkpoint: Path | None):
+    """`update`'s parent bundle (a bundle SOURCE, else the one published at OUT, else None) and its id, the
+    checkpoint, and OUT."""
+    from hiad_runtime.bundle import MANIFEST, Bundle, bundle_id
+    from hiad_train.checkpoint import checkpoint_ref
+
+    if (source / "checkpoint.json").is_file():
+        if checkpoint is not None:
+            _fail("--checkpoint goes with a bundle SOURCE; SOURCE is a checkpoint already")
+        if out is None:
+            _fail("--out BUNDLE is needed with a checkpoint SOURCE: the bundle to publish the update as")
+        parent = Bundle.load(out) if (out / MANIFEST).exists() else None
+        ckpt = source
+    elif (source / MANIFEST).is_file():
+        parent, out, ckpt = Bundle.load(source), out or source, checkpoint
+    else:
+        _fail(f"{source}: neither a checkpoint (checkpoint.json) nor a bundle ({MANIFEST})")
+    if ckpt is None:
+        recorded = parent.manifest.checkpoint
+        if recorded is None:
+            _fail(f"{source}: the bundle records no checkpoint (exported before #23): give --checkpoint DIR")
+        ckpt = Path(recorded.path)
+        if not (ckpt / "checkpoint.json").is_file() or checkpoint_ref(ckpt).sha256 != recorded.sha256:
+            _fail(
+                f"{source}: the checkpoint it was exported from, {ckpt}, is missing or has changed since "
+                "(checkpoint.json sha256 differs): give --checkpoint DIR to name the one to update"
+            )
+    parent_id = None if parent is None else bundle_id((parent.root / MANIFEST).read_bytes())
+    return None if parent is None else parent.manifest, parent_id, ckpt, out
+
+
+@app.command("update")
+def update_cmd(
+    source: Path = typer.Argument(
+        ..., exists=True, file_okay=False, help="checkpoint folder, or bundle folder exported from one"
+    ),
+    normal: Path = typer.Option(
+        ...,
+        "--normal",
+        exists=True,
+        file_okay=False,
+        help="new normal images: a folder (searched recursively) or a review store (its images labeled good)",
+    ),
+    out: Path = typer.Option(
+        None, "--out", help="the bundle published as its new version (default: SOURCE when it is a bundle)"
+    ),
+    checkpoint: Path = typer.Option(
+        None,
+        "--checkpoint",
+        exists=True,
+        file_okay=False,
+        help="with a bundle SOURCE: its checkpoint (default: the one its manifest records)",
+    ),
+    images: Optional[List[Path]] = typer.Option(
+        None,
+        "--images",
+        help="images for the parity check (default: as hiad-export, per class a test image of the training data, "
+        "but none of the new ones; else the new normal images)",
+    ),
+) -> None:
+    """Add normal images to a memory-based model (PatchCore's bank, PaDiM's Gaussians) without retraining.
+
+    The checkpoint is re-published with them as its new version, then exported as the new version of the
+    bundle (parity checked, published atomically; `POST /v1/reload` serves it), its manifest's `lineage`
+    saying from which bundle, how many images and when. Normalization and thresholds stay the parent
+    bundle's: `hiad-train calibrate` recomputes them. Detectors that learn by training are refused."""
+    from hiad_export.cli import held_back_images
+    from hiad_export.parity import ParityError  # the command publishes a bundle: export's, composed here
+    from hiad_export.update import publish_update
+    from hiad_runtime.bundle import BundleError, LineageStep
+    from hiad_runtime.image import ImageError, default_max_pixels, load_image, resize_image
+    from hiad_train.checkpoint import CheckpointError, checkpoint_ref, load_checkpoint, save_checkpoint
+    from hiad_train.update import NeedsRetraining, adopt_decision_rule, check_updatable, update_model
+
+    try:
+        parent, parent_id, ckpt, out = _update_targets(source, out, checkpoint)
+        meta = json.loads((ckpt / "checkpoint.json").read_text())
+        check_updatable(meta["detector"])  # before any work
+        files, origin = _normal_files(normal)
+        if not files:
+            _fail(f"{normal}: no normal images found")
+        model = load_checkpoint(ckpt)
+        size = model.tiling.image_size
+        budget = default_max_pixels(size)
+        added = [resize_image(load_image(f, budget), size) for f in files]
+        held_back = held_back_images(list(images or []), meta.get("data"), files)
+        parity = [resize_image(load_image(f, budget), size) for f in held_back] or added[:4]
+        update_model(model, added)
+        if parent is not None:
+            adopt_decision_rule(model, parent)
+        save_checkpoint(model, ckpt, meta.get("data"))
+        typer.echo(f"checkpoint: {ckpt} (new version, {len(added)} normal image(s) added)")
+        step = LineageStep(
+            parent=parent_id,
+            images_added=len(added),
+            images=origin,
+            date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+    except (NeedsRetraining, CheckpointError, BundleError, ImageError, OSError, ValueError) as e:
+        _fail(str(e))
+    try:
+        manifest, opts = publish_update(model, out, parity, checkpoint_ref(ckpt), step, parent, meta.get("data"))
+    except (BundleError, ParityError, OSError, ValueError) as e:
+        _fail(f"{e}; {out} is left as it was, {ckpt} holds the update: hiad-export it (--images HELD_BACK)")
+    for note in opts.notes:
+        typer.echo(note)
+    for path, r in manifest.parity.items():
+        if isinstance(r, dict):
+            typer.echo(
+                f"parity [{path}] on {r['images']} image(s): {r['max_rel_map_diff']:.2e} of the map's range: "
+                f"{'ok' if r['passed'] else 'not enforced' if not r['enforced'] else 'FAILED'}"
+            )
+    typer.echo(f"{len(manifest.tasks)} task(s) updated, e.g. {manifest.tasks[0].name}: {manifest.tasks[0].training}")
+    typer.echo(
+        f"bundle: {out} (+{step.images_added} normal image(s), parent {step.parent}); "
+        "normalization and thresholds are the parent's (hiad-train calibrate recomputes them)"
+    )
 
 
 @app.command("demo-data")
@@ -383,6 +539,7 @@ def main() -> None:
         "eval",
         "eval-runtime",
         "calibrate",
+        "update",
         "demo-data",
         "--help",
         "-h",

@@ -1,7 +1,8 @@
 """Layers that hold: training never imports export. Every hiad_train module but its CLI (which composes
-commands and may call into hiad_export inside one, e.g. `calibrate` on a bundle) is proven free of
+commands and may call into hiad_export inside one: `calibrate` on a bundle, `update`) is proven free of
 hiad_export twice: by a scan of every import statement, function-level ones included, and by a fresh
-interpreter that refuses hiad_export and still imports every module, trains, checkpoints and calibrates."""
+interpreter that refuses hiad_export and still imports every module, trains, checkpoints, calibrates and
+updates."""
 
 import ast
 import subprocess
@@ -46,7 +47,7 @@ def test_no_training_module_imports_hiad_export():
     assert offenders == []
 
 
-def test_training_checkpoints_and_calibration_run_with_hiad_export_blocked(elpv_root, tmp_path):
+def test_training_checkpoints_calibration_and_update_run_with_hiad_export_blocked(elpv_root, tmp_path):
     script = textwrap.dedent(
         f"""
         import importlib, sys
@@ -75,6 +76,8 @@ def test_training_checkpoints_and_calibration_run_with_hiad_export_blocked(elpv_
         synthesizer = config.val_config.anomaly_syn_fn.build()
         cal = calibration.calibrate(calibration.model_scorer(model), normal, [], synthesizer, 0.05)
         calibration.write_checkpoint(Path({str(tmp_path / "ckpt")!r}).resolve(), {str(tmp_path / "calibrated")!r}, cal)
+        from hiad_train.update import update_model
+        update_model(model, normal, progress=False)
         assert not [m for m in sys.modules if m.split('.')[0] == 'hiad_export'], 'hiad_export was imported'
         print('TASKS', len(load_checkpoint({str(tmp_path / "calibrated")!r}).tasks))
         """

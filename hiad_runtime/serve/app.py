@@ -403,6 +403,7 @@ def summary(model: LoadedModel) -> dict:
         "thumbnail": manifest.get("thumbnail") is not None,
         "thresholds": manifest.get("thresholds"),
         "parity": manifest.get("parity"),
+        "lineage": manifest.get("lineage"),  # each `hiad-train update` since the export: parent, images added, date
         "providers_in_use": inspector.providers_in_use,
     }
 

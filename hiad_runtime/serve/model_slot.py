@@ -12,14 +12,13 @@ a `.tar` bundle was extracted into is removed once its model is replaced and its
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from hiad_runtime.bundle import MANIFEST, Bundle, BundleError, remove_extraction
+from hiad_runtime.bundle import MANIFEST, Bundle, BundleError, bundle_id, remove_extraction
 from hiad_runtime.inspector import Inspector
 from hiad_runtime.options import RuntimeOptions
 
@@ -90,7 +89,7 @@ def load_model(source: str | Path, options: RuntimeOptions) -> LoadedModel:
         # a live server refuses whatever a bad bundle raises (ORT, faiss, numpy)
         raise BundleError(f"{source}: cannot be served ({type(e).__name__}: {e})") from e
     created = inspector.manifest.created
-    return LoadedModel(inspector, source, f"{hashlib.sha256(raw).hexdigest()[:12]}@{created}", created)
+    return LoadedModel(inspector, source, bundle_id(raw), created)
 
 
 class ModelSlot:

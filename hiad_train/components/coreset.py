@@ -21,6 +21,13 @@ from tqdm import tqdm
 from hiad_train.components.threads import torch_threads
 
 
+def coreset_size(points: int, percentage: float) -> int:
+    """How many points a `percentage` coreset of `points` keeps (at least one): the bank's size rule."""
+    if not 0 < percentage <= 1:
+        raise ValueError(f"percentage must be in (0, 1], got {percentage}")
+    return max(1, int(points * percentage))
+
+
 def greedy_coreset(
     features: torch.Tensor,
     percentage: float,
@@ -29,13 +36,24 @@ def greedy_coreset(
     seed: int = 0,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Indices (sorted by pick order, on the CPU) of a `percentage` coreset of `features` (N, D), computed
-    where `features` are (the random projection and anchors are drawn on the CPU: the picks do not depend
-    on the device but through float rounding)."""
+    """Indices (sorted by pick order) of a `percentage` coreset of `features` (N, D)."""
+    return greedy_picks(
+        features, coreset_size(features.shape[0], percentage), projection_dim, start_points, seed, progress
+    )
+
+
+def greedy_picks(
+    features: torch.Tensor,
+    count: int,
+    projection_dim: int = 128,
+    start_points: int = 10,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Indices (sorted by pick order, on the CPU) of `count` greedily picked points of `features` (N, D);
+    all N, in order, when `count` >= N. Computed where `features` are (the random projection and anchors
+    are drawn on the CPU: the picks do not depend on the device but through float rounding)."""
     n = features.shape[0]
-    if not 0 < percentage <= 1:
-        raise ValueError(f"percentage must be in (0, 1], got {percentage}")
-    count = max(1, int(n * percentage))
     if count >= n:
         return torch.arange(n)
     x = features.float()

@@ -29,6 +29,37 @@ def gaussian_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return mean.float(), covariance.float()
 
 
+def merged_statistics(
+    count: int, mean: torch.Tensor, covariance: torch.Tensor, features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (P, C) and unbiased covariance (P, C, C) of `count` earlier samples (their `mean`, `covariance`)
+    and new `features` (M, C, P) together, as `gaussian_statistics` gives on all count + M at once.
+
+    The running sums are the count, the mean and the sum of squared deviations ((count - 1) * covariance);
+    the new samples' own sums are merged in by the pairwise update (Chan, Golub and LeVeque 1979), in
+    float64, returned as float32."""
+    m = features.shape[0]
+    if m == 0:
+        return mean, covariance
+    x = features.double().permute(2, 0, 1)  # (P, M, C)
+    new_mean = x.mean(dim=1)
+    centred = x - new_mean[:, None, :]
+    n = count + m
+    delta = new_mean - mean.double()
+    squares = (
+        covariance.double() * (count - 1)
+        + centred.transpose(1, 2) @ centred
+        + delta[:, :, None] * delta[:, None, :] * (count * m / n)
+    )
+    return (mean.double() + delta * (m / n)).float(), (squares / (n - 1)).float()
+
+
+def covariance_from_inverse(inverse_covariance: torch.Tensor, ridge: float = COVARIANCE_RIDGE) -> torch.Tensor:
+    """The covariance a `regularized_inverse` was computed from (float64 inversion; float32 in, float32 out)."""
+    eye = torch.eye(inverse_covariance.shape[-1], dtype=torch.float64)
+    return (torch.linalg.inv(inverse_covariance.double()) - ridge * eye).float()
+
+
 def regularized_inverse(covariance: torch.Tensor, ridge: float = COVARIANCE_RIDGE) -> torch.Tensor:
     """Inverse of covariance + ridge * I for a batch of covariances (P, C, C), in float64.
 

@@ -74,6 +74,8 @@ class Detector(ABC):
     needs_tiles: ClassVar[bool] = False  # fit reads TaskData.tiles
     head_kind: ClassVar[str] = "onnx"  # "knn": the runtime may search a faiss index instead of the graph
     postprocess: ClassVar[dict] = {}  # PostprocessSpec options HiAD applies for this detector
+    # Memory-based: normal images join the learned state without retraining (`add_normal`, `hiad-train update`)
+    memory_based: ClassVar[bool] = False
 
     def __init__(self, config: DetectorConfig, seed: int = 0):
         self.config = config
@@ -122,6 +124,11 @@ class Detector(ABC):
     def head_params(self) -> dict[str, Any]:
         """JSON facts about the head for the manifest (sizes, parameters a runtime path needs)."""
         return {}
+
+    def add_normal(self, features: Sequence[torch.Tensor], record: dict, seed: int) -> dict:
+        """Memory-based detectors: take the features (per embedder output (N, C, h, w)) of new normal tiles
+        into the state by the rule training used, given the training `record`; returns the updated record."""
+        raise NotImplementedError(f"{self.name} is not memory-based: new normal images need retraining")
 
 
 class NetworkDetector(Detector):

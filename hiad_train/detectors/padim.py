@@ -9,6 +9,8 @@ one pass over the cached features.
 
 Size per task: the head holds the mean (P, C) and the inverse covariance (P, C, C) in float32,
 P = positions of the first layer's grid, C = embed_dimension, so P * C^2 * 4 + P * C * 4 bytes.
+The checkpoint also keeps the covariance itself (P * C^2 * 4 more, not exported): with the count of
+training tiles it is the running sums that `hiad-train update` adds new normal images to.
 Defaults (tf_efficientnet_lite0 layers [2, 3], 512-px tiles: a 64x64 grid; C = 100): 165 MB.
 HiAD's wide_resnet50_2 setting (C = 550 on the same grid) needs 4.96 GB per task.
 """
@@ -23,7 +25,13 @@ from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from hiad_train.components.gaussian import gaussian_statistics, mahalanobis, regularized_inverse
+from hiad_train.components.gaussian import (
+    covariance_from_inverse,
+    gaussian_statistics,
+    mahalanobis,
+    merged_statistics,
+    regularized_inverse,
+)
 from hiad_train.detectors.base import Detector, DetectorConfig, TaskData
 from hiad_train.detectors.registry import register_detector
 from hiad_train.embedders import BackboneFeatures
@@ -88,10 +96,12 @@ class PaDiM(Detector):
 
     name: ClassVar[str] = "padim"
     Config: ClassVar[type[DetectorConfig]] = PaDiMConfig
+    memory_based: ClassVar[bool] = True
 
     def __init__(self, config: PaDiMConfig, seed: int = 0):
         super().__init__(config, seed)
         self.mean: torch.Tensor | None = None
+        self.covariance: torch.Tensor | None = None  # kept (checkpoint only) for `add_normal`'s running sums
         self.inverse_covariance: torch.Tensor | None = None
 
     @classmethod
@@ -101,17 +111,46 @@ class PaDiM(Detector):
 
     def fit(self, data: TaskData, progress: bool = False) -> dict:
         (features,) = data.features
+        n = features.shape[0]
+        self._set_statistics(features, lambda start, x: gaussian_statistics(x), progress)
+        return {"training_tiles": n}
+
+    def add_normal(self, features: Sequence[torch.Tensor], record: dict, seed: int) -> dict:
+        """Each position's Gaussian updated from its running sums (count, mean, covariance) with the new
+        tiles, as if fitted on all tiles at once. A checkpoint written before the covariance was kept
+        has it recovered from the inverse (float64)."""
+        (embeddings,) = features
+        count = int(record["training_tiles"])
+        mean = self.mean
+        covariance = (
+            self.covariance if self.covariance is not None else covariance_from_inverse(self.inverse_covariance)
+        )
+        self._set_statistics(
+            embeddings,
+            lambda start, x: merged_statistics(
+                count,
+                mean[start : start + POSITIONS_PER_CHUNK],
+                covariance[start : start + POSITIONS_PER_CHUNK],
+                x,
+            ),
+        )
+        return {**record, "training_tiles": count + embeddings.shape[0]}
+
+    def _set_statistics(self, features: torch.Tensor, statistics, progress: bool = False) -> None:
+        """Mean, covariance and regularized inverse per position, `POSITIONS_PER_CHUNK` positions at a time
+        (bounds the float64 working memory): `statistics(start, features (N, C, chunk))` gives a chunk's."""
         n, c, h, w = features.shape
         flat = features.reshape(n, c, h * w)
-        means, inverses = [], []
+        means, covariances, inverses = [], [], []
         starts = range(0, h * w, POSITIONS_PER_CHUNK)
         for start in tqdm(starts, desc="PaDiM Gaussians", unit="chunk", disable=not progress, leave=False):
-            mean, covariance = gaussian_statistics(flat[:, :, start : start + POSITIONS_PER_CHUNK])
+            mean, covariance = statistics(start, flat[:, :, start : start + POSITIONS_PER_CHUNK])
             means.append(mean)
+            covariances.append(covariance)
             inverses.append(regularized_inverse(covariance))
         self.mean = torch.cat(means).contiguous()
+        self.covariance = torch.cat(covariances).contiguous()
         self.inverse_covariance = torch.cat(inverses).contiguous()
-        return {"training_tiles": n}
 
     def head(self) -> nn.Module:
         if self.mean is None:
@@ -126,8 +165,11 @@ class PaDiM(Detector):
         }
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean, "inverse_covariance": self.inverse_covariance}
+        state = {"mean": self.mean, "covariance": self.covariance, "inverse_covariance": self.inverse_covariance}
+        return {k: v for k, v in state.items() if v is not None}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.mean = state["mean"].float().contiguous()
+        covariance = state.get("covariance")  # absent from checkpoints written before `add_normal`
+        self.covariance = None if covariance is None else covariance.float().contiguous()
         self.inverse_covariance = state["inverse_covariance"].float().contiguous()

@@ -3,13 +3,13 @@ a coreset memory bank of locally aware patch embeddings, scored by k-NN distance
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from hiad_train.components.coreset import greedy_coreset
+from hiad_train.components.coreset import coreset_size, greedy_coreset, greedy_picks
 from hiad_train.components.knn import KnnHead
 from hiad_train.components.patch_embedding import PatchEmbedder
 from hiad_train.detectors.base import Detector, DetectorConfig, TaskData
@@ -45,6 +45,7 @@ class PatchCore(Detector):
     name = "patchcore"
     Config = PatchCoreConfig
     head_kind = "knn"
+    memory_based = True
     # HiAD's RescaleSegmentor blurs each tile's map (sigma 4) before stitching: AUPRO +0.003 to +0.021
     # on each of 8 sets, image AUROC unchanged on average (docs/quality.md, "Against HiAD").
     postprocess = {"tile_blur_sigma": 4.0}
@@ -68,6 +69,19 @@ class PatchCore(Detector):
         )
         self.memory_bank = features[picked].contiguous()
         return {"bank_size": int(self.memory_bank.shape[0]), "training_patches": int(features.shape[0])}
+
+    def add_normal(self, features: Sequence[torch.Tensor], record: dict, seed: int) -> dict:
+        """The bank and the new patches re-subsampled by the greedy coreset to the size training's rule
+        gives for every patch seen so far (`percentage` of them): with no new patches, the bank as it was."""
+        (embeddings,) = features
+        new = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
+        seen = int(record["training_patches"]) + new.shape[0]
+        union = torch.cat([self.memory_bank, new.to(self.memory_bank.dtype)])
+        picked = greedy_picks(
+            union, coreset_size(seen, self.config.percentage), self.config.coreset_projection_dim, seed=seed
+        )
+        self.memory_bank = union[picked].contiguous()
+        return {**record, "bank_size": int(self.memory_bank.shape[0]), "training_patches": seen}
 
     def head(self) -> nn.Module:
         if self.memory_bank is None:
