@@ -113,10 +113,12 @@ def calibrate(
         if max_miss is not None:
             thresholds[kind] = max_miss_threshold(bad_, max_miss)
             alarms = Rate(int((good >= thresholds[kind]).sum()), good.size)
+            normal_law = {key: rules[kind][key] for key in ("tiles", "fit") if key in rules[kind]}
             rules[kind] = {
                 "rule": "max_miss",
                 "max_miss": max_miss,
                 "images": int(good.size),
+                **normal_law,  # the normal images' score law, whatever sets the threshold: drift's reference
                 "calibrated": when,
                 "flagged": alarms.count,
                 "false_alarm_interval_90": list(alarms.interval()),

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from hiad_runtime.bundle import Bundle
 from hiad_runtime.cli import app as runtime_app
 from hiad_runtime.inspector import Inspector
+from hiad_runtime.review.drift import GumbelReference
 from hiad_train.checkpoint import load_checkpoint, save_checkpoint
 from hiad_train.cli import app as train_app
 
@@ -149,6 +150,7 @@ def test_max_miss_sets_thresholds_from_the_defective_images(clustered_bundle, el
     inspector = Inspector(Bundle.load(tmp_path / "b"))
     rules = inspector.manifest.thresholds["rules"]
     assert rules["image"]["rule"] == "max_miss" and rules["image"]["missed"] == 0
+    assert GumbelReference.from_thresholds(inspector.manifest.thresholds) is not None  # drift keeps its reference
     scores = [inspector.predict(str(p)).score for p in sorted(defect.glob("*.png"))]
     assert min(scores) == pytest.approx(inspector.manifest.thresholds["image"], abs=1e-5)  # the lowest defect, flagged
     assert "image threshold" in result.output and "misses at most 0% of" in result.output

@@ -20,9 +20,11 @@ def _normal_scores(n: int, seed: int) -> np.ndarray:
     return stats.gumbel_r.rvs(0.3, 0.05, size=(n, 16), random_state=seed).max(axis=1)
 
 
-def test_reference_comes_from_the_false_alarm_rule_only():
+def test_reference_comes_from_the_rule_that_recorded_a_fit_of_normal_images():
     ref = GumbelReference.from_thresholds(THRESHOLDS)
     assert (ref.loc, ref.scale, ref.tiles) == (0.3, 0.05, 16)
+    max_miss = {"image": 0.7, "rules": {"image": {**THRESHOLDS["rules"]["image"], "rule": "max_miss"}}}
+    assert GumbelReference.from_thresholds(max_miss) == ref
     f1 = {"image": 0.5, "rules": {"image": {"rule": "f1", "images": 3, "tiles": 40}}}
     assert GumbelReference.from_thresholds(f1) is None and GumbelReference.from_thresholds(None) is None
 

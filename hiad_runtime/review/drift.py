@@ -1,10 +1,10 @@
 """Drift: are the recent images' scores distributed as the bundle's normal images' were?
 
-Reference: the law the bundle's image threshold was set from (`thresholds.rules.image`, rule
-`false_alarm_rate`, written at export from the validation images and rewritten by `hiad-train calibrate`
-from the line's own normal images): each tile's score statistic follows a Gumbel law (`fit.loc`,
-`fit.scale`) and an image scores its largest tile, so a normal image's score has the CDF
-F(s) = exp(-T exp(-(s - loc) / scale)) with T = tiles per image. No manifest change is needed; a bundle
+Reference: the normal images' law recorded with the bundle's image threshold (`thresholds.rules.image`,
+rule `false_alarm_rate` written at export from the validation images, or either rule written by
+`hiad-train calibrate` from the line's own normal images, `max_miss` included): each tile's score
+statistic follows a Gumbel law (`fit.loc`, `fit.scale`) and an image scores its largest tile, so a
+normal image's score has the CDF F(s) = exp(-T exp(-(s - loc) / scale)) with T = tiles per image. No manifest change is needed; a bundle
 whose threshold was set otherwise (rule `f1`, or none) has no reference and its drift is `unknown`.
 
 Statistic: the Kolmogorov-Smirnov distance D = sup_s |F_n(s) - F(s)| between the empirical CDF of the
@@ -39,10 +39,11 @@ class GumbelReference:
 
     @classmethod
     def from_thresholds(cls, thresholds: dict | None) -> "GumbelReference | None":
-        """The reference recorded with a false-alarm-rate image threshold, else None."""
+        """The reference recorded with the image threshold (its rule's Gumbel fit of normal images: a
+        false-alarm-rate or max-miss rule), else None."""
         rule = ((thresholds or {}).get("rules") or {}).get("image") or {}
         fit = rule.get("fit")
-        if rule.get("rule") != "false_alarm_rate" or not fit or not rule.get("images"):
+        if not fit or not rule.get("images") or not rule.get("tiles"):
             return None
         tiles = max(1, round(rule["tiles"] / rule["images"]))
         source = f"thresholds.rules.image.fit ({rule['images']} normal images, {tiles} tiles each)"
