@@ -4,7 +4,8 @@ Reference: the normal images' law recorded with the bundle's image threshold (`t
 rule `false_alarm_rate` written at export from the validation images, or either rule written by
 `hiad-train calibrate` from the line's own normal images, `max_miss` included): each tile's score
 statistic follows a Gumbel law (`fit.loc`, `fit.scale`) and an image scores its largest tile, so a
-normal image's score has the CDF F(s) = exp(-T exp(-(s - loc) / scale)) with T = tiles per image. No manifest change is needed; a bundle
+normal image's score has the CDF F(s) = exp(-T exp(-(s - loc) / scale))
+with T = tiles per image. No manifest change is needed; a bundle
 whose threshold was set otherwise (rule `f1`, or none) has no reference and its drift is `unknown`.
 
 Statistic: the Kolmogorov-Smirnov distance D = sup_s |F_n(s) - F(s)| between the empirical CDF of the
