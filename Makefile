@@ -30,7 +30,8 @@ demo-review: $(BIN)/hiad-train browser $(DEMO)/review/bundle/manifest.json
 	$(BIN)/python tests/review_browser.py $(DEMO)/review/bundle data/elpv/test --out $(DEMO)
 
 $(DEMO)/review/bundle/manifest.json: $(DEMO)/bundle/manifest.json
-	$(BIN)/hiad-train calibrate $(DEMO)/bundle --normal data/elpv/test/good --out $(DEMO)/review/bundle
+	$(BIN)/hiad-train calibrate $(DEMO)/bundle --normal data/elpv/test/good --defective data/elpv/test/defect --max-miss 0.2 \
+		--out $(DEMO)/review/bundle
 
 # Debian's chromium and chromedriver (apt-get, as root, when missing): the review page's browser test uses them.
 browser:

@@ -134,7 +134,7 @@ function showDrift(d) {
     ? `${d.statistic}: D = ${d.distance === null ? "–" : d.distance.toFixed(3)} over the last ${d.scores} ` +
       `scores (window ${d.window}); warn above ${d.thresholds.warn}, alarm above ${d.thresholds.alarm} ` +
       `(and above the 5 % / 1 % critical values). Reference: ${d.reference.source}.`
-    : `No reference: the bundle records no normal-score law (its image threshold was not set by false-alarm rate); ` +
+    : `No reference: the bundle records no normal-score law (its image threshold records no Gumbel fit of normal images, e.g. rule f1); ` +
       `${d.scores} scores in the window.`;
 }
 
