@@ -22,8 +22,9 @@ demo: $(BIN)/hiad-train
 	$(BIN)/hiad-runtime predict $(DEMO)/bundle data/elpv/test --out $(DEMO)/runtime --overlays --overwrite
 	$(BIN)/hiad-train eval-runtime $(DEMO)/runtime --data data/elpv
 
-# The review page on the demo model: a copy of the demo bundle calibrated on the good test modules (the
-# training modules are in its memory bank: calibrated on them, every test module is flagged), served with
+# The review page on the demo model: a copy of the demo bundle calibrated on the test modules (good ones, and
+# defective ones to miss at most 20 %; the training modules are in its memory bank: calibrated on them,
+# every test module is flagged), served with
 # --review-dir and fed the test modules; a headless chromium labels each with the keyboard and writes
 # screenshots of the list and the viewer (models/demo/review_list.png, review_viewer.png). Needs `make demo`.
 demo-review: $(BIN)/hiad-train browser $(DEMO)/review/bundle/manifest.json
