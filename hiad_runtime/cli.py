@@ -406,7 +406,7 @@ def bench(
         frame = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
         load = lambda i: frame  # noqa: E731
     per_stage = {s: [] for s in (*stages, "total")}
-    floors, floor_wall = [], 0.0  # the floor, measured after each timed run on its image (not in images/s)
+    floors, floor_wall, floor_loads = [], 0.0, 0  # the floor, after each timed run on its image (not in images/s)
     source = prefetched(range(warmup + repeat), load, prefetch)
     heads = inspector.engine.heads  # None where the engine loads no heads one by one (the whole-image graph)
     for i in range(warmup + repeat):
@@ -425,9 +425,10 @@ def bench(
             for s in stages:
                 per_stage[s].append(r.timings.get(s, 0.0) + (waited if s == "decode" else 0.0))
         if i >= warmup and isinstance(inspector.engine, TileEngine):  # the whole-image graph has no stages apart
-            t0 = time.perf_counter()
+            t0, loads = time.perf_counter(), heads.loads if heads else 0
             floors.append(measure_floor(inspector.engine, resize_image(image, size)))
             floor_wall += time.perf_counter() - t0
+            floor_loads += (heads.loads if heads else 0) - loads  # its searches read paged heads too: not counted
         del image, r  # large images: the next run must not meet this one's image and map still alive
     wall = time.perf_counter() - t_start - floor_wall
     figures = {
@@ -443,7 +444,8 @@ def bench(
         "batch": inspector.options.batch_size,
         "head_memory_mb": inspector.engine.head_memory if heads else None,
         "head_loads": heads.loads if heads else None,  # heads read from the bundle, preload included
-        "head_loads_per_image": (heads.loads - loads_before) / repeat if heads else None,  # timed runs; 0: all resident
+        # the timed runs' (0: all resident)
+        "head_loads_per_image": (heads.loads - loads_before - floor_loads) / repeat if heads else None,
         "prefetch": prefetch,
         "providers": inspector.providers_in_use,
         "repeat": repeat,
