@@ -123,7 +123,7 @@ def publish(folder: Path, target: Path, grace_s: float = GRACE_S) -> Path:
         os.rename(link, previous)
     else:
         os.replace(link, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     _prune(target, version, grace_s)
     return version
 
@@ -158,7 +158,8 @@ def _prune(target: Path, current: Path, grace_s: float) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename, a new file) durable: fsync the folder itself."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -116,19 +116,20 @@ class ReviewApi:
 
     async def map(self, request: Request) -> Response:
         """GET /v1/review/items/ID/map: the 8-bit map PNG (scores: record.map_range)."""
-        self.service.authorize(request)
-        record = self.record(request)
-        if record.map_path is None:
-            raise HTTPException(404, f"{record.id}: no map kept")
-        return FileResponse(record.map_path, headers={"Cache-Control": "private, max-age=86400"})
+        return self.kept_file(request, "map_path", "map")
 
     async def thumb(self, request: Request) -> Response:
         """GET /v1/review/items/ID/thumb: the thumbnail JPEG."""
+        return self.kept_file(request, "thumb_path", "thumbnail")
+
+    def kept_file(self, request: Request, path_of: str, what: str) -> Response:
+        """One of an item's kept files (`Record.<path_of>`), 404 naming `what` when it was not kept."""
         self.service.authorize(request)
         record = self.record(request)
-        if record.thumb_path is None:
-            raise HTTPException(404, f"{record.id}: no thumbnail kept")
-        return FileResponse(record.thumb_path, headers={"Cache-Control": "private, max-age=86400"})
+        path = getattr(record, path_of)
+        if path is None:
+            raise HTTPException(404, f"{record.id}: no {what} kept")
+        return FileResponse(path, headers={"Cache-Control": "private, max-age=86400"})
 
     async def label(self, request: Request) -> JSONResponse:
         """POST /v1/review/items/ID/label: append the operator's label (the latest wins; none is overwritten)."""

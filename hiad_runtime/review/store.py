@@ -32,6 +32,8 @@ from typing import Literal
 
 import numpy as np
 
+from hiad_runtime.files import fsync_dir
+
 log = logging.getLogger(__name__)
 
 ITEMS, LABELS, RECORD, MAP, THUMB = "items", "labels.jsonl", "record.json", "map.png", "thumb.jpg"
@@ -305,8 +307,8 @@ class ReviewStore:
             )
             _write_synced(folder / (RECORD + ".tmp"), json.dumps(record.to_json()).encode())
             os.replace(folder / (RECORD + ".tmp"), folder / RECORD)
-            _fsync_dir(folder)
-            _fsync_dir(folder.parent)
+            fsync_dir(folder)
+            fsync_dir(folder.parent)
         except OSError as e:
             shutil.rmtree(folder, ignore_errors=True)
             raise ReviewStoreError(f"{folder}: cannot keep the inspection ({e.strerror or e})") from None
@@ -419,14 +421,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _folder_bytes(folder: Path) -> int:
