@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -26,11 +26,23 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from hiad_runtime.image import ImageError, load_image
+from hiad_runtime.review.drift import DriftMonitor
+from hiad_runtime.review.keeper import ReviewKeeper
 from hiad_runtime.review.store import LABEL_VALUES, Record, ReviewStore, ReviewStoreError
 from hiad_runtime.serve.payload import read_body
 
-if TYPE_CHECKING:
-    from hiad_runtime.serve.app import Service
+
+class ReviewedService(Protocol):
+    """What the review routes use of the service they are part of (hiad_runtime/serve/app.py's Service)."""
+
+    settings: Any  # its ServiceSettings: the body timeout
+    slot: Any  # its ModelSlot: the bundle served now
+    drift: DriftMonitor
+    keeper: ReviewKeeper | None
+
+    def authorize(self, request: Request) -> None:
+        """Raise 401 unless the request carries the service's token."""
+
 
 STATIC = Path(__file__).parent / "static"
 BROWSER_FORMATS = {".png", ".jpg", ".webp", ".bmp"}  # what a browser shows as is; others are sent as PNG
@@ -39,7 +51,7 @@ MAX_LIMIT = 5000
 MAX_NOTE, MAX_WHO = 2000, 100
 
 
-def review_routes(service: "Service") -> list[BaseRoute]:
+def review_routes(service: ReviewedService) -> list[BaseRoute]:
     """The page and its API when the service keeps a review store, else none."""
     if service.keeper is None:
         return []
@@ -60,7 +72,7 @@ def review_routes(service: "Service") -> list[BaseRoute]:
 class ReviewApi:
     """Handlers of the review routes, on the service's store, drift monitor and token rule."""
 
-    def __init__(self, service: "Service"):
+    def __init__(self, service: ReviewedService):
         self.service = service
         self.store: ReviewStore = service.keeper.store
 
