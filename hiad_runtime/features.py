@@ -66,7 +66,11 @@ class Features:
         return self.arrays
 
     def rows(self, positions: Sequence[int]) -> list[np.ndarray]:
-        """Per scale, the host rows `positions`: what a head that does not bind reads."""
+        """Per scale, the host rows `positions`: what a head that does not bind reads (a view where they
+        are one run, as a chunk's share of one task's tiles is; else a copy)."""
+        first, n = positions[0], len(positions)
+        if list(positions) == list(range(first, first + n)):
+            return [f[first : first + n] for f in self.numpy()]
         return [f[list(positions)] for f in self.numpy()]
 
     def block(self, scale: int, start: int, n: int) -> tuple[list[int], int]:

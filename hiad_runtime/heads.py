@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import OrderedDict
 from enum import StrEnum
 from pathlib import Path
@@ -212,6 +213,7 @@ class HeadCache:
         self.loads = 0  # heads read from the bundle so far
         self.reloads = 0  # of them, heads read again after being released
         self.released: set[str] = set()
+        self.lock = threading.Lock()  # heads are fetched from the workers scoring a chunk
 
     @property
     def resident_bytes(self) -> int:
@@ -219,6 +221,10 @@ class HeadCache:
         return sum(self.sizes[name] for name in self.heads)
 
     def __getitem__(self, name: str) -> Head:
+        with self.lock:
+            return self._get(name)
+
+    def _get(self, name: str) -> Head:
         if name in self.heads:
             self.heads.move_to_end(name)
             return self.heads[name]

@@ -79,14 +79,15 @@ def fuse_thumbnail(high: np.ndarray, thumbnail_map: np.ndarray | None) -> np.nda
     return np.maximum(high, resize_map(np.asarray(thumbnail_map, np.float32), (high.shape[1], high.shape[0])))
 
 
-BLUR_ROWS = 256  # rows per strip of an in-place blur
+BLUR_STRIP_BYTES = 64 * 2**20  # an in-place blur's strips: at most this many bytes of rows (2048^2: one strip)
 
 
 def gaussian_blur(anomaly_map: np.ndarray, sigma: float, truncate: float, in_place: bool = False) -> np.ndarray:
     """Equal to scipy.ndimage.gaussian_filter(map, sigma, truncate=truncate, mode='reflect').
 
-    `in_place` blurs strips of `BLUR_ROWS` rows, each with its kernel radius of rows above and below,
-    into the map itself: OpenCV's own in-place call takes a full-size temporary (268 MB at 8192^2)."""
+    `in_place` blurs strips of `BLUR_STRIP_BYTES`, each with its kernel radius of rows above and below,
+    into the map itself: OpenCV's own in-place call takes a full-size temporary (268 MB at 8192^2). The
+    strips are large, since OpenCV shares each call out over its threads: small ones leave cores idle."""
     if sigma <= 0:
         return anomaly_map
     radius = int(truncate * sigma + 0.5)
@@ -97,9 +98,10 @@ def gaussian_blur(anomaly_map: np.ndarray, sigma: float, truncate: float, in_pla
     if not in_place:
         return blur(anomaly_map)
     height = anomaly_map.shape[0]
+    rows = max(radius, BLUR_STRIP_BYTES // (anomaly_map.strides[0] or 1))
     above = anomaly_map[:0]  # the unblurred rows (at most `radius`) just above the current strip
-    for top in range(0, height, BLUR_ROWS):
-        bottom = min(top + BLUR_ROWS, height)
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
         strip = np.concatenate([above, anomaly_map[top : bottom + radius]])  # a copy: the unblurred rows
         end = len(above) + bottom - top
         anomaly_map[top:bottom] = blur(strip)[len(above) : end]
@@ -123,5 +125,5 @@ def image_score(anomaly_map: np.ndarray, spec: PostprocessSpec) -> float:
     h, w = (anomaly_map.shape[0] // p) * p, (anomaly_map.shape[1] // p) * p
     if h == 0 or w == 0:
         return float(anomaly_map.mean())
-    blocks = anomaly_map[:h, :w].reshape(h // p, p, w // p, p).mean(axis=(1, 3), dtype=np.float64)
+    blocks = cv2.resize(anomaly_map[:h, :w], (w // p, h // p), interpolation=cv2.INTER_AREA)  # block means
     return float(blocks.max())

@@ -152,15 +152,18 @@ def test_head_memory_must_be_positive(many_tiles_bundle, budget):
     assert result.exit_code == 2 and f"head_memory must be > 0 MB, got {float(budget)}" in result.output
 
 
-def test_in_place_blur_in_strips_equals_the_whole_map_blur():
-    from hiad_runtime.postprocess import BLUR_ROWS, gaussian_blur
+def test_in_place_blur_in_strips_equals_the_whole_map_blur(monkeypatch):
+    from hiad_runtime import postprocess
+    from hiad_runtime.postprocess import gaussian_blur
 
+    rows = 64
+    monkeypatch.setattr(postprocess, "BLUR_STRIP_BYTES", rows * 37 * 4)  # strips of 64 rows of 37 floats
     rng = np.random.default_rng(0)
     for height, sigma in (
-        (3 * BLUR_ROWS + 7, 4.0),
-        (BLUR_ROWS // 3, 4.0),
-        (2 * BLUR_ROWS, 80.0),
-    ):  # several strips; one; radius > strip
+        (3 * rows + 7, 4.0),
+        (rows // 3, 4.0),
+        (2 * rows, 80.0),
+    ):  # several strips; one; radius (320) > strip
         m = rng.random((height, 37), dtype=np.float32)
         expected = gaussian_blur(m, sigma, 4.0)
         out = gaussian_blur(m, sigma, 4.0, in_place=True)
@@ -198,6 +201,24 @@ def test_openvino_backend_matches_onnxruntime(bundle_dir, test_samples):
         ov_result = ov.predict(image)
         assert _rel_diff(ov_result.anomaly_map, ort_result.anomaly_map) <= TOLERANCE
         assert abs(ov_result.score - ort_result.score) <= TOLERANCE * np.ptp(ort_result.anomaly_map)
+
+
+def test_openvino_embedder_writes_into_its_arrays_and_later_runs_leave_them_alone(bundle_dir, test_samples):
+    """OpenVINO writes an embedder's outputs straight into the chunk's arrays; a later run of the same
+    session (any thread) must not write there again (it once wrote into freed memory: a segfault)."""
+    pytest.importorskip("openvino")
+    ov = Inspector.load(bundle_dir, backend="openvino").engine
+    ort = Inspector.load(bundle_dir).engine
+    first, second = (ov.plan.fusion(None).patches(s.image(ov.plan.tiling.image_size)) for s in test_samples[:2])
+    (features,) = ov.embedders["patch"](first).numpy()
+    kept = features.copy()
+    embedder = ov.embedders["patch"]
+    for _ in range(3):
+        embedder.session.run(None, {embedder.input: second[:1]})
+        embedder(second)
+    np.testing.assert_array_equal(features, kept)
+    (expected,) = ort.embedders["patch"](first).numpy()
+    assert _rel_diff(features, expected) <= TOLERANCE
 
 
 def test_unknown_backend_is_named(bundle_dir):

@@ -58,13 +58,30 @@ class OpenVinoSession:
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """ONNX Runtime's contract: the named outputs in that order, or all of them for None."""
-        request = getattr(self.requests, "request", None)
-        if request is None:
-            request = self.requests.request = self.compiled.create_infer_request()
-        results = request.infer(feeds)
+        results = self._request().infer(feeds)
         ports = self.compiled.outputs if output_names is None else [self.compiled.output(n) for n in output_names]
         # The request reuses its output buffers on the next call: hand out copies.
         return [np.array(results[port]) for port in ports]
+
+    def run_into(self, feeds: dict[str, np.ndarray], outputs: Sequence[np.ndarray]) -> None:
+        """Run, writing every output (in the graph's order) straight into the given C-contiguous float32
+        arrays: no copy of what OpenVINO computes (an embedder's chunk is 32 MB at 16 tiles of 512)."""
+        import openvino as ov
+
+        request = self._request("into")
+        for i, out in enumerate(outputs):
+            request.set_output_tensor(i, ov.Tensor(out, shared_memory=True))
+        self.requests.bound = outputs  # alive while the request points at them (until the next call rebinds)
+        request.infer(feeds)
+
+    def _request(self, kind: str = "run"):
+        """This thread's infer request of `kind` (a request is not thread-safe). `run_into` has its own: its
+        outputs point into the caller's arrays, which `run` must never write."""
+        request = getattr(self.requests, kind, None)
+        if request is None:
+            request = self.compiled.create_infer_request()
+            setattr(self.requests, kind, request)
+        return request
 
     @staticmethod
     def get_providers() -> list[str]:

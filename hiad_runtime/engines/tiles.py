@@ -3,9 +3,10 @@
 tile (cut the chunk's tiles and the context windows they read) -> backbone (embed in batched calls,
 fuse per feature scale; features stay on the sessions' device unless fusion needs them on the host:
 hiad_runtime/features.py) -> scoring (route, score per task with each head by its kind's path, the
-thumbnail head) -> post (normalize, add each tile's map into the image map in place, thumbnail max,
-blur, image score). Tiles go through `stream_tiles` at a time, so memory is one chunk's features at
-any image size (hiad_runtime/streaming.py), and the task heads stay loaded within `head_memory` MB
+chunk's heads sharing the cores: hiad_runtime/cores.py; the thumbnail head) -> post (normalize, add
+each tile's map into the image map in place, thumbnail max, blur, image score). Tiles go through
+`stream_tiles` at a time, so memory is one chunk's features at any image size
+(hiad_runtime/streaming.py), and the task heads stay loaded within `head_memory` MB
 (hiad_runtime/heads.py: HeadCache; by default a quarter of the memory available, hiad_runtime/memory.py).
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 from hiad_runtime.backends import SessionFactory
 from hiad_runtime.backends.onnxruntime import device_of
 from hiad_runtime.bundle import Bundle, EmbedderSpec
+from hiad_runtime.cores import CORES, map_on_cores
 from hiad_runtime.features import Features
 from hiad_runtime.heads import HeadCache, head_files, load_head, score
 from hiad_runtime.image import resize_image
@@ -32,7 +34,7 @@ TileScores = Iterator[tuple[str, int, np.ndarray]]  # (task, tile index, raw sco
 
 class Embedder:
     """One embedder graph: uint8 NHWC tiles -> its float32 feature maps [(N, C_s, h_s, w_s)], in batches,
-    written where its session runs (I/O binding; host arrays from sessions that do not bind)."""
+    written where its session runs (ONNX Runtime: I/O binding) or into host arrays (OpenVINO)."""
 
     def __init__(self, root: Path, spec: EmbedderSpec, sessions: SessionFactory, batch_size: int):
         self.spec = spec
@@ -49,10 +51,12 @@ class Embedder:
     def __call__(self, tiles: np.ndarray) -> Features:
         """The embedder's feature maps for uint8 tiles (N, h, w, 3), run `batch_size` tiles at a time; on a
         GPU session they are written in place on the device (I/O binding), else returned on the host."""
-        if self.device is None:
-            runs = [self.session.run(None, {self.input: batch}) for _, batch in self.batches(tiles)]
-            return Features.host([outs[0] if len(runs) == 1 else np.concatenate(outs) for outs in zip(*runs)])
         outputs = self.spec.graph.outputs
+        if self.device is None:  # OpenVINO: each batch written into its rows of host arrays
+            arrays = [np.empty([len(tiles), *o.shape[1:]], np.float32) for o in outputs]
+            for i, batch in self.batches(tiles):
+                self.session.run_into({self.input: batch}, [a[i : i + len(batch)] for a in arrays])
+            return Features.host(arrays)
         features = Features.allocate([[len(tiles), *o.shape[1:]] for o in outputs], self.device)
         for i, batch in self.batches(tiles):
             binding = self.session.io_binding()
@@ -61,6 +65,13 @@ class Embedder:
                 binding.bind_output(o.name, *self.device, np.float32, *features.block(scale, i, len(batch)))
             self.session.run_with_iobinding(binding)
         return features
+
+
+def shares(assigned: dict[str, list[int]], cores: int) -> list[tuple[str, list[int]]]:
+    """A chunk's (task, positions) cut into runs of at most 1/`cores` of its tiles, so every core gets
+    a share of the scoring whether the chunk's tiles go to many tasks (one each, O2O) or to one."""
+    size = -(-sum(map(len, assigned.values())) // cores)
+    return [(name, p[i : i + size]) for name, p in assigned.items() for i in range(0, len(p), size)]
 
 
 def _add(timings: dict, stage: str, since: float) -> None:
@@ -117,10 +128,10 @@ class TileEngine:
             features = self.tile_features(image, timings, ids)
             t0 = time.perf_counter()
             keys = features.numpy()[0] if self.plan.routed else None  # static tasks read no features to route
-            for name, positions in self.plan.assign(keys, ids).items():
-                if positions:
-                    scores = score(self.heads[name], features, positions)
-                    yield from ((name, ids[p], s) for p, s in zip(positions, scores))
+            work = shares(self.plan.assign(keys, ids), CORES)
+            scored = map_on_cores(lambda job: score(self.heads[job[0]], features, job[1]), work)
+            for (name, positions), scores in zip(work, scored):
+                yield from ((name, ids[p], s) for p, s in zip(positions, scores))
             _add(timings, "scoring", t0)
 
     def thumbnail_scores(self, image: np.ndarray) -> np.ndarray | None:
