@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 
 from hiad_runtime.engines.tiles import TileEngine
-from hiad_runtime.heads import FaissKnnHead
+from hiad_runtime.heads import FaissKnnHead, position_rows
 from hiad_runtime.image import resize_image
 from hiad_runtime.streaming import chunks
 
@@ -33,7 +33,7 @@ def exact_search(head: object, features: np.ndarray) -> float | None:
     """Seconds of an exact search of `head`'s bank for features (B, D, h, w); None without a bank."""
     if not isinstance(head, FaissKnnHead):
         return None
-    queries = np.ascontiguousarray(features.transpose(0, 2, 3, 1).reshape(-1, features.shape[1]), np.float32)
+    queries = position_rows(features)
     t0 = time.perf_counter()
     faiss.knn(queries, head.bank, head.k)
     return time.perf_counter() - t0

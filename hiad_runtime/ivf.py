@@ -82,15 +82,23 @@ class IvfLists:
         probes = self.probes(ones, nprobe).ravel()  # entry e: query e // nprobe probes list probes[e]
         entries = np.argsort(probes, kind="stable")  # grouped by list
         grouped = ones[entries // nprobe]  # the queries in that order: each list's are one block
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(probes, minlength=self.nlist))])
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(probes, minlength=self.nlist))]).tolist()
+        offsets = self.offsets.tolist()
         found_d = np.full((len(entries), k), np.inf, np.float32)  # per entry: the k nearest in its list
         found_i = np.full((len(entries), k), -1, np.int64)
-        for i in np.flatnonzero((bounds[1:] > bounds[:-1]) & (self.offsets[1:] > self.offsets[:-1])):
-            block, first = slice(bounds[i], bounds[i + 1]), self.offsets[i]
-            d = grouped[block] @ self.lists[first : self.offsets[i + 1]].T  # each list against its queries
-            best = _smallest(d, min(k, d.shape[1]))
-            found_d[block, : best.shape[1]] = np.take_along_axis(d, best, 1)
-            found_i[block, : best.shape[1]] = self.ids[first + best]
+        for i in range(self.nlist):
+            (b0, b1), (r0, r1) = bounds[i : i + 2], offsets[i : i + 2]
+            if b0 == b1 or r0 == r1:
+                continue
+            d = grouped[b0:b1] @ self.lists[r0:r1].T  # the list against the queries probing it
+            if k == 1:
+                best = d.argmin(1)
+                found_d[b0:b1, 0] = d[np.arange(b1 - b0), best]
+                found_i[b0:b1, 0] = self.ids[r0:r1][best]
+            else:
+                best = _smallest(d, min(k, r1 - r0))
+                found_d[b0:b1, : best.shape[1]] = np.take_along_axis(d, best, 1)
+                found_i[b0:b1, : best.shape[1]] = self.ids[r0:r1][best]
         by_entry = np.empty_like(entries)
         by_entry[entries] = np.arange(len(entries))  # back from list order to query order
         found_i = found_i[by_entry].reshape(len(queries), nprobe * k)

@@ -99,6 +99,9 @@ def gaussian_blur(anomaly_map: np.ndarray, sigma: float, truncate: float, in_pla
         return blur(anomaly_map)
     height = anomaly_map.shape[0]
     rows = max(radius, BLUR_STRIP_BYTES // (anomaly_map.strides[0] or 1))
+    if rows >= height:  # one strip: the map itself (no copy of its rows), blurred into a temporary
+        anomaly_map[:] = blur(anomaly_map)
+        return anomaly_map
     above = anomaly_map[:0]  # the unblurred rows (at most `radius`) just above the current strip
     for top in range(0, height, rows):
         bottom = min(top + rows, height)

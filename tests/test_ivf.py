@@ -106,3 +106,14 @@ def test_overlapping_searches_restore_the_blas_threads(inspector, queries):
     assert blas_threads() == before
     for n, found in enumerate(results):
         np.testing.assert_array_equal(found, head.lists.search(queries, 1, n % NLIST + 1))
+
+
+def test_position_rows_are_numpys_transpose():
+    """The queries of a k-NN head: one row per position, as numpy's transpose gives (OpenCV's is faster)."""
+    from hiad_runtime.heads import position_rows
+
+    rng = np.random.default_rng(0)
+    batch = rng.random((4, 128, 64, 64), dtype=np.float32)
+    for features in (batch[:1], batch[1:3], batch[:, :40, :7, :9], rng.random((2, 5, 1, 1), dtype=np.float32)):
+        expected = features.transpose(0, 2, 3, 1).reshape(-1, features.shape[1])
+        np.testing.assert_array_equal(position_rows(features), expected)
