@@ -36,6 +36,8 @@ class IvfLists:
     def __init__(self, ivf: "faiss.IndexIVFFlat"):
         if not isinstance(ivf, faiss.IndexIVFFlat) or ivf.metric_type != faiss.METRIC_L2:
             raise TypeError(f"grouped IVF search reads an L2 IndexIVFFlat, not {type(ivf).__name__}")
+        if ivf.nlist > 1 << 16:
+            raise TypeError(f"grouped IVF search sorts list numbers as 16-bit: {ivf.nlist} lists are too many")
         self.nprobe, self.d = ivf.nprobe, ivf.d
         lists = ivf.invlists
         sizes = np.array([lists.list_size(i) for i in range(ivf.nlist)], np.int64)
@@ -80,7 +82,7 @@ class IvfLists:
         ones = np.empty((len(queries), self.d + 1), np.float32)
         ones[:, :-1], ones[:, -1] = queries, 1
         probes = self.probes(ones, nprobe).ravel()  # entry e: query e // nprobe probes list probes[e]
-        entries = np.argsort(probes, kind="stable")  # grouped by list
+        entries = np.argsort(probes.astype(np.uint16), kind="stable")  # grouped by list (a radix sort: 10x)
         grouped = ones[entries // nprobe]  # the queries in that order: each list's are one block
         bounds = np.concatenate([[0], np.cumsum(np.bincount(probes, minlength=self.nlist))]).tolist()
         offsets = self.offsets.tolist()
