@@ -14,6 +14,7 @@ import typer
 
 from hiad_runtime.backends import Backend
 from hiad_runtime.bundle import MANIFEST, Bundle, BundleError
+from hiad_runtime.cores import CORES
 from hiad_runtime.engines.base import EngineKind
 from hiad_runtime.files import sha256_file
 from hiad_runtime.heads import HeadPath
@@ -335,6 +336,7 @@ def _floor_ms(floors: list) -> dict | None:
     return {
         "backbone": float(np.median([f.backbone for f in floors]) * 1000),
         "backbone_exact_search": None if searched is None else float(np.median(searched) * 1000),
+        "backbone_cpu": float(np.median([f.backbone_cpu for f in floors]) * 1000),
     }
 
 
@@ -348,7 +350,12 @@ def _floor_line(figures: dict) -> str:
     if floor["backbone_exact_search"] is not None:
         exact = floor["backbone_exact_search"]
         line += f"; backbone + exact k-NN search {exact:.1f} ms (total {total / exact:.2f}x)"
-    return line
+    cores, cpu = figures["cores"], figures["cpu_ms_per_image"]
+    return line + (
+        f"\nCPU per image {cpu:.0f} ms, the backbone's {floor['backbone_cpu']:.0f} ms "
+        f"({floor['backbone_cpu'] / floor['backbone']:.1f} of {cores} cores busy): {cores} cores give at most "
+        f"{cores * floor['backbone'] / cpu:.2f} images/s x backbone"
+    )
 
 
 @app.command()
@@ -406,12 +413,12 @@ def bench(
         frame = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
         load = lambda i: frame  # noqa: E731
     per_stage = {s: [] for s in (*stages, "total")}
-    floors, floor_wall, floor_loads = [], 0.0, 0  # the floor, after each timed run on its image (not in images/s)
+    floors, floor_wall, floor_cpu, floor_loads = [], 0.0, 0.0, 0  # the floor, after each timed run (not in images/s)
     source = prefetched(range(warmup + repeat), load, prefetch)
     heads = inspector.engine.heads  # None where the engine loads no heads one by one (the whole-image graph)
     for i in range(warmup + repeat):
         if i == warmup:
-            t_start = time.perf_counter()
+            t_start, cpu_start = time.perf_counter(), time.process_time()
             loads_before = heads.loads if heads else 0
         t0 = time.perf_counter()
         try:
@@ -425,12 +432,14 @@ def bench(
             for s in stages:
                 per_stage[s].append(r.timings.get(s, 0.0) + (waited if s == "decode" else 0.0))
         if i >= warmup and isinstance(inspector.engine, TileEngine):  # the whole-image graph has no stages apart
-            t0, loads = time.perf_counter(), heads.loads if heads else 0
+            t0, c0, loads = time.perf_counter(), time.process_time(), heads.loads if heads else 0
             floors.append(measure_floor(inspector.engine, resize_image(image, size)))
             floor_wall += time.perf_counter() - t0
+            floor_cpu += time.process_time() - c0
             floor_loads += (heads.loads if heads else 0) - loads  # its searches read paged heads too: not counted
         del image, r  # large images: the next run must not meet this one's image and map still alive
     wall = time.perf_counter() - t_start - floor_wall
+    cpu = time.process_time() - cpu_start - floor_cpu  # all threads, decoding ahead included
     figures = {
         "bundle": str(bundle),
         "image_size": list(size),
@@ -454,6 +463,8 @@ def bench(
             for s, v in per_stage.items()
         },
         "images_per_s": repeat / wall,
+        "cpu_ms_per_image": cpu / repeat * 1000,
+        "cores": CORES,
         "peak_rss_mb": _peak_rss_mb(),
         "floor_ms": _floor_ms(floors),
     }

@@ -24,9 +24,13 @@ def test_bench_prints_the_floor_and_its_ratios(bundle_dir, test_samples, tmp_pat
         app, ["bench", str(bundle_dir), str(test_samples[0].image_path), "--repeat", "2", "--json", str(out)]
     )
     assert result.exit_code == 0, result.output
-    floor = json.loads(out.read_text())["floor_ms"]
+    figures = json.loads(out.read_text())
+    floor = figures["floor_ms"]
     assert 0 < floor["backbone"] < floor["backbone_exact_search"]
     assert "floor: backbone alone" in result.output and "backbone + exact k-NN search" in result.output
+    # the CPU bound on throughput: a whole run costs more CPU than its backbone alone
+    assert 0 < floor["backbone_cpu"] < figures["cpu_ms_per_image"] and figures["cores"] >= 1
+    assert f"{figures['cores']} cores give at most" in result.output
     piped = CliRunner().invoke(app, ["bench", str(bundle_dir), "--repeat", "1", "--engine", "pipeline"])
     assert piped.exit_code == 0, piped.output
     assert "floor" not in piped.output  # the whole-image graph has no backbone to time apart
