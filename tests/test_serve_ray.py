@@ -78,10 +78,11 @@ def _replica_processes(root: int) -> list[int]:
     return [p for p, t in title.items() if t.startswith(b"ray::ServeReplica:hiad:inspect") and under(p)]
 
 
-def _post_until_answered(client, body: bytes, refusals: list) -> httpx.Response:
-    """POST /v1/inspect, retrying each 503 after its Retry-After (bounded): what a well-behaved client does."""
+def _post_until_answered(client, body: bytes, refusals: list, route: str = "/v1/inspect", **post) -> httpx.Response:
+    """POST `route` (the image `body`, or `post`'s), retrying each 503 after its Retry-After (bounded): what a
+    well-behaved client does."""
     for _ in range(200):
-        r = client.post("/v1/inspect", content=body)
+        r = client.post(route, **(post or {"content": body}))
         if r.status_code != 503:
             return r
         refusals.append(r)
@@ -165,8 +166,9 @@ def test_reload_under_load_rolls_over_every_replica_and_loses_nothing(served, im
         while first not in seen:
             time.sleep(0.1)
         with httpx.Client(base_url=url, headers=AUTH, timeout=600) as c:
-            refused = c.post("/v1/reload", json={"bundle": str(tampered)})
-            swapped = c.post("/v1/reload", json={"bundle": str(following)})
+            # a reload may find the proxy's queue full of the clients' requests: 503, retried as they are
+            refused = _post_until_answered(c, b"", refusals, "/v1/reload", json={"bundle": str(tampered)})
+            swapped = _post_until_answered(c, b"", refusals, "/v1/reload", json={"bundle": str(following)})
         served_before = len(seen)
         while len(seen) < served_before + 8:  # the clients kept going on the rolled-out bundle
             time.sleep(0.1)
