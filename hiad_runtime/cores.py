@@ -28,14 +28,20 @@ R = TypeVar("R")
 CORES = len(os.sched_getaffinity(0))  # the cores this process may run on
 
 
-def map_on_cores(work: Callable[[T], R], items: Iterable[T]) -> list[R]:
-    """`work` on every item, one worker per core with the libraries on one thread each; results in item order
-    (a single item runs here, with the libraries' own threads)."""
+def map_on_cores(work: Callable[[T], R], items: Iterable[T], cores: int = CORES) -> list[R]:
+    """`work` on every item, on at most `cores` workers (one per core) with the libraries on one thread each;
+    results in item order. With one core (a replica given one thread) or one item, it runs here, with
+    the libraries' own threads."""
     items = list(items)
-    if len(items) <= 1 or CORES == 1:  # nothing to share out: the libraries keep their own threads
+    workers = min(cores, CORES, len(items))
+    if workers <= 1:  # nothing to share out: the libraries keep their own threads
         return [work(item) for item in items]
     with one_blas_thread():
-        return list(_pool().map(work, items))
+        shares = list(_pool().map(lambda w: [work(item) for item in items[w::workers]], range(workers)))
+    results: list = [None] * len(items)
+    for w, done in enumerate(shares):
+        results[w::workers] = done  # worker w took items w, w + workers, ...
+    return results
 
 
 @cache

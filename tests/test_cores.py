@@ -23,15 +23,16 @@ def test_results_come_in_order_with_one_library_thread_per_worker():
     assert all(set(blas) == {1} for _, blas, _ in seen)  # BLAS on one thread while the workers run
     assert all(set(omp) == {1} for *_, omp in seen)  # and each worker's OpenMP (faiss's libgomp)
     assert threads("blas") == before  # given back after
+    assert cores.map_on_cores(lambda i: i * i, range(7), cores=3) == [i * i for i in range(7)]
+    assert cores.map_on_cores(lambda i: threads("blas"), range(3), cores=1) == [before] * 3  # here, as it was
 
 
 @pytest.mark.parametrize("cores_used", [1, 3])
-def test_maps_do_not_depend_on_the_number_of_cores(bundle_dir, test_samples, monkeypatch, cores_used):
+def test_maps_do_not_depend_on_the_number_of_cores(bundle_dir, test_samples, cores_used):
     inspector = Inspector.load(bundle_dir)
     images = [s.image(inspector.tiling.image_size) for s in test_samples]
     expected = [inspector.predict(image) for image in images]  # the cores this machine has
-    monkeypatch.setattr(tiles, "CORES", cores_used)  # the chunk cut into that many shares
-    monkeypatch.setattr(cores, "CORES", cores_used)
+    inspector.engine.cores = cores_used  # the chunk cut into that many shares, on that many workers at most
     for image, e in zip(images, expected):
         result = inspector.predict(image)
         np.testing.assert_array_equal(result.anomaly_map, e.anomaly_map)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Callable
 
 from hiad_runtime.backends import SessionFactory
 from hiad_runtime.bundle import Bundle
+from hiad_runtime.cores import CORES
 from hiad_runtime.engines.base import Engine, EngineKind
 from hiad_runtime.engines.pipeline import PipelineEngine
 from hiad_runtime.engines.tiles import TileEngine
@@ -19,7 +20,7 @@ Maker = Callable[[Bundle, InferencePlan, SessionFactory, "RuntimeOptions"], Engi
 
 ENGINES: dict[EngineKind, Maker] = {
     EngineKind.tiles: lambda bundle, plan, sessions, o: TileEngine(
-        bundle, plan, sessions, o.batch_size, o.head_path, o.stream_tiles, o.head_memory
+        bundle, plan, sessions, o.batch_size, o.head_path, o.stream_tiles, o.head_memory, o.threads or CORES
     ),
     EngineKind.pipeline: lambda bundle, plan, sessions, o: PipelineEngine(bundle, sessions),
 }

@@ -92,9 +92,11 @@ class TileEngine:
         head_path: str = "native",
         stream_tiles: int = 16,
         head_memory: float | None = None,
+        cores: int = CORES,
     ):
         m = bundle.manifest
         self.plan, self.stream_tiles = plan, stream_tiles
+        self.cores = cores  # the workers a chunk's heads are shared among (the runtime's --threads, else all)
         self.embedders = {name: Embedder(bundle.root, spec, sessions, batch_size) for name, spec in m.embedders.items()}
         self.head_memory = head_memory or default_head_memory_mb()  # MB of head files kept loaded
         specs = {t.name: t.head for t in m.tasks}
@@ -128,8 +130,8 @@ class TileEngine:
             features = self.tile_features(image, timings, ids)
             t0 = time.perf_counter()
             keys = features.numpy()[0] if self.plan.routed else None  # static tasks read no features to route
-            work = shares(self.plan.assign(keys, ids), CORES)
-            scored = map_on_cores(lambda job: score(self.heads[job[0]], features, job[1]), work)
+            work = shares(self.plan.assign(keys, ids), self.cores)
+            scored = map_on_cores(lambda job: score(self.heads[job[0]], features, job[1]), work, self.cores)
             for (name, positions), scores in zip(work, scored):
                 yield from ((name, ids[p], s) for p, s in zip(positions, scores))
             _add(timings, "scoring", t0)
