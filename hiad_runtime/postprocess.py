@@ -79,7 +79,7 @@ def fuse_thumbnail(high: np.ndarray, thumbnail_map: np.ndarray | None) -> np.nda
     return np.maximum(high, resize_map(np.asarray(thumbnail_map, np.float32), (high.shape[1], high.shape[0])))
 
 
-BLUR_STRIP_BYTES = 64 * 2**20  # an in-place blur's strips: at most this many bytes of rows (2048^2: one strip)
+BLUR_STRIP_BYTES = 16 * 2**20  # an in-place blur's strips: at most this many bytes of rows (2048^2: one strip)
 
 
 def gaussian_blur(anomaly_map: np.ndarray, sigma: float, truncate: float, in_place: bool = False) -> np.ndarray:
