@@ -44,3 +44,4 @@ def test_shares_cut_one_task_or_many_into_runs_for_every_core():
     many = {f"t{i}": [i] for i in range(4)}
     assert tiles.shares(many, 2) == [(f"t{i}", [i]) for i in range(4)]
     assert tiles.shares({"a": [0, 1, 2], "b": [3]}, 2) == [("a", [0, 1]), ("a", [2]), ("b", [3])]
+    assert tiles.shares({"a": [], "b": [5]}, 4) == [("b", [5])] and tiles.shares({"a": []}, 2) == []

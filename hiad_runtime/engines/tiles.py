@@ -70,7 +70,7 @@ class Embedder:
 def shares(assigned: dict[str, list[int]], cores: int) -> list[tuple[str, list[int]]]:
     """A chunk's (task, positions) cut into runs of at most 1/`cores` of its tiles, so every core gets
     a share of the scoring whether the chunk's tiles go to many tasks (one each, O2O) or to one."""
-    size = -(-sum(map(len, assigned.values())) // cores)
+    size = max(1, -(-sum(map(len, assigned.values())) // cores))
     return [(name, p[i : i + size]) for name, p in assigned.items() for i in range(0, len(p), size)]
 
 
