@@ -130,8 +130,8 @@ def flat_vectors(index: "faiss.IndexFlat") -> np.ndarray:
 
 
 def is_ivf_flat(index: "faiss.Index") -> bool:
-    """Whether `index` is an L2 IVF-Flat index of at most 65536 lists (what `IvfLists` searches)."""
-    return isinstance(index, faiss.IndexIVFFlat) and index.metric_type == faiss.METRIC_L2 and index.nlist <= 1 << 16
+    """Whether `index` is an L2 IVF-Flat index (what `IvfLists` searches)."""
+    return isinstance(index, faiss.IndexIVFFlat) and index.metric_type == faiss.METRIC_L2
 
 
 class FaissKnnHead:

@@ -36,8 +36,6 @@ class IvfLists:
     def __init__(self, ivf: "faiss.IndexIVFFlat"):
         if not isinstance(ivf, faiss.IndexIVFFlat) or ivf.metric_type != faiss.METRIC_L2:
             raise TypeError(f"grouped IVF search reads an L2 IndexIVFFlat, not {type(ivf).__name__}")
-        if ivf.nlist > 1 << 16:
-            raise TypeError(f"grouped IVF search sorts list numbers as 16-bit: {ivf.nlist} lists are too many")
         self.nprobe, self.d = ivf.nprobe, ivf.d
         lists = ivf.invlists
         sizes = np.array([lists.list_size(i) for i in range(ivf.nlist)], np.int64)
@@ -52,6 +50,8 @@ class IvfLists:
                 self.ids[rows] = faiss.rev_swig_ptr(lists.get_ids(i), int(n))
         self.centroids = augmented(ivf.quantizer.reconstruct_n(0, ivf.nlist))
         self.lists = augmented(vectors)  # the lists one after another, as [-2 x, ||x||^2]
+        # list numbers as 16-bit keys where they fit: numpy sorts those by radix, 10x its int64 merge sort
+        self.list_number = np.uint16 if ivf.nlist <= 1 << 16 else np.int64
 
     @property
     def nlist(self) -> int:
@@ -82,7 +82,7 @@ class IvfLists:
         ones = np.empty((len(queries), self.d + 1), np.float32)
         ones[:, :-1], ones[:, -1] = queries, 1
         probes = self.probes(ones, nprobe).ravel()  # entry e: query e // nprobe probes list probes[e]
-        entries = np.argsort(probes.astype(np.uint16), kind="stable")  # grouped by list (a radix sort: 10x)
+        entries = np.argsort(probes.astype(self.list_number), kind="stable")  # grouped by list
         grouped = ones[entries // nprobe]  # the queries in that order: each list's are one block
         bounds = np.concatenate([[0], np.cumsum(np.bincount(probes, minlength=self.nlist))]).tolist()
         offsets = self.offsets.tolist()
