@@ -64,13 +64,20 @@ class IvfLists:
         return self.lists[:, :-1] / -2
 
     def probes(self, queries: np.ndarray, nprobe: int) -> np.ndarray:
-        """Each query's `nprobe` nearest centroids (M, nprobe), in no particular order; `queries` end in a 1."""
+        """Each query's `nprobe` nearest centroids (M, nprobe), by list number; `queries` end in a 1.
+
+        The nprobe-th smallest distance of each row (a partition of values) marks the probed lists, read
+        off in row order: half the time of partitioning their indices. A row with a tie at that distance
+        marks more than nprobe lists; then the indices are partitioned, keeping nprobe of them."""
         if nprobe >= self.nlist:
             return np.broadcast_to(np.arange(self.nlist), (len(queries), self.nlist))
         d = queries @ self.centroids.T
         if nprobe == 1:
             return d.argmin(1)[:, None]
-        return np.argpartition(d, nprobe - 1, axis=1)[:, :nprobe]
+        marked = np.flatnonzero(d <= np.partition(d, nprobe - 1, axis=1)[:, nprobe - 1 : nprobe])
+        if len(marked) != len(queries) * nprobe:  # a tie
+            return np.sort(np.argpartition(d, nprobe - 1, axis=1)[:, :nprobe], axis=1)
+        return (marked % self.nlist).reshape(len(queries), nprobe)
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> np.ndarray:
         """The bank ids (M, k) of each query's k nearest vectors in its `nprobe` nearest lists (default:
@@ -83,7 +90,7 @@ class IvfLists:
         ones[:, :-1], ones[:, -1] = queries, 1
         probes = self.probes(ones, nprobe).ravel()  # entry e: query e // nprobe probes list probes[e]
         entries = np.argsort(probes.astype(self.list_number), kind="stable")  # grouped by list
-        grouped = ones[entries // nprobe]  # the queries in that order: each list's are one block
+        query = entries // nprobe  # the query of each entry: each list's are one block
         bounds = np.concatenate([[0], np.cumsum(np.bincount(probes, minlength=self.nlist))]).tolist()
         offsets = self.offsets.tolist()
         found_d = np.full((len(entries), k), np.inf, np.float32)  # per entry: the k nearest in its list
@@ -92,7 +99,8 @@ class IvfLists:
             (b0, b1), (r0, r1) = bounds[i : i + 2], offsets[i : i + 2]
             if b0 == b1 or r0 == r1:
                 continue
-            d = grouped[b0:b1] @ self.lists[r0:r1].T  # the list against the queries probing it
+            # the list against the queries probing it, gathered here so they are in cache for the product
+            d = ones[query[b0:b1]] @ self.lists[r0:r1].T
             if k == 1:
                 best = d.argmin(1)
                 found_d[b0:b1, 0] = d[np.arange(b1 - b0), best]

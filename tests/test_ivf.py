@@ -117,3 +117,36 @@ def test_position_rows_are_numpys_transpose():
     for features in (batch[:1], batch[1:3], batch[:, :40, :7, :9], rng.random((2, 5, 1, 1), dtype=np.float32)):
         expected = features.transpose(0, 2, 3, 1).reshape(-1, features.shape[1])
         np.testing.assert_array_equal(position_rows(features), expected)
+
+
+def test_probes_are_the_nearest_centroids_ties_included():
+    """Each query probes its nprobe nearest lists, also where the nprobe-th distance is shared (two equal
+    centroids): then nprobe lists are kept, never more, and the scan still finds faiss's neighbours."""
+    from hiad_runtime.ivf import IvfLists
+
+    rng = np.random.default_rng(1)
+    d, nlist = 16, 12
+    centroids = rng.normal(size=(nlist, d)).astype(np.float32)
+    centroids[7] = centroids[3]  # a tie for every query that reaches one of them
+    quantizer = faiss.IndexFlatL2(d)
+    quantizer.add(centroids)
+    ivf = faiss.IndexIVFFlat(quantizer, d, nlist)
+    ivf.add(rng.normal(size=(600, d)).astype(np.float32))
+    lists = IvfLists(ivf)
+    queries = np.concatenate([rng.normal(size=(200, d)), centroids[[3, 3, 0]] + 0.01]).astype(np.float32)
+    ones = np.concatenate([queries, np.ones((len(queries), 1), np.float32)], 1)
+    distances = ((queries[:, None] - centroids[None]) ** 2).sum(-1)
+    for nprobe in (1, 2, 3, 5):
+        probes = lists.probes(ones, nprobe)
+        assert probes.shape == (len(queries), nprobe)
+        assert all(len(set(row)) == nprobe for row in probes.tolist())
+        probed = np.take_along_axis(distances, probes, 1).max(1)
+        kth = np.sort(distances, 1)[:, nprobe - 1]
+        np.testing.assert_allclose(probed, kth, rtol=1e-5)  # no list farther than the nprobe-th nearest
+        ivf.nprobe = nprobe
+        found = lists.search(queries, 1, nprobe)
+        expected = ivf.search(queries, 1)[1]
+        same = found == expected
+        # where the two equal lists compete, faiss may keep the other one of them: same distance either way
+        tied = np.abs(np.sort(distances, 1)[:, nprobe - 1 : nprobe + 1] - distances[:, [3]]).min(1) < 1e-4
+        assert same[~tied].all()
