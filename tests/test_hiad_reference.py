@@ -4,6 +4,8 @@ embedding, coreset picks and k-NN distances. HiAD need not be installed."""
 
 from pathlib import Path
 
+import cv2
+import elpv_dataset
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,8 @@ from hiad_train.detectors.patchcore import PatchCore
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "hiad_patchcore"
+CELLS = ("cell0061.png", "cell0062.png", "cell0063.png", "cell0064.png")  # record_fixture.py's input
+TILE = 64
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +27,28 @@ def hiad():
 
 
 @pytest.fixture(scope="module")
+def tiles():
+    """The recorded input, cut again from the installed ELPV cells as record_fixture.py cuts it: a
+    TILE x TILE RGB crop from the middle of each cell (4, TILE, TILE, 3) uint8 (the cells are gray: PIL's
+    RGB conversion there and OpenCV's here both repeat the channel)."""
+    images = Path(elpv_dataset.__file__).parent / "data" / "images"
+    out = []
+    for name in CELLS:
+        image = cv2.cvtColor(cv2.imread(str(images / name), cv2.IMREAD_GRAYSCALE), cv2.COLOR_GRAY2RGB)
+        y, x = (image.shape[0] - TILE) // 2, (image.shape[1] - TILE) // 2
+        out.append(image[y : y + TILE, x : x + TILE])
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
 def config():
     return load_config(ROOT / "configs" / "demo.yaml").patch  # the default PatchCore setting
 
 
-def test_embedding_is_hiads(hiad, config):
+def test_embedding_is_hiads(hiad, tiles, config):
     """Same pixels in, same locally aware embeddings out (HiAD normalizes inputs with ImageNet statistics)."""
     with torch.no_grad():
-        (embedding,) = PatchCore.build_embedder(config)(torch.from_numpy(hiad["tiles"]))
+        (embedding,) = PatchCore.build_embedder(config)(torch.from_numpy(tiles))
     rows = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]).numpy()
     expected = np.concatenate([hiad["train_embedding"], hiad["test_embedding"]])
     np.testing.assert_allclose(rows, expected, rtol=0, atol=1e-4 * np.abs(expected).max())

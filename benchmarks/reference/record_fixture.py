@@ -2,9 +2,10 @@
 
 Four 64 px crops of real ELPV poly cells rated good (three to train on, one to score) go through HiAD's own
 HRPatchCore with configs/demo.yaml's settings (tf_efficientnet_lite0 stages blocks.2 and blocks.4,
-merge 3, 1024 -> 128 dimensions, coreset 10 %, 1 neighbour, seed 0). Written as .npy: the input
-tiles, HiAD's embeddings of the training tiles and of the scored tile, its coreset indices (in
-pick order), and its per-patch k-NN distances (faiss IndexFlatL2: squared L2).
+merge 3, 1024 -> 128 dimensions, coreset 10 %, 1 neighbour, seed 0). Written as .npy: HiAD's
+embeddings of the training tiles and of the scored tile, its coreset indices (in pick order), and its
+per-patch k-NN distances (faiss IndexFlatL2: squared L2). The input tiles are not written: the test
+cuts them again from the installed elpv-dataset, as `crops` does.
 
     PYTHONPATH=. benchmarks/reference/.venv/bin/python benchmarks/reference/record_fixture.py \
         tests/data/hiad_patchcore \
@@ -68,7 +69,6 @@ def main() -> None:
     test = np.asarray(detector.patchcore_emb(batch(tiles[-1:])))
     _, distances, _ = detector.anomaly_scorer.predict([test])
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "tiles.npy", tiles)
     np.save(out / "train_embedding.npy", train.astype(np.float32))
     np.save(out / "test_embedding.npy", test.astype(np.float32))
     np.save(out / "coreset_indices.npy", picked[0].astype(np.int64))
